@@ -1,0 +1,108 @@
+"""A compact live view of a sweep: one line per event, and a status line every so often.
+
+Replaces Tune's verbose tables, which print every metric of every trial in boxes. The Ray
+dashboard (and TensorBoard on the experiment folder) remain there for the full detail.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, Callable
+
+from ray.tune import Callback
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2e}" if (value != 0 and abs(value) < 1e-2) else f"{value:g}"
+    return str(value)
+
+
+class SweepProgress(Callback):
+    """Prints trial starts, evaluations, stops and errors, and a periodic summary.
+
+    Args:
+        num_samples: Trials the sweep will run, for "[3/12]" counters.
+        max_rounds: Evaluation rounds in a full trial, to tell ASHA stops from completions.
+        metric: The objective (lower is better).
+        status_every_s: Seconds between status lines.
+        out: Where lines go (print to stdout by default).
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        max_rounds: int,
+        metric: str,
+        status_every_s: float = 30.0,
+        out: Callable[[str], None] | None = None,
+    ):
+        self.num_samples = num_samples
+        self.max_rounds = max_rounds
+        self.metric = metric
+        self.status_every_s = status_every_s
+        self.out = out or (lambda line: print(line, file=sys.stdout, flush=True))
+        self.started = 0
+        self.best: tuple[float, str] | None = None
+        self.last_status = time.time()
+        self.ended: dict[str, str] = {}
+
+    def _config(self, trial: Any) -> str:
+        config = trial.config
+        keys = ("r", "lora_alpha", "target_modules", "learning_rate", "lora_dropout")
+        return " ".join(f"{k}={_fmt(config[k])}" for k in keys if k in config)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.started += 1
+        self.out(f"[trial {self.started}/{self.num_samples}] {trial.trial_id} started: {self._config(trial)}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value) and (self.best is None or value < self.best[0]):
+            self.best = (value, trial.trial_id)
+        best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best n/a"
+        memory = result.get("peak_memory_mib")
+        kind = result.get("memory_kind", "")
+        memory_text = f"  peak {memory:,.0f} MiB {kind}" if isinstance(memory, (int, float)) else ""
+        self.out(
+            f"  {trial.trial_id} round {result.get('training_iteration')}/{self.max_rounds} "
+            f"step {result.get('step')}: {self.metric} {_fmt(value)}{memory_text}   [{best}]"
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        rounds = last.get("training_iteration", 0)
+        status = last.get("trial_status")
+        if status:
+            how = status
+        elif rounds >= self.max_rounds:
+            how = "completed"
+        else:
+            how = f"stopped early by ASHA after round {rounds}"
+        self.ended[trial.trial_id] = how
+        self.out(f"[trial {trial.trial_id}] {how}: {self.metric} {_fmt(last.get(self.metric))} at step {last.get('step')}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.ended[trial.trial_id] = "failed"
+        error = getattr(trial, "error_file", None) or getattr(trial, "error_filename", None) or ""
+        self.out(f"[trial {trial.trial_id}] FAILED; see {error or 'its error.txt in the experiment folder'}")
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.time()
+        if now - self.last_status < self.status_every_s:
+            return
+        self.last_status = now
+        self.out(self.status_line(trials))
+
+    def status_line(self, trials: list) -> str:
+        running = sum(1 for t in trials if t.status == "RUNNING")
+        done = len(self.ended)
+        early = sum(1 for how in self.ended.values() if how.startswith("stopped early"))
+        failed = sum(1 for how in self.ended.values() if how in ("failed", "oom", "diverged"))
+        best = f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else "no evaluation yet"
+        return (
+            f"[status] {done}/{self.num_samples} done ({early} stopped early, {failed} failed), "
+            f"{running} running; {best}"
+        )

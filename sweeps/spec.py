@@ -1,0 +1,471 @@
+"""The sweep spec: one YAML file, one typed schema at the boundary.
+
+Every section has sensible defaults, so a sweep file says only what differs. Unknown keys are
+errors (``extra="forbid"``), and `load_spec` reports every problem at once, each naming the key
+path, the bad value, what is allowed and how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from trainables.metrics import OBJECTIVE
+
+
+class SpecError(Exception):
+    """A sweep spec is invalid. Holds every problem found, one line each."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        count = len(self.problems)
+        head = f"{self.source}: {count} problem{'s' if count != 1 else ''} in the sweep spec"
+        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- search-space values ---------------------------------------------------------------------
+#
+# Each parameter is written as a scalar (fixed), a list (categorical choice), or a distribution
+# mapping. They are checked by one parser per kind so that a mistake gives one clear message
+# rather than an error per union branch. sweeps/space.py turns them into Optuna suggestions.
+
+DISTRIBUTION_FORMS = "a number, a list of numbers, {loguniform: [low, high]} or {uniform: [low, high]}"
+TARGET_MODULE_EXAMPLES = "a preset (qv, attention, mlp, all-linear) or a list of module names like [q_proj, v_proj]"
+LR_SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_float_param(value: Any, *, low: float, high: float, hint: str) -> Any:
+    """Accept a number, a list of numbers or a {loguniform|uniform: [low, high]} mapping."""
+    if isinstance(value, dict):
+        if len(value) != 1:
+            raise ValueError(f"a distribution has exactly one key; write {DISTRIBUTION_FORMS}")
+        (kind, bounds), = value.items()
+        if kind not in ("loguniform", "uniform"):
+            close = difflib.get_close_matches(str(kind), ["loguniform", "uniform"], n=1)
+            did = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(f"unknown distribution '{kind}'. {did}Write {DISTRIBUTION_FORMS}")
+        if not (isinstance(bounds, list) and len(bounds) == 2 and all(_is_number(b) for b in bounds)):
+            raise ValueError(f"{kind} needs two numbers [low, high], got {bounds!r}")
+        lo, hi = float(bounds[0]), float(bounds[1])
+        if lo >= hi:
+            raise ValueError(f"low ({lo:g}) must be below high ({hi:g}); write [{min(lo, hi):g}, {max(lo, hi):g}]")
+        if kind == "loguniform" and lo <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {lo:g}; use uniform for ranges that include 0")
+        values = [lo, hi]
+    elif _is_number(value):
+        values = [float(value)]
+    elif isinstance(value, list) and value and all(_is_number(v) for v in value):
+        values = [float(v) for v in value]
+    else:
+        raise ValueError(f"write {DISTRIBUTION_FORMS}")
+    for v in values:
+        if not low <= v < high:
+            raise ValueError(f"{v:g} is outside [{low:g}, {high:g}); {hint}")
+    return value
+
+
+def _check_int_param(value: Any, *, what: str) -> Any:
+    """Accept a positive integer or a non-empty list of them."""
+    values = value if isinstance(value, list) else [value]
+    ok = bool(values) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+    if not ok:
+        raise ValueError(f"write a positive whole number or a list of them, e.g. [8, 16, 32] ({what})")
+    return value
+
+
+class SpaceSpec(_Strict):
+    """What Optuna searches. A list is a categorical choice, a scalar is fixed."""
+
+    r: Any = [8, 16, 32]
+    lora_alpha: Any = {"ratio": [1, 2]}
+    target_modules: Any = ["qv", "attention", "all-linear"]
+    learning_rate: Any = {"loguniform": [5.0e-5, 5.0e-4]}
+    lora_dropout: Any = [0.0, 0.05]
+    weight_decay: Any = 0.0
+    warmup_ratio: Any = 0.03
+    lr_scheduler_type: Any = "cosine"
+    batch_size: Any = None
+
+    @field_validator("r", mode="before")
+    @classmethod
+    def _rank(cls, value: Any) -> Any:
+        return _check_int_param(value, what="LoRA rank")
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _micro_batch(cls, value: Any) -> Any:
+        return None if value is None else _check_int_param(value, what="micro-batch size; omit to use train.batch_size")
+
+    @field_validator("lora_alpha", mode="before")
+    @classmethod
+    def _alpha(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            if set(value) != {"ratio"}:
+                raise ValueError("write a number, a list of numbers, or {ratio: [1, 2]} for alpha = ratio * r")
+            ratios = value["ratio"]
+            ratios = ratios if isinstance(ratios, list) else [ratios]
+            if not ratios or not all(_is_number(v) and v > 0 for v in ratios):
+                raise ValueError(f"ratio needs positive numbers, e.g. {{ratio: [1, 2]}}, got {value['ratio']!r}")
+            return value
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(_is_number(v) and v > 0 for v in values):
+            raise ValueError("write a positive number, a list of them, or {ratio: [1, 2]} for alpha = ratio * r")
+        return value
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _lr(cls, value: Any) -> Any:
+        return _check_float_param(value, low=1e-8, high=1.0, hint="typical QLoRA learning rates are 1e-4 to 3e-4")
+
+    @field_validator("lora_dropout", "weight_decay", "warmup_ratio", mode="before")
+    @classmethod
+    def _fraction(cls, value: Any) -> Any:
+        return _check_float_param(value, low=0.0, high=1.0, hint="use a fraction such as 0.05")
+
+    @field_validator("lr_scheduler_type", mode="before")
+    @classmethod
+    def _scheduler(cls, value: Any) -> Any:
+        values = value if isinstance(value, list) else [value]
+        bad = [v for v in values if v not in LR_SCHEDULERS]
+        if not values or bad:
+            raise ValueError(f"allowed values: {', '.join(LR_SCHEDULERS)} (or a list of them)")
+        return value
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _targets(cls, value: Any) -> Any:
+        choices = [value] if isinstance(value, str) else value
+        if not isinstance(choices, list) or not choices:
+            raise ValueError(f"write {TARGET_MODULE_EXAMPLES}, or a list of such choices")
+        for choice in choices:
+            if isinstance(choice, str) and choice.strip():
+                continue
+            if isinstance(choice, list) and choice and all(isinstance(m, str) and m.strip() for m in choice):
+                continue
+            raise ValueError(f"choice {choice!r} targets nothing; use {TARGET_MODULE_EXAMPLES}")
+        return value
+
+
+# --- the sections ------------------------------------------------------------------------------
+
+
+class ModelSpec(_Strict):
+    """The base model and how it is quantized."""
+
+    path: str = Field(description="Hub id, local directory, or builtin:tiny-<family>.")
+    quantization: Literal["nf4", "fp4", "none"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class DataSpec(_Strict):
+    """The training data and how each row becomes a training example."""
+
+    path: str = Field(description="Local .jsonl/.json/.csv/.parquet file, or a hub dataset id.")
+    format: Literal["instruction", "text", "chat"] = "instruction"
+    eval_size: Annotated[float, Field(gt=0)] = 0.1
+    max_seq_length: PositiveInt = 256
+    split: str = "train"
+    seed: int = 0
+    on_bad_rows: Literal["error", "skip"] = "error"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    text_field: str = "text"
+    messages_field: str = "messages"
+
+    @field_validator("eval_size")
+    @classmethod
+    def _fraction_or_count(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError(f"{value} is neither a fraction in (0, 1) nor a whole number of rows")
+        return value
+
+
+class SearchSpec(_Strict):
+    """How many trials, how many at once, and which sampler proposes them."""
+
+    num_samples: PositiveInt = 12
+    max_concurrent: PositiveInt = 2
+    seed: int = 0
+    sampler: Literal["tpe", "random"] = "tpe"
+    metric: Literal["eval_loss", "perplexity"] = OBJECTIVE
+
+
+class ASHASpec(_Strict):
+    """Asynchronous successive halving, in evaluation rounds (one round = train.eval_every steps)."""
+
+    max_t: PositiveInt | None = None
+    grace_period: PositiveInt = 1
+    reduction_factor: Annotated[float, Field(gt=1)] = 2.0
+
+
+class SchedulerSpec(_Strict):
+    """Early stopping. `asha: null` runs every trial to train.max_steps."""
+
+    asha: ASHASpec | None = ASHASpec()
+
+
+class TrainSpec(_Strict):
+    """Per-trial training settings shared by every trial."""
+
+    max_steps: PositiveInt = 80
+    eval_every: PositiveInt = 10
+    batch_size: PositiveInt = 8
+    eval_batch_size: PositiveInt | None = None
+    grad_accum: PositiveInt = 1
+    gradient_checkpointing: bool = True
+    optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "auto"
+    max_grad_norm: PositiveFloat = 1.0
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _rounds(self) -> TrainSpec:
+        if self.eval_every > self.max_steps:
+            raise ValueError(
+                f"eval_every ({self.eval_every}) exceeds max_steps ({self.max_steps}); "
+                "a trial would never be evaluated. Lower eval_every."
+            )
+        if self.max_steps % self.eval_every:
+            raise ValueError(
+                f"max_steps ({self.max_steps}) is not a multiple of eval_every ({self.eval_every}); "
+                f"ASHA counts whole evaluation rounds. Try max_steps: "
+                f"{self.max_steps - self.max_steps % self.eval_every or self.eval_every}"
+            )
+        return self
+
+    @property
+    def rounds(self) -> int:
+        """Evaluation rounds in a full trial: the unit ASHA's max_t and grace_period count in."""
+        return self.max_steps // self.eval_every
+
+
+class ResourcesSpec(_Strict):
+    """What each trial asks Ray for."""
+
+    gpus_per_trial: NonNegativeFloat = 0.0
+    cpus_per_trial: PositiveFloat = 1.0
+    # Extra Ray resources each trial asks for, e.g. {gpu_mem_48gb: 1} to land on the 48 GB
+    # worker class that cluster.yaml declares.
+    custom: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]+$")], PositiveFloat] = {}
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _fraction_or_whole(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError(f"{value} GPUs: above 1, ask for whole GPUs (Ray packs fractions only below 1)")
+        return value
+
+
+class SweepSpec(_Strict):
+    """A whole sweep. See README "Sweep spec reference" for every key."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)]
+    model: ModelSpec
+    data: DataSpec
+    space: SpaceSpec = SpaceSpec()
+    search: SearchSpec = SearchSpec()
+    scheduler: SchedulerSpec = SchedulerSpec()
+    train: TrainSpec = TrainSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    storage: str = "./results"
+
+    # Where the spec file lives; relative data/model paths resolve against it. Not a YAML key.
+    base_dir: Path = Field(default=Path("."), exclude=True, repr=False)
+
+    @model_validator(mode="after")
+    def _asha_fits_rounds(self) -> SweepSpec:
+        asha = self.scheduler.asha
+        if asha is None:
+            return self
+        rounds = self.train.rounds
+        if asha.max_t is not None and asha.max_t > rounds:
+            raise ValueError(
+                f"scheduler.asha.max_t ({asha.max_t}) exceeds the {rounds} evaluation rounds of a trial "
+                f"(train.max_steps / train.eval_every); set max_t <= {rounds} or leave it out"
+            )
+        if asha.grace_period > (asha.max_t or rounds):
+            raise ValueError(
+                f"scheduler.asha.grace_period ({asha.grace_period}) exceeds max_t ({asha.max_t or rounds}); "
+                "no trial could ever be stopped early. Lower grace_period."
+            )
+        return self
+
+    @property
+    def max_rounds(self) -> int:
+        asha = self.scheduler.asha
+        return (asha.max_t if asha and asha.max_t else None) or self.train.rounds
+
+    def resolve_path(self, value: str) -> str:
+        """Resolve a data/model path written in the spec against the spec file's folder.
+
+        Hub ids and builtin: names pass through unchanged.
+        """
+        if value.startswith("builtin:") or "://" in value:
+            return value
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            candidate = (self.base_dir / path).resolve()
+            if candidate.exists() or not _looks_like_hub_id(value):
+                return str(candidate)
+        return str(path)
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    parts = value.split("/")
+    return len(parts) == 2 and all(parts) and not value.startswith((".", "~")) and "." not in Path(value).suffix
+
+
+# --- loading and error rendering --------------------------------------------------------------
+
+_SECTION_MODELS: dict[tuple[str, ...], type[BaseModel]] = {
+    (): SweepSpec,
+    ("model",): ModelSpec,
+    ("data",): DataSpec,
+    ("space",): SpaceSpec,
+    ("search",): SearchSpec,
+    ("scheduler",): SchedulerSpec,
+    ("scheduler", "asha"): ASHASpec,
+    ("train",): TrainSpec,
+    ("resources",): ResourcesSpec,
+}
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a sweep YAML file.
+
+    Raises:
+        SpecError: With every problem found, if the file is missing, is not YAML, or breaks the schema.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(str(path), [f"file not found: {path}. Pass the path to a sweep YAML, e.g. sweeps/smoke.yaml"])
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(str(path), [f"cannot read {path}: {exc}"])
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(str(path), [f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"])
+    return parse_spec(raw, source=str(path), base_dir=path.resolve().parent)
+
+
+def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None) -> SweepSpec:
+    """Validate an already-parsed spec mapping.
+
+    Raises:
+        SpecError: With every schema problem found.
+    """
+    if not isinstance(raw, dict):
+        raise SpecError(
+            source, [f"the spec must be a mapping of sections (name, model, data, ...), got {type(raw).__name__}"]
+        )
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(source, [_render_error(err, raw) for err in _dedupe_union_errors(exc.errors())])
+    if base_dir is not None:
+        spec = spec.model_copy(update={"base_dir": base_dir})
+    return spec
+
+
+def _dedupe_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep one error per key path (a union reports one error per branch)."""
+    seen: dict[tuple, dict[str, Any]] = {}
+    for err in errors:
+        loc = _clean_loc(err["loc"])
+        seen.setdefault(loc, {**err, "loc": loc})
+    return list(seen.values())
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop pydantic's union-branch tags (e.g. 'list[int]', 'LogUniform') from a location."""
+    cleaned = []
+    for part in loc:
+        if isinstance(part, int):
+            cleaned.append(part)
+        elif isinstance(part, str) and ("[" in part or part[:1].isupper() or part.startswith("function-")):
+            continue
+        elif part in ("constrained-float", "constrained-int", "float", "int", "str", "bool", "literal"):
+            continue
+        else:
+            cleaned.append(part)
+    return tuple(cleaned)
+
+
+def _format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _value_at(raw: Any, loc: tuple) -> Any:
+    node = raw
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def _render_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = err["loc"]
+    where = _format_loc(loc)
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        key = loc[-1]
+        section = tuple(p for p in loc[:-1] if not isinstance(p, int))
+        allowed = sorted(_SECTION_MODELS.get(section, SweepSpec).model_fields.keys() - {"base_dir"})
+        close = difflib.get_close_matches(str(key), allowed, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"{where}: unknown key '{key}'. {hint}Allowed keys here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{where}: required key is missing. Add it to the spec (see README, 'Sweep spec reference')"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    shown = value if value is not None else _value_at(raw, loc)
+    if kind == "value_error" and tuple(loc) in _SECTION_MODELS:
+        # A rule spanning several keys: the message names them.
+        return msg if where == "(top level)" else f"{where}: {msg}"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{where}: got {shown!r}; allowed values: {expected}"
+    if kind == "string_pattern_mismatch" and loc and loc[-1] == "name":
+        return f"{where}: got {shown!r}; use letters, digits, '_', '.', '-' (it names the results folder)"
+    return f"{where}: got {shown!r}; {msg[0].lower() + msg[1:] if msg else 'invalid value'}"

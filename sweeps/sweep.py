@@ -1,0 +1,37 @@
+"""Entry point for `ray submit cluster.yaml sweeps/sweep.py -- --config SPEC`.
+
+`ray submit` copies this file to the head node and runs it there, where the project is installed
+(cluster.yaml's setup_commands). It joins the running cluster (address="auto") and otherwise
+starts a local one, exactly like `qlora-sweep run SPEC`, with which it shares one code path.
+
+    python sweeps/sweep.py --config sweeps/smoke.yaml [--storage DIR] [--name NAME] [--address ADDR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts this file's folder first on sys.path; drop it so that sibling
+# modules (spec.py, storage.py, ...) are imported as the `sweeps` package, not as top-level names.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sweeps.cli import add_run_arguments, cmd_run, handle_errors
+
+    parser = argparse.ArgumentParser(
+        prog="sweep.py",
+        description="Run a qlora-sweep sweep on the Ray cluster this runs on (what `ray submit` calls).",
+    )
+    parser.add_argument("--config", required=True, metavar="SPEC", help="sweep YAML, e.g. sweeps/smoke.yaml")
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    args.spec = args.config
+    return handle_errors(lambda: cmd_run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

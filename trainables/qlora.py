@@ -1,0 +1,377 @@
+"""The per-trial QLoRA function that Ray Tune runs.
+
+One trial: load the base model quantized as the spec says (bitsandbytes NF4/FP4, double quant,
+compute dtype), prepare it for k-bit training, attach LoRA adapters built from the trial's
+config, train with trl's SFTTrainer, and report to Tune after every evaluation. The same code
+runs on CUDA and on CPU (bitsandbytes >= 0.48 has a CPU path); it picks CUDA when the trial was
+given a GPU and CUDA is really there, and falls back to CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from trainables.memory_probe import PeakMemoryProbe, free_memory
+
+if TYPE_CHECKING:
+    from sweeps.spec import SweepSpec
+    from trainables.data import PreparedData
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """The hyperparameters of one trial, after the search space has been sampled."""
+
+    r: int
+    lora_alpha: float
+    target_modules: str
+    learning_rate: float
+    lora_dropout: float
+    weight_decay: float
+    warmup_ratio: float
+    lr_scheduler_type: str
+    batch_size: int
+
+    @classmethod
+    def from_tune(cls, config: dict[str, Any], spec: SweepSpec) -> TrialConfig:
+        return cls(
+            r=int(config["r"]),
+            lora_alpha=float(config["lora_alpha"]),
+            target_modules=str(config["target_modules"]),
+            learning_rate=float(config["learning_rate"]),
+            lora_dropout=float(config["lora_dropout"]),
+            weight_decay=float(config["weight_decay"]),
+            warmup_ratio=float(config["warmup_ratio"]),
+            lr_scheduler_type=str(config["lr_scheduler_type"]),
+            batch_size=int(config.get("batch_size") or spec.train.batch_size),
+        )
+
+
+def pick_device(spec: SweepSpec) -> str:
+    """CUDA when the trial asked for a GPU and one is usable, else CPU.
+
+    Ray sets CUDA_VISIBLE_DEVICES for a trial that requested GPUs even on a node that only
+    declares them (tests, misconfigured nodes); torch then finds no device and we train on CPU.
+    """
+    import torch
+
+    if spec.resources.gpus_per_trial > 0 and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
+
+
+def resolve_compute_dtype(name: str, device: str) -> Any:
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_optimizer(name: str, device: str) -> str:
+    """`auto` is the QLoRA paper's paged AdamW on CUDA; plain AdamW on CPU (no paging there)."""
+    if name != "auto":
+        return name
+    return "paged_adamw_32bit" if device.startswith("cuda") else "adamw_torch"
+
+
+def load_quantized_model(spec: SweepSpec, model_path: str, device: str, compute_dtype: Any) -> Any:
+    """Load the base model as the spec says: 4-bit NF4/FP4 with bitsandbytes, or 16-bit for `none`."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {
+        "dtype": compute_dtype,
+        "device_map": {"": device},
+        "trust_remote_code": spec.model.trust_remote_code,
+        "revision": spec.model.revision,
+    }
+    if spec.model.quantization != "none":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=spec.model.quantization,
+            bnb_4bit_use_double_quant=spec.model.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+
+
+def keep_4bit_layers_trainable_on_cpu(model: Any) -> int:
+    """Stop bitsandbytes' CPU inference repacking, which silently breaks backward passes.
+
+    bitsandbytes 0.50 `Linear4bit.forward` repacks its weight into an AVX512-BF16 inference
+    layout the first time it runs in eval mode without grad (i.e. during evaluation). Later
+    training forwards then use `gemv_4bit`, which has no autograd, so every gradient that must
+    flow *through* a frozen 4-bit layer becomes zero: q/v adapters stop learning after the first
+    evaluation. Turning the flag off keeps the autograd path. Returns the layers changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+def quiet_libraries() -> None:
+    """Trials run side by side; per-step progress bars and warnings from each would drown the live view."""
+    import logging
+    import warnings
+
+    # bitsandbytes warns at import on AVX512-BF16 CPUs that an optional kernels package is missing.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def train_qlora(config: dict[str, Any], spec: SweepSpec, data: PreparedData | None = None) -> None:
+    """Ray Tune function trainable: one QLoRA fine-tuning trial.
+
+    Args:
+        config: The trial's sampled hyperparameters (see TrialConfig).
+        spec: The whole sweep spec, passed with tune.with_parameters.
+        data: The train/eval examples the driver prepared (through the object store), so workers
+            need not see the data file. None reads and checks it here.
+    """
+    from ray import tune
+
+    run_trial(config, spec, report=tune.report, data=data)
+
+
+def run_trial(
+    config: dict[str, Any], spec: SweepSpec, report: Any, data: PreparedData | None = None
+) -> dict[str, Any]:
+    """Train one trial, calling `report(metrics)` after every evaluation; return the last metrics.
+
+    Separate from `train_qlora` so benchmarks can run the identical training outside Tune.
+    """
+    import torch
+
+    from trainables.tiny_models import materialize
+
+    quiet_libraries()
+    trial = TrialConfig.from_tune(config, spec)
+    device = pick_device(spec)
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_trial)))
+    compute_dtype = resolve_compute_dtype(spec.model.compute_dtype, device)
+    probe = PeakMemoryProbe(device)
+    probe.reset()
+    started = time.time()
+    model_path = materialize(spec.resolve_path(spec.model.path))
+    last: dict[str, Any] = {}
+
+    def report_and_keep(metrics: dict[str, Any]) -> None:
+        last.clear()
+        last.update(metrics)
+        report(metrics)
+
+    trainer = None
+    try:
+        trainer = _build_trainer(spec, trial, model_path, device, compute_dtype, probe, report_and_keep, started, data)
+        trainer.train()
+        return dict(last)
+    finally:
+        # Runs on normal end, on error, and when Tune stops the trial (it raises SystemExit in report).
+        trainer = None
+        probe.close()
+        free_memory(device)
+
+
+def _build_trainer(
+    spec: SweepSpec,
+    trial: TrialConfig,
+    model_path: str,
+    device: str,
+    compute_dtype: Any,
+    probe: PeakMemoryProbe,
+    report: Any,
+    started: float,
+    data: PreparedData | None,
+) -> Any:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from trainables.data import prepare_data
+    from trainables.targets import resolve_targets
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if data is None:
+        data = prepare_data(spec.resolve_path(spec.data.path), spec.data, tokenizer)
+
+    model = load_quantized_model(spec, model_path, device, compute_dtype)
+    quantized = spec.model.quantization != "none"
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=spec.train.gradient_checkpointing
+        )
+        if device == "cpu":
+            keep_4bit_layers_trainable_on_cpu(model)
+
+    lora = LoraConfig(
+        r=trial.r,
+        lora_alpha=trial.lora_alpha,
+        target_modules=resolve_targets(trial.target_modules, model.config.model_type),
+        lora_dropout=trial.lora_dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    optimizer = resolve_optimizer(spec.train.optimizer, device)
+    on_cuda = device.startswith("cuda")
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="qlora-sweep-trial-"),
+        max_steps=spec.train.max_steps,
+        per_device_train_batch_size=trial.batch_size,
+        per_device_eval_batch_size=spec.train.eval_batch_size or trial.batch_size,
+        gradient_accumulation_steps=spec.train.grad_accum,
+        learning_rate=trial.learning_rate,
+        weight_decay=trial.weight_decay,
+        warmup_steps=trial.warmup_ratio,
+        lr_scheduler_type=trial.lr_scheduler_type,
+        optim=optimizer,
+        max_grad_norm=spec.train.max_grad_norm,
+        gradient_checkpointing=spec.train.gradient_checkpointing,
+        eval_strategy="steps",
+        eval_steps=spec.train.eval_every,
+        logging_steps=1,  # every step, so a NaN loss stops the trial at once
+        logging_nan_inf_filter=False,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        max_length=spec.data.max_seq_length,
+        use_cpu=not on_cuda,
+        bf16=on_cuda and compute_dtype == torch.bfloat16,
+        fp16=on_cuda and compute_dtype == torch.float16,
+        seed=spec.train.seed,
+        data_seed=spec.train.seed,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=on_cuda,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(data.train),
+        eval_dataset=Dataset.from_list(data.eval),
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    if quantized and compute_dtype == torch.float32:
+        # trl casts QLoRA adapters to bf16 (the paper's setting for bf16 compute). With fp32
+        # compute (CPU) that only loses precision, so keep adapters in the compute dtype.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints every log line when tqdm is off
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    trainer.add_callback(
+        _tune_reporter_class()(
+            report=report,
+            probe=probe,
+            started=started,
+            static={
+                "trainable_params": int(trainable),
+                "total_params": int(total),
+                "device": device,
+                "compute_dtype": str(compute_dtype).removeprefix("torch."),
+                "optimizer": optimizer,
+                "lora_alpha_value": trial.lora_alpha,
+                "train_rows": len(data.train),
+                "eval_rows": len(data.eval),
+                "skipped_rows": len(data.skipped),
+            },
+        )
+    )
+    return trainer
+
+
+@lru_cache(maxsize=1)
+def _tune_reporter_class() -> type:
+    """Build the trainer callback lazily: importing transformers' trainer costs seconds."""
+    from transformers import TrainerCallback
+
+    class TuneReporter(TrainerCallback):
+        """Turns trainer events into Tune reports: one per evaluation, plus a terminal one on divergence."""
+
+        def __init__(self, report: Any, probe: PeakMemoryProbe, started: float, static: dict[str, Any]):
+            self.report = report
+            self.probe = probe
+            self.started = started
+            self.static = static
+            self.train_losses: list[float] = []
+            self.train_seconds = 0.0
+            self.segment_start = time.time()
+            self.diverged_at: int | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.segment_start = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is None:
+                return
+            self.train_losses.append(float(loss))
+            if not math.isfinite(float(loss)):
+                self.diverged_at = state.global_step
+                control.should_training_stop = True
+                control.should_evaluate = False
+                self._send(state, {"eval_loss": float("nan"), "trial_status": "diverged"})
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if self.diverged_at is not None:
+                return
+            metrics = metrics or {}
+            eval_loss = float(metrics.get("eval_loss", float("nan")))
+            self.train_seconds += time.time() - self.segment_start - float(metrics.get("eval_runtime", 0.0))
+            extra: dict[str, Any] = {"eval_loss": eval_loss}
+            if not math.isfinite(eval_loss):
+                self.diverged_at = state.global_step
+                control.should_training_stop = True
+                extra["trial_status"] = "diverged"
+            self._send(state, extra)
+            self.segment_start = time.time()
+
+        def _send(self, state: Any, extra: dict[str, Any]) -> None:
+            eval_loss = extra["eval_loss"]
+            finite = [x for x in self.train_losses if math.isfinite(x)]
+            tokens = int(state.num_input_tokens_seen or 0)
+            metrics = {
+                **extra,
+                "perplexity": math.exp(min(eval_loss, 50.0)) if math.isfinite(eval_loss) else float("nan"),
+                "train_loss": (sum(finite) / len(finite)) if finite else float("nan"),
+                "step": int(state.global_step),
+                "tokens_seen": tokens,
+                "tokens_per_s": tokens / self.train_seconds if self.train_seconds > 0 else 0.0,
+                "train_s": round(self.train_seconds, 3),
+                "elapsed_s": round(time.time() - self.started, 3),
+                **self.probe.read().as_metrics(),
+                **self.static,
+            }
+            self.train_losses = []
+            self.report(metrics)
+
+    return TuneReporter

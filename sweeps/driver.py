@@ -262,6 +262,11 @@ def build_tuner(checked: Preflight, experiment_name: str, storage_path: str) -> 
             storage_path=storage_path,
             stop={"training_iteration": spec.max_rounds},
             failure_config=tune.FailureConfig(max_failures=0),
+            # Per trial: the best checkpoint by the objective (export copies its adapter) and,
+            # always, the latest (what a retried or resumed trial continues from).
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode
+            ),
             callbacks=[progress],
             verbose=0,  # SweepProgress prints a compact live view instead of Tune's tables
         ),
@@ -332,18 +337,25 @@ def run_sweep(
         + (f", {len(checked.data.skipped)} bad rows skipped" if checked.data.skipped else "")
     )
     mode, dashboard = connect_ray(address)
-    _check_cluster_resources(spec, mode)
-    where = "started a local Ray cluster" if mode == "local" else "joined the Ray cluster"
-    log(f"[qlora-sweep] {where}; dashboard: {'http://' + dashboard if dashboard else 'not running'}")
-    storage.write_text(
-        storage.join(experiment_dir, storage.SPEC_FILE), yaml.safe_dump(saved_spec(checked, storage_path), sort_keys=False)
-    )
-    log(f"[qlora-sweep] experiment: {experiment_dir}")
-    if not storage.is_uri(experiment_dir):
-        log(f"[qlora-sweep] live curves: tensorboard --logdir {experiment_dir}")
-    tuner = build_tuner(checked, experiment_name, storage_path)
-    results = tuner.fit()
-    return _finish(experiment_dir, len(results), results.num_errors, log)
+    try:
+        _check_cluster_resources(spec, mode)
+        where = "started a local Ray cluster" if mode == "local" else "joined the Ray cluster"
+        log(f"[qlora-sweep] {where}; dashboard: {'http://' + dashboard if dashboard else 'not running'}")
+        storage.write_text(
+            storage.join(experiment_dir, storage.SPEC_FILE),
+            yaml.safe_dump(saved_spec(checked, storage_path), sort_keys=False),
+        )
+        log(f"[qlora-sweep] experiment: {experiment_dir}")
+        if not storage.is_uri(experiment_dir):
+            log(f"[qlora-sweep] live curves: tensorboard --logdir {experiment_dir}")
+        tuner = build_tuner(checked, experiment_name, storage_path)
+        results = tuner.fit()
+        return _finish(experiment_dir, len(results), results.num_errors, log)
+    finally:
+        if mode == "local":
+            import ray
+
+            ray.shutdown()  # a cluster we started ends with the sweep: no Ray processes left behind
 
 
 def _finish(experiment_dir: str, num_trials: int, num_errors: int, log: Callable[[str], None]) -> SweepOutcome:
@@ -364,7 +376,6 @@ def _check_cluster_resources(spec: SweepSpec, mode: str) -> None:
 
     gpus = ray.cluster_resources().get("GPU", 0)
     if mode == "local" and spec.resources.gpus_per_trial > gpus:
-        ray.shutdown()
         raise SpecError(
             "resources.gpus_per_trial",
             [

@@ -247,6 +247,9 @@ class TrainSpec(_Strict):
     optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "auto"
     max_grad_norm: PositiveFloat = 1.0
     seed: int = 0
+    # Save adapter + optimizer state at every evaluation, so a retried or resumed trial continues
+    # from its last evaluation instead of step 0 (and `export` has an adapter to copy).
+    checkpoint: bool = True
 
     @model_validator(mode="after")
     def _rounds(self) -> TrainSpec:

@@ -9,8 +9,10 @@ given a GPU and CUDA is really there, and falls back to CPU otherwise.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,6 +20,9 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from trainables.memory_probe import PeakMemoryProbe, free_memory
+
+# Written into each checkpoint next to the Trainer's own state: what the Trainer does not keep.
+STATE_FILE = "qlora_sweep_state.json"
 
 if TYPE_CHECKING:
     from sweeps.spec import SweepSpec
@@ -151,15 +156,40 @@ def train_qlora(config: dict[str, Any], spec: SweepSpec, data: PreparedData | No
     """
     from ray import tune
 
-    run_trial(config, spec, report=tune.report, data=data)
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)  # copies the checkpoint to storage before returning
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        run_trial(config, spec, report=report, data=data)
+        return
+    with checkpoint.as_directory() as restored:
+        run_trial(config, spec, report=report, data=data, resume_from=restored)
 
 
 def run_trial(
-    config: dict[str, Any], spec: SweepSpec, report: Any, data: PreparedData | None = None
+    config: dict[str, Any],
+    spec: SweepSpec,
+    report: Any,
+    data: PreparedData | None = None,
+    resume_from: str | None = None,
 ) -> dict[str, Any]:
-    """Train one trial, calling `report(metrics)` after every evaluation; return the last metrics.
+    """Train one trial, calling `report(metrics, checkpoint_dir)` after every evaluation.
 
     Separate from `train_qlora` so benchmarks can run the identical training outside Tune.
+
+    Args:
+        config: The trial's hyperparameters.
+        spec: The sweep spec.
+        report: Called with the metrics and, when train.checkpoint is on, the folder of a
+            checkpoint (adapter + tokenizer + optimizer/scheduler/RNG state, the Hugging Face
+            Trainer layout that `PeftModel.from_pretrained` loads).
+        data: Prepared examples; None reads the data file.
+        resume_from: A checkpoint folder to continue from (what Tune restored).
+
+    Returns:
+        The last metrics reported.
     """
     import torch
 
@@ -176,21 +206,27 @@ def run_trial(
     model_path = materialize(spec.resolve_path(spec.model.path))
     last: dict[str, Any] = {}
 
-    def report_and_keep(metrics: dict[str, Any]) -> None:
+    def report_and_keep(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         last.clear()
         last.update(metrics)
-        report(metrics)
+        report(metrics, checkpoint_dir)
 
+    output_dir = tempfile.mkdtemp(prefix="qlora-sweep-trial-")
     trainer = None
     try:
-        trainer = _build_trainer(spec, trial, model_path, device, compute_dtype, probe, report_and_keep, started, data)
-        trainer.train()
+        trainer, reporter = _build_trainer(
+            spec, trial, model_path, device, compute_dtype, probe, report_and_keep, started, data, output_dir
+        )
+        if resume_from:
+            reporter.restore(resume_from)
+        trainer.train(resume_from_checkpoint=resume_from)
         return dict(last)
     finally:
         # Runs on normal end, on error, and when Tune stops the trial (it raises SystemExit in report).
         trainer = None
         probe.close()
         free_memory(device)
+        shutil.rmtree(output_dir, ignore_errors=True)
 
 
 def _build_trainer(
@@ -203,7 +239,8 @@ def _build_trainer(
     report: Any,
     started: float,
     data: PreparedData | None,
-) -> Any:
+    output_dir: str,
+) -> tuple[Any, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, prepare_model_for_kbit_training
@@ -241,7 +278,7 @@ def _build_trainer(
     optimizer = resolve_optimizer(spec.train.optimizer, device)
     on_cuda = device.startswith("cuda")
     args = SFTConfig(
-        output_dir=tempfile.mkdtemp(prefix="qlora-sweep-trial-"),
+        output_dir=output_dir,
         max_steps=spec.train.max_steps,
         per_device_train_batch_size=trial.batch_size,
         per_device_eval_batch_size=spec.train.eval_batch_size or trial.batch_size,
@@ -257,7 +294,10 @@ def _build_trainer(
         eval_steps=spec.train.eval_every,
         logging_steps=1,  # every step, so a NaN loss stops the trial at once
         logging_nan_inf_filter=False,
-        save_strategy="no",
+        # A checkpoint per evaluation; Tune copies it to storage, so one local copy is enough.
+        save_strategy="steps" if spec.train.checkpoint else "no",
+        save_steps=spec.train.eval_every,
+        save_total_limit=1,
         report_to=[],
         disable_tqdm=True,
         max_length=spec.data.max_seq_length,
@@ -288,11 +328,11 @@ def _build_trainer(
 
     trainer.remove_callback(PrinterCallback)  # it prints every log line when tqdm is off
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    trainer.add_callback(
-        _tune_reporter_class()(
+    reporter = _tune_reporter_class()(
             report=report,
             probe=probe,
             started=started,
+            checkpointing=spec.train.checkpoint,
             static={
                 "trainable_params": int(trainable),
                 "total_params": int(total),
@@ -304,9 +344,9 @@ def _build_trainer(
                 "eval_rows": len(data.eval),
                 "skipped_rows": len(data.skipped),
             },
-        )
     )
-    return trainer
+    trainer.add_callback(reporter)
+    return trainer, reporter
 
 
 @lru_cache(maxsize=1)
@@ -317,11 +357,15 @@ def _tune_reporter_class() -> type:
     class TuneReporter(TrainerCallback):
         """Turns trainer events into Tune reports: one per evaluation, plus a terminal one on divergence."""
 
-        def __init__(self, report: Any, probe: PeakMemoryProbe, started: float, static: dict[str, Any]):
+        def __init__(
+            self, report: Any, probe: PeakMemoryProbe, started: float, static: dict[str, Any], checkpointing: bool
+        ):
             self.report = report
             self.probe = probe
             self.started = started
             self.static = static
+            self.checkpointing = checkpointing
+            self.pending: dict[str, Any] | None = None
             self.train_losses: list[float] = []
             self.train_seconds = 0.0
             self.segment_start = time.time()
@@ -352,10 +396,32 @@ def _tune_reporter_class() -> type:
                 self.diverged_at = state.global_step
                 control.should_training_stop = True
                 extra["trial_status"] = "diverged"
-            self._send(state, extra)
+            if self.checkpointing and "trial_status" not in extra:
+                self.pending = self._metrics(state, extra)  # reported from on_save, with its checkpoint
+            else:
+                self._send(state, extra)
             self.segment_start = time.time()
 
+        def on_save(self, args, state, control, **kwargs):
+            if self.pending is None:
+                return
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            with open(os.path.join(folder, STATE_FILE), "w") as f:
+                json.dump({"train_s": self.train_seconds}, f)
+            metrics, self.pending = self.pending, None
+            self.report(metrics, folder)
+
+        def restore(self, checkpoint_dir: str) -> None:
+            """Continue the throughput clock of a resumed trial."""
+            path = os.path.join(checkpoint_dir, STATE_FILE)
+            if os.path.exists(path):
+                with open(path) as f:
+                    self.train_seconds = float(json.load(f).get("train_s", 0.0))
+
         def _send(self, state: Any, extra: dict[str, Any]) -> None:
+            self.report(self._metrics(state, extra))
+
+        def _metrics(self, state: Any, extra: dict[str, Any]) -> dict[str, Any]:
             eval_loss = extra["eval_loss"]
             finite = [x for x in self.train_losses if math.isfinite(x)]
             tokens = int(state.num_input_tokens_seen or 0)
@@ -372,6 +438,6 @@ def _tune_reporter_class() -> type:
                 **self.static,
             }
             self.train_losses = []
-            self.report(metrics)
+            return metrics
 
     return TuneReporter

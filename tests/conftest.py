@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny specs, a model cache, and Ray on loopback with nothing left behind.
+
+Tiers (see pyproject markers): unmarked tests are pure logic and fast; `integration` tests start
+real Ray clusters and train real tiny quantized models; `gpu` tests skip without CUDA; `e2e`
+drives `ray up`/`ray submit` and runs alone (`make test-e2e`).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports ray: every local Ray service binds to 127.0.0.1 only.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+import copy
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE_DATA = REPO / "sweeps" / "data" / "smoke_instructions.jsonl"
+
+# A small, fast sweep for integration tests that are not about the smoke sweep itself.
+TINY_SPEC: dict[str, Any] = {
+    "name": "tiny",
+    "model": {"path": "builtin:tiny-llama"},
+    "data": {"path": str(SMOKE_DATA), "max_seq_length": 64, "eval_size": 40},
+    "space": {
+        "r": [4, 8],
+        "lora_alpha": [16],
+        "target_modules": ["qv", "all-linear"],
+        "learning_rate": {"loguniform": [1.0e-3, 1.0e-2]},
+        "lora_dropout": 0.0,
+    },
+    "search": {"num_samples": 2, "max_concurrent": 2, "seed": 0},
+    "scheduler": {"asha": None},
+    "train": {"max_steps": 20, "eval_every": 10, "batch_size": 8},
+    "resources": {"gpus_per_trial": 0, "cpus_per_trial": 1},
+}
+
+
+def make_spec_dict(**overrides: Any) -> dict[str, Any]:
+    """TINY_SPEC with sections overridden (a section's keys are merged, not replaced)."""
+    spec = copy.deepcopy(TINY_SPEC)
+    for section, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(section), dict):
+            spec[section] = {**spec[section], **value}
+        else:
+            spec[section] = value
+    return spec
+
+
+def write_spec(path: Path, spec: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Builtin tiny models are built once per test session, in a private cache."""
+    cache = Path(os.environ.get("QLORA_SWEEP_TEST_CACHE") or tmp_path_factory.mktemp("qlora-sweep-cache"))
+    os.environ["QLORA_SWEEP_CACHE"] = str(cache)
+    return cache
+
+
+def ray_processes() -> list[psutil.Process]:
+    """Ray's own processes (GCS, raylet, dashboard, workers) running on this machine."""
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            name = proc.info["name"] or ""
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if (
+            "gcs_server" in name
+            or "raylet" in name
+            or name.startswith("ray::")
+            or "ray/dashboard/dashboard.py" in cmdline
+            or "default_worker.py" in cmdline
+            or "ray/_private/log_monitor.py" in cmdline
+        ):
+            found.append(proc)
+    return found
+
+
+def wait_for_no_ray_processes(timeout_s: float = 30.0) -> list[str]:
+    """Wait for Ray processes to exit; return descriptions of any still alive."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        alive = ray_processes()
+        if not alive:
+            return []
+        time.sleep(0.5)
+    return [f"{p.pid} {' '.join(p.cmdline()[:3])}" for p in ray_processes()]
+
+
+@pytest.fixture
+def ray_local() -> Iterator[None]:
+    """A local Ray for one test, shut down afterwards, with a check that nothing was left behind."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        leftover = wait_for_no_ray_processes()
+        assert not leftover, f"Ray processes left behind: {leftover}"

@@ -1,0 +1,243 @@
+"""The sweep spec schema: defaults, every bad-input message, and every shipped YAML."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sweeps.spec import SpecError, load_spec, parse_spec
+from tests.conftest import REPO, make_spec_dict, write_spec
+
+MINIMAL = {"name": "x", "model": {"path": "builtin:tiny-llama"}, "data": {"path": "d.jsonl"}}
+
+
+def with_(section: str, value: object) -> dict:
+    spec = {**MINIMAL}
+    spec[section] = value
+    return spec
+
+
+# (spec, regex the rendered error must contain). Each names the key path, the bad value and the fix.
+BAD_SPECS = [
+    pytest.param({"model": {"path": "m"}, "data": {"path": "d"}}, r"name: required key is missing", id="missing-name"),
+    pytest.param(with_("name", "has space/"), r"name: got 'has space/'; use letters, digits", id="bad-name"),
+    pytest.param(with_("trian", {}), r"trian: unknown key 'trian'\. did you mean 'train'\?", id="typo-section"),
+    pytest.param(
+        with_("model", {"path": "m", "quantization": "nf8"}),
+        r"model\.quantization: got 'nf8'; allowed values: 'nf4', 'fp4' or 'none'",
+        id="bad-quantization",
+    ),
+    pytest.param(
+        with_("model", {"path": "m", "compute_dtype": "fp32"}),
+        r"model\.compute_dtype: got 'fp32'; allowed values: 'auto', 'bfloat16', 'float16' or 'float32'",
+        id="bad-compute-dtype",
+    ),
+    pytest.param(
+        with_("data", {"path": "d", "format": "alpaca"}),
+        r"data\.format: got 'alpaca'; allowed values: 'instruction', 'text' or 'chat'",
+        id="bad-data-format",
+    ),
+    pytest.param(
+        with_("data", {"path": "d", "eval_size": 1.5}),
+        r"data\.eval_size: got 1\.5; 1\.5 is neither a fraction in \(0, 1\) nor a whole number of rows",
+        id="bad-eval-size",
+    ),
+    pytest.param(
+        with_("space", {"r": [4, -8]}), r"space\.r: got \[4, -8\]; write a positive whole number", id="negative-rank"
+    ),
+    pytest.param(
+        with_("space", {"rank": [8]}),
+        r"space\.rank: unknown key 'rank'\. Allowed keys here: batch_size, learning_rate",
+        id="unknown-space-key",
+    ),
+    pytest.param(
+        with_("space", {"learning_rate": {"logunifrom": [1e-4, 1e-3]}}),
+        r"space\.learning_rate: got .*unknown distribution 'logunifrom'\. did you mean 'loguniform'\?",
+        id="typo-distribution",
+    ),
+    pytest.param(
+        with_("space", {"learning_rate": {"loguniform": [1e-3, 1e-4]}}),
+        r"space\.learning_rate: .*low \(0\.001\) must be below high \(0\.0001\); write \[0\.0001, 0\.001\]",
+        id="reversed-range",
+    ),
+    pytest.param(
+        with_("space", {"learning_rate": 5.0}),
+        r"space\.learning_rate: got 5\.0; 5 is outside \[1e-08, 1\); typical QLoRA learning rates",
+        id="absurd-lr",
+    ),
+    pytest.param(
+        with_("space", {"lora_dropout": [0.0, 1.5]}),
+        r"space\.lora_dropout: got \[0\.0, 1\.5\]; 1\.5 is outside \[0, 1\); use a fraction",
+        id="dropout-above-one",
+    ),
+    pytest.param(
+        with_("space", {"lora_alpha": {"ratio": []}}),
+        r"space\.lora_alpha: .*ratio needs positive numbers, e\.g\. \{ratio: \[1, 2\]\}",
+        id="empty-alpha-ratio",
+    ),
+    pytest.param(
+        with_("space", {"target_modules": [[], "qv"]}),
+        r"space\.target_modules: got \[\[\], 'qv'\]; choice \[\] targets nothing; use a preset",
+        id="empty-target-list",
+    ),
+    pytest.param(
+        with_("space", {"lr_scheduler_type": "warm"}),
+        r"space\.lr_scheduler_type: got 'warm'; allowed values: constant, linear, cosine",
+        id="bad-lr-scheduler",
+    ),
+    pytest.param(
+        with_("search", {"num_samples": 0, "sampler": "cmaes"}),
+        r"search\.num_samples: got 0; input should be greater than 0[\s\S]*search\.sampler: got 'cmaes'; allowed values: 'tpe' or 'random'",
+        id="two-search-problems-at-once",
+    ),
+    pytest.param(
+        with_("train", {"max_steps": 85, "eval_every": 10}),
+        r"train: max_steps \(85\) is not a multiple of eval_every \(10\).*Try max_steps: 80",
+        id="steps-not-multiple",
+    ),
+    pytest.param(
+        with_("train", {"max_steps": 10, "eval_every": 20}),
+        r"train: eval_every \(20\) exceeds max_steps \(10\)",
+        id="eval-after-end",
+    ),
+    pytest.param(
+        with_("train", {"optimizer": "sgd"}),
+        r"train\.optimizer: got 'sgd'; allowed values: 'auto', 'adamw_torch', 'adamw_8bit'",
+        id="bad-optimizer",
+    ),
+    pytest.param(
+        with_("scheduler", {"asha": {"max_t": 20}}),
+        r"scheduler\.asha\.max_t \(20\) exceeds the 8 evaluation rounds of a trial",
+        id="asha-max-t-too-big",
+    ),
+    pytest.param(
+        with_("scheduler", {"asha": {"max_tt": 4}}),
+        r"scheduler\.asha\.max_tt: unknown key 'max_tt'\. did you mean 'max_t'\?",
+        id="asha-typo",
+    ),
+    pytest.param(
+        with_("scheduler", {"asha": {"reduction_factor": 1}}),
+        r"scheduler\.asha\.reduction_factor: got 1; input should be greater than 1",
+        id="asha-reduction-one",
+    ),
+    pytest.param(
+        with_("resources", {"gpus_per_trial": 1.5}),
+        r"resources\.gpus_per_trial: got 1\.5; 1\.5 GPUs: above 1, ask for whole GPUs",
+        id="fractional-gpus-above-one",
+    ),
+    pytest.param(
+        with_("resources", {"cpus_per_trial": 0}),
+        r"resources\.cpus_per_trial: got 0; input should be greater than 0",
+        id="zero-cpus",
+    ),
+]
+
+
+@pytest.mark.parametrize(("raw", "message"), BAD_SPECS)
+def test_bad_spec_is_rejected_with_a_message_naming_key_value_and_fix(raw: dict, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        parse_spec(raw)
+
+
+def test_bad_spec_table_is_big_enough() -> None:
+    assert len(BAD_SPECS) >= 15
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    raw = {
+        "name": "x",
+        "model": {"path": "m", "quantization": "int3"},
+        "data": {"path": "d", "format": "xml"},
+        "space": {"r": 0, "lora_dropout": 2.0},
+        "search": {"max_concurrent": -1},
+    }
+    with pytest.raises(SpecError) as info:
+        parse_spec(raw)
+    rendered = info.value.render()
+    for key in ("model.quantization", "data.format", "space.r", "space.lora_dropout", "search.max_concurrent"):
+        assert key in rendered
+    assert "5 problems" in rendered
+
+
+def test_defaults_fill_what_a_spec_leaves_out() -> None:
+    spec = parse_spec(MINIMAL)
+    assert spec.model.quantization == "nf4" and spec.model.double_quant
+    assert spec.space.target_modules == ["qv", "attention", "all-linear"]
+    assert spec.scheduler.asha is not None and spec.max_rounds == spec.train.rounds == 8
+    assert not spec.model.trust_remote_code
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: {path: m\n")
+    with pytest.raises(SpecError, match=r"not valid YAML at line \d+, column \d+"):
+        load_spec(bad)
+
+
+def test_missing_spec_file_says_how_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"file not found: .*Pass the path to a sweep YAML"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_relative_data_path_resolves_against_the_spec_folder(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "rows.jsonl").write_text("{}\n")
+    spec = load_spec(write_spec(tmp_path / "s.yaml", {**MINIMAL, "data": {"path": "data/rows.jsonl"}}))
+    assert spec.resolve_path(spec.data.path) == str(tmp_path / "data" / "rows.jsonl")
+
+
+def shipped_specs() -> list[Path]:
+    # rglob walks sub-folders too (torchtune's os.listdir version missed them).
+    return sorted(p for p in (REPO / "sweeps").rglob("*.yaml"))
+
+
+def test_there_are_shipped_specs() -> None:
+    assert REPO / "sweeps" / "smoke.yaml" in shipped_specs()
+
+
+@pytest.mark.parametrize("path", shipped_specs(), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_spec_passes_validate(path: Path) -> None:
+    """The full `validate`: schema, then model config, target modules, data rows and storage."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sweeps.cli", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "preflight ok" in result.stdout
+
+
+def test_validate_exits_2_with_every_problem_and_no_traceback(tmp_path: Path) -> None:
+    spec = make_spec_dict(
+        model={"path": "builtin:tiny-llama", "quantization": "nf8"},
+        space={"learning_rate": {"loguniform": [1e-2, 1e-4]}},
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "sweeps.cli", "validate", str(write_spec(tmp_path / "bad.yaml", spec))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "model.quantization: got 'nf8'" in result.stderr
+    assert "space.learning_rate" in result.stderr
+
+
+def test_preflight_reports_missing_target_modules_and_data_together(tmp_path: Path) -> None:
+    spec = make_spec_dict(space={"target_modules": [["q_proj", "query_key_value"]]}, data={"path": "missing.jsonl"})
+    result = subprocess.run(
+        [sys.executable, "-m", "sweeps.cli", "validate", str(write_spec(tmp_path / "s.yaml", spec))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stdout
+    assert "Traceback" not in result.stderr
+    assert "no layer named query_key_value in this llama model; its linear layers are:" in result.stderr
+    assert "q_proj" in result.stderr and "file not found" in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -198,11 +199,20 @@ def test_there_are_shipped_specs() -> None:
     assert REPO / "sweeps" / "smoke.yaml" in shipped_specs()
 
 
+def needs_a_hub(path: Path) -> bool:
+    spec = load_spec(path)
+    local_model = spec.model.path.startswith("builtin:") or Path(spec.resolve_path(spec.model.path)).exists()
+    return not (local_model and Path(spec.resolve_path(spec.data.path)).exists())
+
+
 @pytest.mark.parametrize("path", shipped_specs(), ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_spec_passes_validate(path: Path) -> None:
-    """The full `validate`: schema, then model config, target modules, data rows and storage."""
+    """The full `validate` (schema, model config, target modules, data rows, storage) for specs that
+    run here; specs for a GPU cluster name hub models and data, so they get `validate --offline`,
+    which must say what it could not check."""
+    offline = needs_a_hub(path)
     result = subprocess.run(
-        [sys.executable, "-m", "sweeps.cli", "validate", str(path)],
+        [sys.executable, "-m", "sweeps.cli", "validate", *(["--offline"] if offline else []), str(path)],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -210,6 +220,20 @@ def test_every_shipped_spec_passes_validate(path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr + result.stdout
     assert "preflight ok" in result.stdout
+    assert ("not checked (--offline)" in result.stdout) == offline
+
+
+def test_a_hub_model_that_cannot_be_reached_is_a_clear_preflight_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sweeps.cli", "validate", "sweeps/examples/llama3-8b-24gb.yaml"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "model.path: cannot read the model config of 'meta-llama/Llama-3.1-8B'" in result.stderr
 
 
 def test_validate_exits_2_with_every_problem_and_no_traceback(tmp_path: Path) -> None:

@@ -68,6 +68,11 @@ class PreparedData:
 # --- reading ----------------------------------------------------------------------------------
 
 
+def is_local_data(path: str) -> bool:
+    """A local file path (existing or not) rather than a hub dataset id."""
+    return Path(path).suffix.lower() in LOCAL_SUFFIXES or Path(path).exists() or path.startswith(("/", ".", "~"))
+
+
 def read_rows(path: str, spec: DataSpec) -> tuple[list[Row], list[str]]:
     """Read every row of a local file or a hub dataset.
 
@@ -79,7 +84,7 @@ def read_rows(path: str, spec: DataSpec) -> tuple[list[Row], list[str]]:
         DataError: If the file is missing, unreadable, of an unknown kind, or holds no rows.
     """
     local = Path(path)
-    if local.suffix.lower() in LOCAL_SUFFIXES or local.exists() or path.startswith(("/", ".", "~")):
+    if is_local_data(path):
         if not local.exists():
             raise DataError(
                 "data.path", [f"file not found: {path}. Relative paths are read from the spec file's folder"]

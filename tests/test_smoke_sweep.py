@@ -1,0 +1,52 @@
+"""The embedded default, end to end: `qlora-sweep run sweeps/smoke.yaml` on a local Ray."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO, ray_processes, wait_for_no_ray_processes
+
+pytestmark = pytest.mark.integration
+
+
+def test_smoke_sweep_runs_end_to_end_and_writes_its_report(tmp_path: Path) -> None:
+    assert not ray_processes(), "another Ray is running; this test must see its own processes only"
+    result = subprocess.run(
+        [sys.executable, "-m", "sweeps.cli", "run", "sweeps/smoke.yaml", "--storage", str(tmp_path), "--name", "smoke"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    experiment = tmp_path / "smoke"
+    assert f"report:     {experiment / 'report'}" in result.stdout
+
+    trials = pd.read_csv(experiment / "report" / "trials.csv")
+    assert len(trials) == 12
+    assert trials["status"].notna().all()
+    assert set(trials["status"]) <= {"completed", "early_stopped"}, trials["status"].value_counts()
+    assert (trials["status"] == "early_stopped").sum() >= 1, "ASHA stopped no trial early"
+    assert (trials["status"] == "completed").sum() >= 1
+    early = trials[trials["status"] == "early_stopped"]
+    assert (early["steps"] < 80).all() and (trials.loc[trials["status"] == "completed", "steps"] == 80).all()
+
+    best, worst = trials["best_eval_loss"].min(), trials["best_eval_loss"].max()
+    assert best < 0.5 * worst, f"configurations should differ visibly: best {best}, worst {worst}"
+    # Optuna proposed different configurations, over every searched dimension.
+    for column in ("r", "lora_alpha", "target_modules", "learning_rate"):
+        assert trials[column].nunique() > 1, column
+    # Every number comes from a real CPU run, labelled as host RSS, never as VRAM.
+    assert set(trials["memory_kind"]) == {"host_rss"}
+    assert (trials["peak_memory_mib"] > 100).all() and (trials["trainable_params"] > 0).all()
+    assert (trials["node"] == "127.0.0.1").all()
+    assert "host RSS (CPU, not VRAM)" in (experiment / "report" / "report.md").read_text()
+
+    leftover = wait_for_no_ray_processes()
+    assert not leftover, f"Ray processes left behind: {leftover}"

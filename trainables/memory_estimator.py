@@ -1,0 +1,1003 @@
+"""Predict the peak GPU memory of one QLoRA trial from the model's config alone.
+
+The prediction is a sum of named parts, each in bytes, so a reader can see where the memory goes
+and which knob moves it:
+
+    linear_weights      frozen linear layers bitsandbytes quantizes: 4-bit packed, numel / 2
+    quant_constants     their absmax constants (fp32 per 64-block, or 8-bit + fp32 per 256 with
+                        double quantization) and lookup tables
+    other_weights       embeddings, lm_head unless tied, norms, biases and buffers (compute dtype)
+    lora_weights        A (r x in) and B (out x r) per targeted layer, fp32 by default
+    lora_grads          their gradients, same dtype
+    optimizer_state     AdamW moments held by PyTorch's allocator
+    paged_optimizer     AdamW moments in CUDA unified memory (bitsandbytes paged optimizers)
+    activations         tensors saved for backward (per-layer formula, see docs/memory.md)
+    logits              fp32 log-probabilities saved by the loss, their gradient and the
+                        gradient of the logits: 12 bytes per token per vocabulary entry (or, with
+                        TRL's fused LM head, one logits tile and per-token state)
+    dequant_workspace   one 16-bit copy of the largest quantized weight, dequantized for a matmul
+    allocator_overhead  caching-allocator fragmentation, a fraction of the parts above
+    cuda_context        CUDA context and kernels; not seen by torch.cuda.max_memory_reserved
+
+`MemoryEstimate.total_gib` predicts torch.cuda.max_memory_reserved (what a trial reports as
+peak_memory_mib with memory_kind "cuda_reserved"); `total_with_context_gib` adds the CUDA context
+and the paged optimizer states, which is closer to what nvidia-smi shows.
+
+Layer shapes come from instantiating the model on the meta device (no weights, no memory), so
+every architecture transformers knows is counted exactly; the activation formula needs the
+decoder block's structure and supports llama-style gated-MLP decoders (llama, mistral, qwen2,
+...) and gpt2. docs/memory.md derives each formula and lists the assumptions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+Quantization = Literal["nf4", "fp4", "none"]
+ComputeDType = Literal["bfloat16", "float16", "float32"]
+Optimizer = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
+
+QUANTIZATIONS: tuple[str, ...] = ("nf4", "fp4", "none")
+DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
+OPTIMIZERS: tuple[str, ...] = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+ALL_LINEAR = "all-linear"
+
+# bitsandbytes' 4-bit layout (bitsandbytes/functional.py: quantize_4bit).
+BNB_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+DEFAULT_BLOCKSIZE = 64
+DEFAULT_NESTED_BLOCKSIZE = 256
+_CODE_4BIT_BYTES = 16 * 4  # the NF4/FP4 lookup table, fp32, one per quantized layer
+_CODE_NESTED_BYTES = 256 * 4  # the 8-bit map of the nested absmax, fp32, one per layer
+_OFFSET_BYTES = 4  # the mean subtracted before the nested quantization, fp32 scalar
+
+# bitsandbytes' optimizers (bitsandbytes/optim/optimizer.py): tensors under min_8bit_size keep
+# fp32 states even in an 8-bit optimizer, only tensors of at least 1e5 elements are paged, and
+# 8-bit states carry one fp32 absmax per 256 elements for each of the two moments.
+_BNB_MIN_8BIT_SIZE = 4096
+_BNB_PAGED_MIN_NUMEL = 100_000
+_BNB_STATE_BLOCKSIZE = 256
+
+# PEFT keeps adapter weights in fp32 by default (get_peft_model's autocast_adapter_dtype=True
+# upcasts bf16/fp16 adapters).
+LORA_PARAM_BYTES = 4
+# CUDA's native_dropout keeps a bool mask; CPU's dropout keeps a mask in the input's dtype.
+_DROPOUT_MASK_BYTES = 1
+
+# TRL's fused LM head (trl/kernels/chunked_logprob.py): logits tiles of 4096 tokens x 32768
+# vocabulary entries, and per token seven fp32 statistics plus the int64 target.
+_TRL_TOKEN_TILE = 4096
+_TRL_VOCAB_TILE = 32768
+_TRL_PER_TOKEN_STATS = 7 * 4 + 8
+
+DEFAULT_CUDA_CONTEXT_MIB = 512
+DEFAULT_FRAGMENTATION = 0.10
+DEFAULT_FIT_MARGIN = 0.10
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+# Sibling projections that read the same input tensor, so LoRA on any of them keeps that input once.
+_SHARED_INPUT_GROUPS: tuple[frozenset[str], ...] = (
+    frozenset({"q_proj", "k_proj", "v_proj"}),
+    frozenset({"gate_proj", "up_proj"}),
+)
+# Output projections whose input is the attention output, which SDPA already keeps for backward.
+_ATTENTION_OUTPUT_PROJECTIONS: tuple[str, ...] = ("self_attn.o_proj", "attn.c_proj")
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    """One linear layer of the model, as the meta-device instance shows it.
+
+    Attributes:
+        name: Full module name, e.g. "model.layers.0.self_attn.q_proj".
+        in_features: Input width.
+        out_features: Output width.
+        has_bias: Whether the layer has a bias (kept in the compute dtype, never quantized).
+        quantized: Whether `from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True))`
+            replaces it with a bitsandbytes Linear4bit (lm_head and tied layers are skipped).
+        lora_candidate: Whether peft's "all-linear" targets it (every Linear/Conv1D but the output head).
+    """
+
+    name: str
+    in_features: int
+    out_features: int
+    has_bias: bool
+    quantized: bool
+    lora_candidate: bool
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimator needs to know about a model, read once from its config.
+
+    Attributes:
+        model_type: The config's model_type ("llama", "gpt2", ...).
+        family: "gated" (llama-style decoder: RMSNorm, RoPE, SwiGLU, GQA), "gpt2", or "other"
+            (weights and LoRA are counted, activations are not modelled).
+        hidden: Hidden size h.
+        intermediate: MLP width I.
+        layers: Number of decoder blocks L.
+        heads: Attention heads a.
+        kv_heads: Key/value heads (GQA); equal to heads without GQA.
+        head_dim: Width of one head d.
+        vocab: Vocabulary size V.
+        linears: Every nn.Linear / transformers Conv1D of the model.
+        other_params: Elements of every parameter that is not a quantizable linear weight
+            (embeddings, lm_head, norms, biases), tied weights counted once.
+        buffer_bytes: Bytes of the model's buffers (e.g. RoPE inverse frequencies, fp32).
+        resid_dropout: gpt2's resid_pdrop (masks kept for backward when positive).
+    """
+
+    model_type: str
+    family: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    linears: tuple[LinearLayer, ...]
+    other_params: int
+    buffer_bytes: int
+    resid_dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak GPU memory of one trial, part by part, in bytes.
+
+    The parts are disjoint and add up: `allocated_bytes` is the sum of the tensor parts,
+    `reserved_bytes` adds the allocator overhead and predicts torch.cuda.max_memory_reserved.
+    See the module docstring for what each part holds and docs/memory.md for the formulas.
+    """
+
+    linear_weights_bytes: int
+    quant_constants_bytes: int
+    other_weights_bytes: int
+    lora_weights_bytes: int
+    lora_grads_bytes: int
+    optimizer_state_bytes: int
+    paged_optimizer_state_bytes: int
+    activations_bytes: int
+    logits_bytes: int
+    dequant_workspace_bytes: int
+    allocator_overhead_bytes: int
+    cuda_context_bytes: int
+    lora_params: int
+    quantized_params: int
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Tensors held through PyTorch's caching allocator at the peak (max_memory_allocated)."""
+        return (
+            self.linear_weights_bytes
+            + self.quant_constants_bytes
+            + self.other_weights_bytes
+            + self.lora_weights_bytes
+            + self.lora_grads_bytes
+            + self.optimizer_state_bytes
+            + self.activations_bytes
+            + self.logits_bytes
+            + self.dequant_workspace_bytes
+        )
+
+    @property
+    def reserved_bytes(self) -> int:
+        """The predicted torch.cuda.max_memory_reserved: allocations plus fragmentation."""
+        return self.allocated_bytes + self.allocator_overhead_bytes
+
+    @property
+    def total_gib(self) -> float:
+        """Primary prediction, GiB: torch.cuda.max_memory_reserved (no CUDA context, no paged states)."""
+        return self.reserved_bytes / GIB
+
+    @property
+    def total_with_context_gib(self) -> float:
+        """Device memory the process occupies, GiB: reserved + paged optimizer states + CUDA context."""
+        return (self.reserved_bytes + self.paged_optimizer_state_bytes + self.cuda_context_bytes) / GIB
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every part in bytes and MiB plus the totals, JSON-serializable."""
+        parts = asdict(self)
+        out: dict[str, Any] = dict(parts)
+        for name, value in parts.items():
+            if name.endswith("_bytes"):
+                out[name.removesuffix("_bytes") + "_mib"] = round(value / MIB, 3)
+        out["allocated_bytes"] = self.allocated_bytes
+        out["reserved_bytes"] = self.reserved_bytes
+        out["total_gib"] = round(self.total_gib, 4)
+        out["total_with_context_gib"] = round(self.total_with_context_gib, 4)
+        return out
+
+
+# --- the model's shape -----------------------------------------------------------------------
+
+_SHAPE_CACHE: dict[str, ModelShape] = {}
+
+
+def _as_config(config: Any) -> Any:
+    """Return a transformers PretrainedConfig for a config object or a config.json dict."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config, PretrainedConfig):
+        return config
+    if isinstance(config, Mapping):
+        model_type = config.get("model_type")
+        if not model_type:
+            raise ValueError(
+                "config: the dict has no 'model_type'; pass a config.json dict (it names its "
+                "model_type, e.g. 'llama') or a transformers.PretrainedConfig"
+            )
+        return AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
+    raise TypeError(
+        f"config: expected a transformers.PretrainedConfig or a config.json dict, got {type(config).__name__}"
+    )
+
+
+def model_shape(config: Any) -> ModelShape:
+    """Read layer shapes and sizes from a config by building the model on the meta device.
+
+    The meta device allocates nothing, so this takes well under a second even for 70B models.
+    Results are cached per config content.
+
+    Args:
+        config: A transformers.PretrainedConfig or a config.json dict.
+
+    Returns:
+        The model's shape.
+
+    Raises:
+        ValueError: If a dict config has no model_type, or transformers cannot build the model.
+    """
+    config = _as_config(config)
+    key = type(config).__name__ + json.dumps(config.to_dict(), sort_keys=True, default=str)
+    shape = _SHAPE_CACHE.get(key)
+    if shape is None:
+        shape = _build_shape(config)
+        _SHAPE_CACHE[key] = shape
+    return shape
+
+
+def _build_shape(config: Any) -> ModelShape:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"config: transformers cannot build a causal LM from it ({err})") from err
+
+    # The rule from_pretrained applies when it swaps layers for bitsandbytes' Linear4bit
+    # (transformers/integrations/bitsandbytes.py): the output head, tied weights and the last
+    # parameter's module stay in the compute dtype. Calling transformers' own helpers keeps the two
+    # in step; tests/test_memory_estimator.py checks the result against a real quantized model.
+    skip = get_keys_to_not_convert(model)
+    output_head = model.get_output_embeddings()
+    linears = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (torch.nn.Linear, Conv1D)):
+            continue
+        if isinstance(module, Conv1D):
+            in_features, out_features = module.weight.shape
+        else:
+            in_features, out_features = module.in_features, module.out_features
+        # bitsandbytes replaces exact nn.Linear and Conv1D, not subclasses of nn.Linear.
+        convertible = type(module) is torch.nn.Linear or isinstance(module, Conv1D)
+        linears.append(
+            LinearLayer(
+                name=name,
+                in_features=in_features,
+                out_features=out_features,
+                has_bias=module.bias is not None,
+                quantized=convertible and should_convert_module(name, skip),
+                lora_candidate=module is not output_head,
+            )
+        )
+    quantizable = sum(layer.numel for layer in linears if layer.quantized)
+    # parameters() yields tied weights once, as get_memory_footprint counts them.
+    total_params = sum(p.numel() for p in model.parameters())
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    names = {layer.name.rsplit(".", 1)[-1] for layer in linears}
+    if config.model_type == "gpt2":
+        family = "gpt2"
+    elif {"gate_proj", "up_proj", "down_proj"} <= names and {"q_proj", "k_proj", "v_proj", "o_proj"} <= names:
+        family = "gated"
+    else:
+        family = "other"
+    return ModelShape(
+        model_type=config.model_type,
+        family=family,
+        hidden=hidden,
+        intermediate=intermediate,
+        layers=config.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or hidden // heads,
+        vocab=config.vocab_size,
+        linears=tuple(linears),
+        other_params=total_params - quantizable,
+        buffer_bytes=buffer_bytes,
+        resid_dropout=float(getattr(config, "resid_pdrop", 0.0) or 0.0) if family == "gpt2" else 0.0,
+    )
+
+
+# --- LoRA ------------------------------------------------------------------------------------
+
+
+def lora_target_layers(config: Any, target_modules: str | Sequence[str]) -> list[LinearLayer]:
+    """The linear layers PEFT wraps with LoRA for a target_modules setting.
+
+    Args:
+        config: A transformers.PretrainedConfig or a config.json dict.
+        target_modules: "all-linear" (PEFT's meaning: every Linear/Conv1D except the output head)
+            or module-name suffixes such as ["q_proj", "v_proj"]; a suffix matches a module whose
+            name equals it or ends with "." + it, as in PEFT.
+
+    Returns:
+        The targeted layers, in model order.
+
+    Raises:
+        ValueError: If target_modules is empty, is a string other than "all-linear", or has a
+            suffix that matches no linear layer (PEFT raises for those too).
+    """
+    shape = model_shape(config)
+    if isinstance(target_modules, str):
+        if target_modules.lower() != ALL_LINEAR:
+            raise ValueError(
+                f"target_modules: {target_modules!r} is not a list of module names; "
+                f"allowed: {ALL_LINEAR!r} or a list of suffixes such as ['q_proj', 'v_proj']"
+            )
+        return [layer for layer in shape.linears if layer.lora_candidate]
+    suffixes = list(target_modules)
+    if not suffixes:
+        raise ValueError("target_modules: an empty list targets nothing; use 'all-linear' or e.g. ['q_proj', 'v_proj']")
+
+    def matches(name: str, suffix: str) -> bool:
+        return name == suffix or name.endswith("." + suffix)
+
+    targets = [layer for layer in shape.linears if any(matches(layer.name, s) for s in suffixes)]
+    unknown = [s for s in suffixes if not any(matches(layer.name, s) for layer in shape.linears)]
+    if unknown:
+        linear_names = {layer.name.rsplit(".", 1)[-1] for layer in shape.linears}
+        raise ValueError(
+            f"target_modules: {unknown} match no linear layer of this {shape.model_type} model; "
+            f"allowed: 'all-linear' or suffixes of its linear layers: {sorted(linear_names)}"
+        )
+    return targets
+
+
+def count_lora_params(config: Any, r: int, target_modules: str | Sequence[str]) -> int:
+    """Trainable LoRA parameters: r * (in + out) per targeted layer (bias="none", as PEFT's default).
+
+    Args:
+        config: A transformers.PretrainedConfig or a config.json dict.
+        r: LoRA rank.
+        target_modules: "all-linear" or module-name suffixes; see `lora_target_layers`.
+
+    Returns:
+        The number PEFT's `get_nb_trainable_parameters()[0]` reports.
+
+    Raises:
+        ValueError: If r is not a positive integer or target_modules matches nothing.
+    """
+    _raise_if(_check_positive_int("r", r))
+    return sum(r * (layer.in_features + layer.out_features) for layer in lora_target_layers(config, target_modules))
+
+
+# --- quantized weights -----------------------------------------------------------------------
+
+
+def quantized_weight_parts(
+    config: Any,
+    quantization: str,
+    double_quant: bool,
+    *,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    nested_blocksize: int = DEFAULT_NESTED_BLOCKSIZE,
+) -> tuple[int, int]:
+    """Bytes of the 4-bit linear layers, split into (packed weights, quantization constants).
+
+    Per quantized layer with n weights and k = ceil(n / blocksize) blocks:
+    packed = ceil(n / 2) bytes; constants = 4k (fp32 absmax) without double quantization, or
+    k (uint8 absmax) + 4 * ceil(k / nested_blocksize) (fp32 second level) + 4 (offset) + 1024
+    (the 8-bit map) with it; plus 64 bytes for the NF4/FP4 lookup table either way.
+
+    Args:
+        config: A transformers.PretrainedConfig or a config.json dict.
+        quantization: "nf4" or "fp4" (they store the same bytes).
+        double_quant: bnb_4bit_use_double_quant.
+        blocksize: Weights per absmax block (bitsandbytes' default 64).
+        nested_blocksize: First-level constants per second-level block (bitsandbytes uses 256).
+
+    Returns:
+        (packed_bytes, constants_bytes).
+
+    Raises:
+        ValueError: On an unknown quantization (including "none": nothing is quantized) or blocksize.
+    """
+    problems = []
+    if quantization not in ("nf4", "fp4"):
+        problems.append(
+            f"quantization: {quantization!r} stores no 4-bit weights; allowed here: 'nf4', 'fp4' "
+            "(for 'none' the linear layers stay in the compute dtype)"
+        )
+    problems += _check_blocksizes(blocksize, nested_blocksize)
+    _raise_if(problems)
+    packed = constants = 0
+    for layer in model_shape(config).linears:
+        if not layer.quantized:
+            continue
+        blocks = math.ceil(layer.numel / blocksize)
+        packed += (layer.numel + 1) // 2
+        constants += _CODE_4BIT_BYTES
+        if double_quant:
+            constants += blocks + 4 * math.ceil(blocks / nested_blocksize) + _OFFSET_BYTES + _CODE_NESTED_BYTES
+        else:
+            constants += 4 * blocks
+    return packed, constants
+
+
+def quantized_weight_bytes(
+    config: Any,
+    quantization: str,
+    double_quant: bool,
+    *,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    nested_blocksize: int = DEFAULT_NESTED_BLOCKSIZE,
+) -> int:
+    """Bytes of the 4-bit linear layers: packed weights plus quantization constants.
+
+    See `quantized_weight_parts` for the arithmetic and the arguments.
+    """
+    packed, constants = quantized_weight_parts(
+        config, quantization, double_quant, blocksize=blocksize, nested_blocksize=nested_blocksize
+    )
+    return packed + constants
+
+
+# --- optimizer states ------------------------------------------------------------------------
+
+
+def optimizer_state_parts(
+    lora_tensor_numels: Sequence[int], optimizer: str, *, param_bytes: int = LORA_PARAM_BYTES
+) -> tuple[int, int]:
+    """AdamW state bytes for the LoRA tensors, split into (PyTorch allocator, CUDA unified memory).
+
+    adamw_torch keeps two moments in the parameters' dtype (8 bytes/param for fp32 adapters; the
+    step counter lives on the CPU). bitsandbytes' 32-bit AdamW keeps two fp32 moments whatever
+    the parameters' dtype; its 8-bit AdamW keeps two uint8 moments plus one fp32 absmax per 256
+    elements each (2 + 1/32 bytes/param), except for tensors under 4096 elements, which keep fp32
+    moments. Paged variants put moments of tensors with at least 1e5 elements in unified memory.
+
+    Args:
+        lora_tensor_numels: Element count of each trainable tensor (each LoRA A and B).
+        optimizer: One of OPTIMIZERS.
+        param_bytes: Bytes per element of the trainable tensors (4 for PEFT's fp32 adapters).
+
+    Returns:
+        (allocator_bytes, paged_bytes).
+
+    Raises:
+        ValueError: On an unknown optimizer.
+    """
+    _raise_if(_check_choice("optimizer", optimizer, OPTIMIZERS))
+    paged = optimizer.startswith("paged_")
+    eight_bit = optimizer.endswith("_8bit")
+    on_allocator = in_unified = 0
+    for n in lora_tensor_numels:
+        if eight_bit and n >= _BNB_MIN_8BIT_SIZE:
+            moments = 2 * n
+            on_allocator += 2 * 4 * math.ceil(n / _BNB_STATE_BLOCKSIZE)
+        elif optimizer == "adamw_torch":
+            moments = 2 * param_bytes * n
+        else:
+            moments = 8 * n
+        if paged and n >= _BNB_PAGED_MIN_NUMEL:
+            in_unified += moments
+        else:
+            on_allocator += moments
+    return on_allocator, in_unified
+
+
+# --- activations -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Precision:
+    """Byte widths of the tensors a training step saves, from the dtype settings.
+
+    Attributes:
+        e: Compute dtype bytes (the 16-bit or 32-bit matmul inputs and outputs).
+        autocast: Whether the forward runs under torch.autocast (16-bit compute only).
+        lora: Bytes per LoRA weight element.
+        upcast: Whether prepare_model_for_kbit_training upcast the non-4-bit parameters to fp32,
+            which makes the residual stream and bitsandbytes' layer outputs fp32.
+    """
+
+    e: int
+    autocast: bool
+    lora: int
+    upcast: bool
+
+    @property
+    def attention(self) -> int:
+        """Bytes of SDPA's inputs and output: autocast casts them to 16 bits, else the stream's dtype."""
+        return 4 if self.upcast and not self.autocast else self.e
+
+    @property
+    def mlp(self) -> int:
+        """Bytes of the MLP's activations: bitsandbytes returns its output in its input's dtype."""
+        return 4 if self.upcast else self.e
+
+
+def _block_stages(shape: ModelShape, p: _Precision) -> list[tuple[tuple[str, ...], int]]:
+    """What one decoder block saves for backward, in forward order, whatever LoRA targets.
+
+    Each stage is (module suffixes whose LoRA input enters here, bytes per token saved by the ops
+    from there to the next stage). A block whose first targeted layer comes late saves nothing
+    before it when nothing upstream needs a gradient, which is how the first targeted block behaves.
+    """
+    h, inter, a, d = shape.hidden, shape.intermediate, shape.heads, shape.head_dim
+    ea, em = p.attention, p.mlp
+    if shape.family == "gated":
+        # RMSNorm upcasts its input to fp32 and keeps it with rsqrt(var): 4h + 4. SDPA keeps q, k, v
+        # after RoPE (k and v have kv_heads under GQA), the fp32 logsumexp (4a) and its output, which
+        # o_proj's LoRA reuses. SwiGLU keeps gate_proj's output for SiLU and SiLU's and up_proj's
+        # outputs for the product.
+        qkv = ea * (a * d + 2 * shape.kv_heads * d) + 4 * a
+        return [
+            ((), 4 * h + 4),
+            (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), qkv),
+            (("self_attn.o_proj",), ea * a * d + 4 * h + 4),
+            (("mlp.gate_proj", "mlp.up_proj"), 3 * em * inter),
+            (("mlp.down_proj",), 0),
+        ]
+    if shape.family == "gpt2":
+        # LayerNorm keeps its fp32 input (autocast upcasts it) with mean and rstd: 4h + 8. c_attn's
+        # output stays whole because q, k, v are views of it, and SDPA adds its logsumexp and output.
+        # The tanh GELU keeps its input and 0.5x in the MLP's dtype and tanh and 1 + tanh in fp32
+        # (autocast runs pow and tanh in fp32). Resid dropout keeps a bool mask after each c_proj.
+        mask = _DROPOUT_MASK_BYTES * h if shape.resid_dropout > 0 else 0
+        return [
+            ((), 4 * h + 8),
+            (("attn.c_attn",), 3 * ea * h + 4 * a),
+            (("attn.c_proj",), ea * h + mask + 4 * h + 8),
+            (("mlp.c_fc",), 2 * em * inter + 2 * 4 * inter),
+            (("mlp.c_proj",), mask),
+        ]
+    raise ValueError(
+        f"config: no activation model for model_type {shape.model_type!r}; supported: llama-style "
+        "decoders with q/k/v/o_proj and gate/up/down_proj (llama, mistral, qwen2, ...) and gpt2"
+    )
+
+
+def _lora_bytes_per_token(targets: Sequence[LinearLayer], r: int, p: _Precision, lora_dropout: float) -> int:
+    """Bytes per token that LoRA adds to the saved activations of the targeted layers.
+
+    lora_A keeps its input for the weight gradient and lora_B keeps lora_A's r-wide output. When
+    the tensor a layer reads already has lora_A's dtype, lora_A keeps that very tensor: siblings
+    reading it (q/k/v, gate/up) share it and an attention output projection reuses what SDPA
+    keeps. Otherwise each layer keeps its own cast copy (autocast's, or PEFT's cast to the adapter
+    dtype without autocast). With dropout each layer keeps its own dropped input and the mask.
+    """
+    total = 0
+    shared_seen: set[tuple[str, frozenset[str]]] = set()
+    for layer in targets:
+        parent, _, leaf = layer.name.rpartition(".")
+        reads_sdpa_output = any(layer.name.endswith("." + s) for s in _ATTENTION_OUTPUT_PROJECTIONS)
+        reads = p.attention if reads_sdpa_output else (4 if p.upcast else p.e)
+        lora_in = p.e if p.autocast else p.lora
+        total += lora_in * r
+        if lora_dropout > 0:
+            total += (lora_in + _DROPOUT_MASK_BYTES) * layer.in_features
+        elif reads != lora_in:
+            total += lora_in * layer.in_features
+        elif reads_sdpa_output:
+            continue
+        else:
+            group = next((g for g in _SHARED_INPUT_GROUPS if leaf in g), None)
+            if group is not None:
+                if (parent, group) in shared_seen:
+                    continue
+                shared_seen.add((parent, group))
+            total += reads * layer.in_features
+    return total
+
+
+def _skipped_before_first_target(
+    shape: ModelShape,
+    p: _Precision,
+    stages: list[tuple[tuple[str, ...], int]],
+    targets: Sequence[LinearLayer],
+    lora_dropout: float,
+) -> int:
+    """Bytes per token the first targeted block does not save: what precedes its first target."""
+    skipped = 0
+    for suffixes, nbytes in stages:
+        hit = {s for s in suffixes if any(t.name.endswith("." + s) for t in targets)}
+        if not hit:
+            skipped += nbytes
+            continue
+        if lora_dropout > 0:
+            # These layers' inputs need no gradient, so their dropout keeps no mask.
+            first = [t for t in targets if any(t.name.endswith("." + s) for s in hit)]
+            skipped += _DROPOUT_MASK_BYTES * sum(t.in_features for t in first)
+        if shape.family == "gated" and hit & {"mlp.gate_proj", "mlp.up_proj"} == hit:
+            # SiLU(gate) * up keeps only the factor the other side's gradient needs: with LoRA on
+            # gate_proj alone up's output is kept, on up_proj alone SiLU's output is.
+            if hit == {"mlp.gate_proj"}:
+                skipped += p.mlp * shape.intermediate
+            elif hit == {"mlp.up_proj"}:
+                skipped += 2 * p.mlp * shape.intermediate
+        return skipped
+    return 0  # a target outside the known stages: assume nothing is skipped
+
+
+def activation_bytes(
+    shape: ModelShape,
+    targets: Sequence[LinearLayer],
+    *,
+    r: int,
+    compute_bytes: int,
+    batch_size: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    autocast: bool = True,
+    lora_dropout: float = 0.0,
+    lora_bytes: int = LORA_PARAM_BYTES,
+    upcast_non_quantized: bool = False,
+    fused_lm_head: bool = False,
+) -> int:
+    """Bytes of the tensors saved for backward at the start of the backward pass.
+
+    Without checkpointing every block keeps its stages (`_block_stages`) and its LoRA inputs,
+    except that nothing upstream of the first LoRA layer needs a gradient: blocks before it save
+    nothing and its own block saves from its first targeted layer on. The final norm keeps its
+    fp32 input. With checkpointing each block keeps only its input (e*h per token) and one
+    block's full set is live again while it is recomputed. Both add the int64 labels, RoPE's
+    cos/sin and, under 16-bit autocast, the 16-bit copies autocast makes of fp32 weights that
+    matmuls keep for backward: the LoRA weights, and an upcast lm_head's unless the LM head is
+    fused. The loss's own tensors are counted in the logits part, not here.
+
+    Args:
+        shape: From `model_shape`.
+        targets: From `lora_target_layers`.
+        r: LoRA rank.
+        compute_bytes: 2 for bfloat16/float16, 4 for float32.
+        batch_size: Micro batch size.
+        seq_len: Tokens per sequence (padded length).
+        gradient_checkpointing: Whether each decoder block is checkpointed.
+        autocast: Whether the forward runs under torch.autocast in the compute dtype (Trainer
+            bf16=True / fp16=True). Ignored for float32.
+        lora_dropout: LoRA dropout probability.
+        lora_bytes: Bytes per element of the LoRA weights (4 for PEFT's fp32 adapters).
+        upcast_non_quantized: Whether peft's prepare_model_for_kbit_training upcast the model.
+        fused_lm_head: Whether the LM head runs through TRL's fused, tiled log-prob kernel.
+
+    Returns:
+        Bytes.
+
+    Raises:
+        ValueError: If the model's family has no activation model.
+    """
+    e = compute_bytes
+    p = _Precision(e=e, autocast=autocast and e < 4, lora=lora_bytes, upcast=upcast_non_quantized)
+    tokens = batch_size * seq_len
+    by_block: dict[int, list[LinearLayer]] = {}
+    outside: list[LinearLayer] = []
+    for layer in targets:
+        index = _block_index(layer.name)
+        (by_block.setdefault(index, []) if index is not None else outside).append(layer)
+    stages = _block_stages(shape, p)
+    base = sum(nbytes for _, nbytes in stages)
+    per_block = [base + _lora_bytes_per_token(by_block.get(i, []), r, p, lora_dropout) for i in range(shape.layers)]
+    final_norm = 4 * shape.hidden + (4 if shape.family == "gated" else 8)
+    lora_outside = _lora_bytes_per_token(outside, r, p, lora_dropout)
+    # Checkpointed blocks keep their inputs: the residual stream, fp32 once upcast.
+    stream = 4 if p.upcast else e
+    if gradient_checkpointing:
+        per_token = shape.layers * stream * shape.hidden + max(per_block) + final_norm + lora_outside
+    elif by_block:
+        first = min(by_block)
+        skipped = _skipped_before_first_target(shape, p, stages, by_block[first], lora_dropout)
+        per_token = sum(per_block[first:]) - skipped + final_norm + lora_outside
+    else:
+        per_token = lora_outside  # only layers outside the blocks (e.g. lm_head) train
+    labels = 8 * tokens
+    rope = 2 * p.mlp * seq_len * shape.head_dim if shape.family == "gated" else 0
+    lora_params = sum(r * (t.in_features + t.out_features) for t in targets)
+    weight_copies = e * lora_params if p.autocast and e < lora_bytes else 0
+    if p.autocast and p.upcast and not fused_lm_head:
+        weight_copies += e * shape.vocab * shape.hidden  # the fp32 lm_head, cast for its matmul
+    return per_token * tokens + labels + rope + weight_copies
+
+
+def logits_bytes(
+    shape: ModelShape,
+    *,
+    compute_bytes: int,
+    batch_size: int,
+    seq_len: int,
+    autocast: bool = True,
+    upcast_non_quantized: bool = False,
+    fused_lm_head: bool = False,
+) -> int:
+    """Bytes the loss holds at its peak, at the start of backward.
+
+    The model's own loss (labels passed to forward) upcasts the logits to fp32 and keeps the fp32
+    log-softmax; its gradient and the fp32 logits' gradient join it in backward: 12 bytes per token
+    and vocabulary entry. TRL's fused LM head (SFTTrainer, `fused_lm_head=True`) never builds the
+    logits: it projects tiles of 4096 tokens x 32768 vocabulary entries, keeps a copy of the
+    hidden states for backward and accumulates their gradient in fp32 (trl/kernels/chunked_logprob.py).
+
+    Args:
+        shape: From `model_shape`.
+        compute_bytes: 2 for bfloat16/float16, 4 for float32.
+        batch_size: Micro batch size.
+        seq_len: Tokens per sequence.
+        autocast: Whether the forward runs under torch.autocast (16-bit compute only).
+        upcast_non_quantized: Whether prepare_model_for_kbit_training upcast the model to fp32.
+        fused_lm_head: Whether TRL's fused LM head computes the loss.
+
+    Returns:
+        Bytes.
+    """
+    tokens = batch_size * seq_len
+    if not fused_lm_head:
+        return 3 * 4 * tokens * shape.vocab
+    autocast = autocast and compute_bytes < 4
+    hidden = 4 if upcast_non_quantized else compute_bytes  # the final norm's output dtype
+    tile_dtype = compute_bytes if autocast else hidden
+    tile_tokens, tile_vocab = min(tokens, _TRL_TOKEN_TILE), min(shape.vocab, _TRL_VOCAB_TILE)
+    tile = tile_tokens * tile_vocab * tile_dtype
+    # Per-tile casts of the hidden states and the lm_head rows when their dtype differs.
+    casts = (tile_tokens + tile_vocab) * shape.hidden * tile_dtype if tile_dtype != hidden else 0
+    per_token = shape.hidden * (hidden + 4) + _TRL_PER_TOKEN_STATS
+    return tile + casts + per_token * tokens
+
+
+def _block_index(name: str) -> int | None:
+    """The decoder block a module sits in ("model.layers.3.mlp.up_proj" -> 3), None outside blocks."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("layers", "h", "layer", "blocks") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+# --- the estimate ----------------------------------------------------------------------------
+
+
+def estimate_peak_memory(
+    config: Any,
+    *,
+    quantization: Quantization,
+    double_quant: bool,
+    compute_dtype: ComputeDType,
+    r: int,
+    target_modules: str | Sequence[str],
+    batch_size: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    optimizer: Optimizer,
+    lora_dropout: float = 0.0,
+    autocast: bool = True,
+    lora_dtype: ComputeDType = "float32",
+    upcast_non_quantized: bool = False,
+    fused_lm_head: bool = False,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    nested_blocksize: int = DEFAULT_NESTED_BLOCKSIZE,
+    fragmentation: float = DEFAULT_FRAGMENTATION,
+    cuda_context_mib: int = DEFAULT_CUDA_CONTEXT_MIB,
+) -> MemoryEstimate:
+    """Predict the peak GPU memory of one QLoRA (or 16-bit LoRA) training trial.
+
+    The setup modelled by default: transformers' from_pretrained with BitsAndBytesConfig (or no
+    quantization) and dtype=compute_dtype, no prepare_model_for_kbit_training upcast, PEFT LoRA
+    with default fp32 adapters, SDPA attention without a padding mask, use_cache=False, the model
+    computing the loss from full logits (labels passed to forward), and one optimizer step already
+    taken (its states exist). `upcast_non_quantized`, `lora_dtype` and `fused_lm_head` describe
+    other setups, e.g. trainables/qlora.py's (prepare_model_for_kbit_training, then TRL's
+    SFTTrainer, which casts QLoRA adapters to bf16 and fuses the LM head). docs/memory.md lists
+    every assumption.
+
+    Args:
+        config: A transformers.PretrainedConfig or a config.json dict.
+        quantization: "nf4" | "fp4" (4-bit base weights) | "none" (16-bit LoRA baseline: the
+            linear layers stay in compute_dtype).
+        double_quant: bnb_4bit_use_double_quant; ignored for "none".
+        compute_dtype: "bfloat16" | "float16" | "float32": bnb_4bit_compute_dtype and the dtype of
+            the non-quantized weights and activations.
+        r: LoRA rank.
+        target_modules: "all-linear" or module-name suffixes such as ["q_proj", "v_proj"].
+        batch_size: Micro batch size (per optimizer micro-step; gradient accumulation adds nothing).
+        seq_len: Padded sequence length in tokens.
+        gradient_checkpointing: Whether decoder blocks are checkpointed.
+        optimizer: "adamw_torch" | "adamw_8bit" | "paged_adamw_8bit" | "paged_adamw_32bit".
+        lora_dropout: LoRA dropout probability; above 0 each targeted layer keeps its own dropped
+            input and mask.
+        autocast: Whether a 16-bit compute dtype runs under torch.autocast (Trainer bf16/fp16=True).
+            Without it PEFT casts each LoRA input to fp32, one copy per targeted layer.
+        lora_dtype: dtype of the LoRA weights, their gradients and adamw_torch's moments:
+            "float32" is PEFT's default (autocast_adapter_dtype=True); the compute dtype matches
+            get_peft_model(..., autocast_adapter_dtype=False), TRL's SFTTrainer for 4-bit models
+            and torchtune / Lit-GPT recipes.
+        upcast_non_quantized: Whether peft's prepare_model_for_kbit_training ran: every parameter
+            but the 4-bit weights becomes fp32, and so do the residual stream and bitsandbytes'
+            layer outputs. Only for quantized models.
+        fused_lm_head: Whether the loss comes from TRL's fused LM head (SFTTrainer in TRL 1.x passes
+            fused_lm_head=True) instead of full (batch, seq, vocab) logits.
+        blocksize: 4-bit absmax block (64 in bitsandbytes).
+        nested_blocksize: Double-quantization second-level block (256 in bitsandbytes).
+        fragmentation: Caching-allocator overhead as a fraction of allocated bytes.
+        cuda_context_mib: CUDA context, reported separately (max_memory_reserved does not see it).
+
+    Returns:
+        The estimate, part by part.
+
+    Raises:
+        ValueError: Listing every invalid argument with its value and the allowed values.
+    """
+    problems = []
+    problems += _check_choice("quantization", quantization, QUANTIZATIONS)
+    problems += _check_choice("compute_dtype", compute_dtype, tuple(DTYPE_BYTES))
+    problems += _check_choice("optimizer", optimizer, OPTIMIZERS)
+    problems += _check_choice("lora_dtype", lora_dtype, tuple(DTYPE_BYTES))
+    for name, value in (("r", r), ("batch_size", batch_size), ("seq_len", seq_len)):
+        problems += _check_positive_int(name, value)
+    if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+        problems.append(f"lora_dropout: {lora_dropout!r} is outside [0, 1); use a fraction such as 0.05")
+    if not isinstance(fragmentation, (int, float)) or fragmentation < 0:
+        problems.append(f"fragmentation: {fragmentation!r} must be a fraction >= 0, e.g. 0.10")
+    if not isinstance(cuda_context_mib, int) or cuda_context_mib < 0:
+        problems.append(f"cuda_context_mib: {cuda_context_mib!r} must be a whole number of MiB >= 0")
+    if quantization in ("nf4", "fp4"):
+        problems += _check_blocksizes(blocksize, nested_blocksize)
+    elif upcast_non_quantized:
+        problems.append(
+            f"upcast_non_quantized: True needs a 4-bit model, got quantization={quantization!r}; "
+            "prepare_model_for_kbit_training is for quantized models (set it False or use 'nf4'/'fp4')"
+        )
+    _raise_if(problems)
+
+    shape = model_shape(config)
+    targets = lora_target_layers(config, target_modules)
+    e = DTYPE_BYTES[compute_dtype]
+    lora_bytes = DTYPE_BYTES[lora_dtype]
+    quantizable = [layer for layer in shape.linears if layer.quantized]
+    quantized_params = sum(layer.numel for layer in quantizable)
+
+    if quantization == "none":
+        linear_bytes, constants_bytes, workspace = quantized_params * e, 0, 0
+    else:
+        linear_bytes, constants_bytes = quantized_weight_parts(
+            config, quantization, double_quant, blocksize=blocksize, nested_blocksize=nested_blocksize
+        )
+        # bitsandbytes dequantizes the whole weight to the compute dtype for each matmul.
+        workspace = max((layer.numel for layer in quantizable), default=0) * e
+
+    lora_numels = [n for t in targets for n in (r * t.in_features, t.out_features * r)]
+    lora_params = sum(lora_numels)
+    optimizer_bytes, paged_bytes = optimizer_state_parts(lora_numels, optimizer, param_bytes=lora_bytes)
+    activations = activation_bytes(
+        shape,
+        targets,
+        r=r,
+        compute_bytes=e,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        gradient_checkpointing=gradient_checkpointing,
+        autocast=autocast,
+        lora_dropout=lora_dropout,
+        lora_bytes=lora_bytes,
+        upcast_non_quantized=upcast_non_quantized,
+        fused_lm_head=fused_lm_head,
+    )
+    logits = logits_bytes(
+        shape,
+        compute_bytes=e,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        autocast=autocast,
+        upcast_non_quantized=upcast_non_quantized,
+        fused_lm_head=fused_lm_head,
+    )
+    other_bytes = 4 if upcast_non_quantized else e
+
+    parts = {
+        "linear_weights_bytes": linear_bytes,
+        "quant_constants_bytes": constants_bytes,
+        "other_weights_bytes": shape.other_params * other_bytes + shape.buffer_bytes,
+        "lora_weights_bytes": lora_params * lora_bytes,
+        "lora_grads_bytes": lora_params * lora_bytes,
+        "optimizer_state_bytes": optimizer_bytes,
+        "activations_bytes": activations,
+        "logits_bytes": logits,
+        "dequant_workspace_bytes": workspace,
+    }
+    return MemoryEstimate(
+        **parts,
+        paged_optimizer_state_bytes=paged_bytes,
+        allocator_overhead_bytes=round(fragmentation * sum(parts.values())),
+        cuda_context_bytes=cuda_context_mib * MIB,
+        lora_params=lora_params,
+        quantized_params=quantized_params if quantization != "none" else 0,
+    )
+
+
+def fits(estimate: MemoryEstimate, gpu_memory_gib: float, margin: float = DEFAULT_FIT_MARGIN) -> bool:
+    """Whether a trial is predicted to fit on a GPU with room to spare.
+
+    Compares `total_with_context_gib` (reserved memory, paged optimizer states and the CUDA
+    context) grown by `margin` against the GPU's memory.
+
+    Args:
+        estimate: From `estimate_peak_memory`.
+        gpu_memory_gib: Total memory of the GPU in GiB, e.g.
+            torch.cuda.get_device_properties(0).total_memory / 2**30.
+        margin: Relative safety margin on the estimate, e.g. 0.10 for 10%.
+
+    Returns:
+        True if estimate * (1 + margin) <= gpu_memory_gib.
+
+    Raises:
+        ValueError: If gpu_memory_gib is not positive or margin is negative.
+    """
+    problems = []
+    if not isinstance(gpu_memory_gib, (int, float)) or gpu_memory_gib <= 0:
+        problems.append(f"gpu_memory_gib: {gpu_memory_gib!r} must be a positive number of GiB, e.g. 24")
+    if not isinstance(margin, (int, float)) or margin < 0:
+        problems.append(f"margin: {margin!r} must be a fraction >= 0, e.g. 0.10")
+    _raise_if(problems)
+    return estimate.total_with_context_gib * (1 + margin) <= gpu_memory_gib
+
+
+# --- validation helpers ----------------------------------------------------------------------
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> list[str]:
+    if value in allowed:
+        return []
+    return [f"{name}: {value!r} is not one of the allowed values {list(allowed)}"]
+
+
+def _check_positive_int(name: str, value: Any) -> list[str]:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return []
+    return [f"{name}: {value!r} must be a positive integer"]
+
+
+def _check_blocksizes(blocksize: Any, nested_blocksize: Any) -> list[str]:
+    problems = []
+    if blocksize not in BNB_BLOCKSIZES:
+        problems.append(f"blocksize: {blocksize!r} is not a bitsandbytes blocksize; allowed: {list(BNB_BLOCKSIZES)}")
+    if nested_blocksize != DEFAULT_NESTED_BLOCKSIZE:
+        # bitsandbytes' MatMul4Bit raises NotImplementedError for any other second-level block.
+        problems.append(
+            f"nested_blocksize: {nested_blocksize!r} is not supported; allowed: [{DEFAULT_NESTED_BLOCKSIZE}] "
+            "(bitsandbytes' 4-bit matmul only handles 256)"
+        )
+    return problems
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("; ".join(problems))

@@ -8,6 +8,7 @@ report at a folder is safe, and it works while the sweep is still running.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,11 @@ TERMINAL_TRIAL_STATUSES = ("oom", "diverged", "infeasible")
 STATUSES = ("completed", "early_stopped", "running", "pending", "paused", "failed", "oom", "infeasible", "diverged")
 
 
-class NotAnExperiment(Exception):
+class AnalysisInputError(Exception):
+    """Bad input to report/compare/export (a folder, a trial id, an option); the message says the fix."""
+
+
+class NotAnExperiment(AnalysisInputError):
     """The folder is not a qlora-sweep experiment."""
 
 
@@ -140,17 +145,18 @@ def _load_trial(
     params = json.loads(storage.read_text(params_path)) if storage.exists(params_path) else {}
     results = _read_results(path, notes, dirname)
     state = tune_states.get(trial_id, {})
-    error = None
+    error, failed_at = None, None
     error_path = storage.join(path, dirname, "error.txt")
     if storage.exists(error_path):
         text = storage.read_text(error_path).strip().splitlines()
         error = next((line for line in reversed(text) if line.strip()), "error")
+        failed_at = next((m.group(1) for line in reversed(text) if (m := _FAILURE_LINE.match(line))), None)
     evals = [r for r in results if "eval_loss" in r]
     last = results[-1] if results else {}
     finite = [r["eval_loss"] for r in evals if _finite(r["eval_loss"])]
     row: dict[str, Any] = {
         "trial_id": trial_id,
-        "status": _status(state.get("status"), last, error, spec),
+        "status": _status(state.get("status"), last, error, spec, failed_at),
         **{k: v for k, v in params.items() if not isinstance(v, (dict, list))},
         "best_eval_loss": min(finite) if finite else None,
         "final_eval_loss": last.get("eval_loss") if evals else None,
@@ -162,10 +168,21 @@ def _load_trial(
         "tokens_per_s": last.get("tokens_per_s"),
         "wall_s": last.get("time_total_s"),
         "node": last.get("node_ip"),
+        "node_id": last.get("node_id"),
         "device": last.get("device"),
         "iterations": last.get("training_iteration"),
-        "error": error,
+        "error": error or last.get("oom_message"),
         "trial_dir": storage.join(path, dirname),
+        "best_step": _best(evals).get("step"),
+        "predicted_memory_mib": _predicted_memory(results, params),
+        "checkpoint_path": _best_checkpoint(path, dirname, results),
+        # Memory admission, packing and OOM handling (sweeps/admission.py, trainables/qlora.py).
+        "gpu_fraction": last.get("gpu_fraction"),
+        "gpu_ids": last.get("gpu_ids"),
+        "started_at": last.get("started_at"),
+        "ended_at": (last["started_at"] + last["elapsed_s"]) if _finite(last.get("started_at")) and _finite(last.get("elapsed_s")) else None,
+        "micro_batch_size": last.get("micro_batch_size"),
+        "oom_retry": last.get("oom_retry"),
     }
     if row["memory_kind"] is None and results:
         row["memory_kind"] = "unknown"
@@ -181,6 +198,38 @@ def _load_trial(
         for r in evals
     ]
     return row, curve
+
+
+def _best(evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report with the lowest finite eval_loss ({} if none); the earliest wins a tie."""
+    finite = [r for r in evals if _finite(r.get("eval_loss"))]
+    return min(finite, key=lambda r: r["eval_loss"]) if finite else {}
+
+
+def _predicted_memory(results: list[dict[str, Any]], params: dict[str, Any]) -> float | None:
+    """The memory estimator's prediction, wherever the driver or trainable recorded it."""
+    for source in (*reversed(results), params):
+        value = source.get("predicted_memory_mib")
+        if _finite(value):
+            return float(value)
+    return None
+
+
+def _best_checkpoint(path: str, dirname: str, results: list[dict[str, Any]]) -> str | None:
+    """The kept checkpoint folder with the lowest eval_loss.
+
+    Tune keeps only some checkpoints (the best by eval_loss and the latest), and a report may run
+    while Tune is still rotating them, so a result's checkpoint_dir_name is used only if the folder
+    still exists.
+    """
+    named = [r for r in results if r.get("checkpoint_dir_name") and _finite(r.get("eval_loss"))]
+    if not named:
+        return None
+    kept = set(storage.list_dirs(storage.join(path, dirname)))
+    for r in sorted(named, key=lambda r: (r["eval_loss"], -(r.get("training_iteration") or 0))):
+        if r["checkpoint_dir_name"] in kept:
+            return storage.join(path, dirname, r["checkpoint_dir_name"])
+    return None
 
 
 def _infeasible_rows(path: str, notes: list[str]) -> list[dict[str, Any]]:
@@ -202,11 +251,28 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and value == value and value not in (float("inf"), float("-inf"))
 
 
-def _status(tune_status: str | None, last: dict[str, Any], error: str | None, spec: dict[str, Any]) -> str:
+# Tune's error.txt heads each failure with "Failure # N (occurred at YYYY-mm-dd_HH-MM-SS)".
+_FAILURE_LINE = re.compile(r"^Failure # \d+ \(occurred at (\S+)\)")
+
+
+def _status(
+    tune_status: str | None,
+    last: dict[str, Any],
+    error: str | None,
+    spec: dict[str, Any],
+    failed_at: str | None = None,
+) -> str:
     reported = last.get("trial_status")
     if reported in TERMINAL_TRIAL_STATUSES:
         return reported
-    if error or tune_status == "ERROR":
+    if tune_status == "ERROR":
+        return "failed"
+    # error.txt stays after a failure that Tune retried (train.max_failures). And when a trial's
+    # node dies, Tune (2.60) never saves its ERROR status: the saved state still says RUNNING. So
+    # an error counts unless the trial terminated normally or reported again after it (Tune's
+    # "date" uses the same format as error.txt, so the strings compare in time order).
+    retried = tune_status == "TERMINATED" or (failed_at is not None and (last.get("date") or "") > failed_at)
+    if error and not retried:
         return "failed"
     if tune_status in ("RUNNING", "PENDING", "PAUSED"):
         return _TUNE_STATUS[tune_status]
@@ -234,16 +300,14 @@ def _typed_table(rows: list[dict[str, Any]], config_columns: list[str]) -> pd.Da
     extra = [c for c in frame.columns if c not in ordered]
     frame = frame[ordered + extra]
     for name in frame.columns:
-        column = COLUMNS.get(name)
+        column = COLUMNS.get(name)  # config, metric and trial columns alike (trainables/metrics.py)
         dtype = column.dtype if column else None
-        if name in ("r", "batch_size"):
-            dtype = "Int64"
-        elif name in ("lora_alpha", "lora_alpha_ratio", "learning_rate", "lora_dropout", "weight_decay", "warmup_ratio"):
-            dtype = "float64"
-        elif name in ("target_modules", "lr_scheduler_type", "device", "trial_dir"):
-            dtype = "string"
         if dtype:
             frame[name] = pd.to_numeric(frame[name], errors="coerce").astype(dtype) if dtype in ("Int64", "float64") else frame[name].astype(dtype)
+    # A VRAM prediction compared with a CPU process's RSS would be a meaningless error figure.
+    vram = (frame["memory_kind"] == "cuda_reserved").fillna(False).astype(bool)
+    error = (frame["predicted_memory_mib"] - frame["peak_memory_mib"]) / frame["peak_memory_mib"] * 100
+    frame["memory_error_pct"] = error.where(vram).astype("float64")
     return frame.sort_values(["status", "best_eval_loss"], key=_status_order, na_position="last").reset_index(drop=True)
 
 

@@ -2,7 +2,11 @@
 
     qlora-sweep run SPEC [--storage DIR] [--name NAME] [--address ADDR]
     qlora-sweep validate SPEC
-    qlora-sweep report EXPERIMENT_DIR [--out DIR]
+    qlora-sweep estimate SPEC [--json] [--gpu-gib 8 16 ...]
+    qlora-sweep report EXPERIMENT_DIR [--budget-gib 8 16 ...] [--out DIR]
+    qlora-sweep compare EXP_A EXP_B [--budget-gib ...] [--out DIR]
+    qlora-sweep export EXPERIMENT_DIR [--trial best|ID] [--merge] --out DIR
+    qlora-sweep resume EXPERIMENT_DIR [--restart-errored] [--address ADDR]
 
 Bad input exits with status 2 and a message naming the key or data row, the bad value and the
 fix; it never prints a traceback and never starts training.
@@ -26,7 +30,7 @@ modules, learning rate and more. `run` launches Ray Tune trials proposed by Optu
 early by ASHA; each trial trains a 4-bit (NF4) quantized model with LoRA adapters and reports its
 eval loss and peak memory. The report compares quality against memory.
 
-Start with:  qlora-sweep run sweeps/smoke.yaml     (a real sweep of a tiny model, CPU, ~3 min)
+Start with:  qlora-sweep run sweeps/smoke.yaml     (a real sweep of a tiny model, CPU, about a minute)
 """
 
 
@@ -53,12 +57,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     spec = _load(args.spec)
     print(f"schema ok: {args.spec}")
-    checked = preflight(spec)
-    print(
-        f"preflight ok: model {spec.model.path} ({checked.model_type}), "
+    checked = preflight(spec, offline=args.offline)
+    rows = (
         f"{len(checked.data.train)} train / {len(checked.data.eval)} eval rows"
         + (f", {len(checked.data.skipped)} bad rows will be skipped" if checked.data.skipped else "")
+        if checked.data is not None
+        else "data not read"
     )
+    print(f"preflight ok: model {spec.model.path} ({checked.model_type}), {rows}")
+    for what in checked.skipped:
+        print(f"not checked{' (--offline)' if args.offline else ''}: {what}")
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from sweeps.estimate import run_estimate
+
+    print(run_estimate(_load(args.spec), args.gpu_gib, args.json))
     return 0
 
 
@@ -70,14 +85,78 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if outcome.num_errors and outcome.num_errors == outcome.num_trials else 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    from sweeps.driver import resume_sweep
+
+    outcome = resume_sweep(args.resume, restart_errored=args.restart_errored, address=args.address)
+    return 1 if outcome.num_errors and outcome.num_errors == outcome.num_trials else 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import write_report
 
-    outcome = write_report(args.experiment, out_dir=args.out)
+    outcome = write_report(args.experiment, out_dir=args.out, budgets_gib=args.budget_gib)
     for line in outcome.summary_lines:
         print(line)
-    print(f"report: {outcome.report_dir} ({', '.join(outcome.files)})")
+    print(f"report: {outcome.report_dir}/report.html (and {', '.join(f for f in outcome.files if f != 'report.html')})")
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from analysis.compare import compare_experiments
+
+    outcome = compare_experiments(args.experiments, out_dir=args.out, budgets_gib=args.budget_gib)
+    for line in outcome.summary_lines:
+        print(line)
+    print(f"comparison: {outcome.out_dir}/compare.html")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from analysis.export import export_trial
+
+    outcome = export_trial(args.experiment, args.out, trial=args.trial, merge=args.merge)
+    print(f"exported trial {outcome.trial_id} to {outcome.out_dir} (README.md says how to load it)")
+    if outcome.check_passed is False:
+        print(
+            f"error: the merged model's eval loss differs from the unmerged one by {outcome.merge_difference:.3g}, "
+            f"more than the tolerance ({outcome.tolerance:g} relative); see {outcome.out_dir}/README.md",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def budget_gib(value: str) -> float:
+    """A --budget-gib value: a positive number of GiB."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of GiB; write e.g. --budget-gib 8 16 24")
+    return number
+
+
+def gpu_gib(value: str) -> float:
+    """An --gpu-gib value: a positive number of GiB."""
+    try:
+        return budget_gib(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of GiB; write e.g. --gpu-gib 16 24") from None
+
+
+def add_budget_argument(parser: argparse.ArgumentParser) -> None:
+    from analysis.pareto import DEFAULT_BUDGETS_GIB
+
+    parser.add_argument(
+        "--budget-gib",
+        nargs="+",
+        type=budget_gib,
+        default=list(DEFAULT_BUDGETS_GIB),
+        metavar="GIB",
+        help=f"VRAM budgets for 'best under budget' (default: {' '.join(f'{b:g}' for b in DEFAULT_BUDGETS_GIB)})",
+    )
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,11 +164,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--storage", help="where experiments go: a folder or s3://bucket/prefix (default: the spec's storage key)"
     )
     parser.add_argument("--name", help="experiment folder name (default: SPEC_NAME-YYYYmmdd-HHMMSS)")
-    parser.add_argument(
-        "--address",
-        help="Ray cluster to join (default: the running cluster if there is one, else a new local one; "
-        "'local' always starts a local cluster bound to 127.0.0.1)",
-    )
+    parser.add_argument("--address", help=ADDRESS_HELP)
+
+
+ADDRESS_HELP = (
+    "Ray cluster to join (default: the running cluster if there is one, else a new local one; "
+    "'local' always starts a local cluster bound to 127.0.0.1)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,22 +191,95 @@ def build_parser() -> argparse.ArgumentParser:
         "Reports every problem at once and exits 2 if there is any.",
     )
     validate.add_argument("spec", metavar="SPEC")
+    validate.add_argument(
+        "--offline",
+        action="store_true",
+        help="skip the checks that need a model/dataset hub or cloud storage, and list them "
+        "(for specs meant for another machine)",
+    )
     validate.set_defaults(func=cmd_validate)
+
+    estimate = sub.add_parser(
+        "estimate",
+        help="predict the peak GPU memory of the space's corners, from the model config alone",
+        description="Predict the peak GPU memory of the corners of the search space (smallest and largest rank x each "
+        "target-module choice x smallest and largest micro-batch, at data.max_seq_length), part by part, and which GPU "
+        "sizes each fits. Reads only the model's config (no weights, no GPU). See docs/memory.md.",
+    )
+    estimate.add_argument("spec", metavar="SPEC")
+    estimate.add_argument("--json", action="store_true", help="one JSON object per configuration, with every part")
+    estimate.add_argument(
+        "--gpu-gib",
+        nargs="+",
+        type=gpu_gib,
+        default=[8.0, 16.0, 24.0, 40.0, 48.0, 80.0],
+        metavar="GIB",
+        help="GPU sizes to check (default: 8 16 24 40 48 80)",
+    )
+    estimate.set_defaults(func=cmd_estimate)
 
     report = sub.add_parser(
         "report",
         help="(re)write an experiment's report; works while the sweep runs",
-        description="Write EXPERIMENT_DIR/report/: trials.csv and report.md.",
+        description="Write EXPERIMENT_DIR/report/: report.html (self-contained), report.md, trials.csv, "
+        "trials.parquet and plots/. While the sweep runs it shows the partial results. See docs/report.md.",
     )
     report.add_argument("experiment", metavar="EXPERIMENT_DIR", help="a folder (or s3:// URI) that `run` printed")
+    add_budget_argument(report)
     report.add_argument("--out", help="write the report here instead of EXPERIMENT_DIR/report")
     report.set_defaults(func=cmd_report)
+
+    compare = sub.add_parser(
+        "compare",
+        help="put two sweeps side by side (e.g. one space on two base models)",
+        description="Write compare.html, compare.md and compare.csv: the best trial of each sweep, the best under "
+        "each budget, the Pareto fronts on one chart, and the spec keys that differ.",
+    )
+    compare.add_argument("experiments", nargs=2, metavar="EXPERIMENT_DIR", help="two folders (or s3:// URIs)")
+    add_budget_argument(compare)
+    compare.add_argument("--out", help="default: compare-A-vs-B next to the first experiment")
+    compare.set_defaults(func=cmd_compare)
+
+    export = sub.add_parser(
+        "export",
+        help="copy a trial's adapter (optionally merged into the base) for deployment",
+        description="Copy the trial's best checkpoint's adapter and tokenizer, without the training state, into "
+        "--out (PeftModel.from_pretrained loads it), with a README saying how to load it. --merge also saves "
+        "the adapter merged into the unquantized base under --out/merged and checks that its eval loss matches "
+        "the unmerged model's. See docs/report.md.",
+    )
+    export.add_argument("experiment", metavar="EXPERIMENT_DIR", help="a folder (or s3:// URI) that `run` printed")
+    export.add_argument("--trial", default="best", help="'best' (default) or a trial id from the report")
+    export.add_argument("--merge", action="store_true", help="also save a standalone merged model and check its loss")
+    export.add_argument("--out", required=True, help="a new (or earlier export's) local folder")
+    export.set_defaults(func=cmd_export)
+
+    resume = sub.add_parser(
+        "resume",
+        help="continue an interrupted sweep from its experiment folder",
+        description="Continue a sweep that was interrupted (driver killed, Ctrl+C, lost head node): "
+        "unfinished trials continue from their latest checkpoints, finished trials are kept, and the "
+        "Optuna searcher continues its study. Only folders written by `qlora-sweep run` are accepted, "
+        "because resuming unpickles the folder's Tune state. See docs/resume.md.",
+    )
+    resume.add_argument("resume", metavar="EXPERIMENT_DIR", help="the folder (or s3:// URI) that `run` printed")
+    resume.add_argument("--address", help=ADDRESS_HELP)
+    add_resume_arguments(resume)
+    resume.set_defaults(func=cmd_resume)
     return parser
+
+
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--restart-errored",
+        action="store_true",
+        help="run errored trials again from scratch (new trial ids) instead of keeping them failed",
+    )
 
 
 def handle_errors(func: Callable[[], int]) -> int:
     """Turn expected failures into one clear message and exit status 2, without a traceback."""
-    from analysis.results import NotAnExperiment
+    from analysis.results import AnalysisInputError
     from sweeps.spec import SpecError
     from trainables.data import DataError
 
@@ -134,7 +288,7 @@ def handle_errors(func: Callable[[], int]) -> int:
     except (SpecError, DataError) as exc:
         print(f"error: {exc.render()}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except NotAnExperiment as exc:
+    except AnalysisInputError as exc:  # includes NotAnExperiment
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

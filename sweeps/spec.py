@@ -14,10 +14,12 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -26,6 +28,10 @@ from pydantic import (
 )
 
 from trainables.metrics import OBJECTIVE
+
+# search.objectives: metrics with a direction that every trial reports, and the short names accepted.
+OBJECTIVE_METRICS = ("eval_loss", "perplexity", "peak_memory_mib", "tokens_per_s")
+OBJECTIVE_ALIASES = {"peak_memory": "peak_memory_mib"}
 
 
 class SpecError(Exception):
@@ -42,8 +48,31 @@ class SpecError(Exception):
         return "\n".join([head, *(f"  - {p}" for p in self.problems)])
 
 
+# Seeds feed numpy (Optuna's samplers, transformers' set_seed), which takes 0 <= seed < 2**32.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+# Step counts: ASHA computes with them as floats, so an absurd count must stop here, not after launch.
+StepCount = Annotated[int, Field(gt=0, lt=2**31)]
+
+
+def _usable_path(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("contains a NUL character (\\x00), which no path or URI can hold; remove it")
+    longest = max((len(part.encode("utf-8")) for part in value.split("/")), default=0)
+    if longest > 255:
+        raise ValueError(f"has a name of {longest} bytes; file systems allow 255 per folder or file name")
+    if len(value.encode("utf-8")) > 4096:
+        raise ValueError(f"is {len(value.encode('utf-8'))} bytes long; paths are limited to 4096")
+    return value
+
+
+# Paths and URIs, checked here because the operating system refuses a NUL byte or an over-long
+# name with errors (ValueError, ENAMETOOLONG) that would otherwise surface as tracebacks.
+PathText = Annotated[str, AfterValidator(_usable_path)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: an inf or NaN number is a typo or a broken generator, never a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- search-space values ---------------------------------------------------------------------
@@ -58,7 +87,12 @@ LR_SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _check_float_param(value: Any, *, low: float, high: float, hint: str) -> Any:
@@ -179,7 +213,7 @@ class SpaceSpec(_Strict):
 class ModelSpec(_Strict):
     """The base model and how it is quantized."""
 
-    path: str = Field(description="Hub id, local directory, or builtin:tiny-<family>.")
+    path: PathText = Field(description="Hub id, local directory, or builtin:tiny-<family>.")
     quantization: Literal["nf4", "fp4", "none"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -190,12 +224,12 @@ class ModelSpec(_Strict):
 class DataSpec(_Strict):
     """The training data and how each row becomes a training example."""
 
-    path: str = Field(description="Local .jsonl/.json/.csv/.parquet file, or a hub dataset id.")
+    path: PathText = Field(description="Local .jsonl/.json/.csv/.parquet file, or a hub dataset id.")
     format: Literal["instruction", "text", "chat"] = "instruction"
     eval_size: Annotated[float, Field(gt=0)] = 0.1
     max_seq_length: PositiveInt = 256
     split: str = "train"
-    seed: int = 0
+    seed: Seed = 0
     on_bad_rows: Literal["error", "skip"] = "error"
     instruction_field: str = "instruction"
     input_field: str = "input"
@@ -216,9 +250,87 @@ class SearchSpec(_Strict):
 
     num_samples: PositiveInt = 12
     max_concurrent: PositiveInt = 2
-    seed: int = 0
+    seed: Seed = 0
     sampler: Literal["tpe", "random"] = "tpe"
     metric: Literal["eval_loss", "perplexity"] = OBJECTIVE
+    optuna_storage: str | None = Field(
+        default=None,
+        description=(
+            "Where the Optuna study lives, so optuna-dashboard can show it live and resume can continue it. "
+            "Omitted: sqlite:///<experiment folder>/optuna.db for local storage; for s3:// or gs:// storage a "
+            "sqlite file on the driver machine ($QLORA_SWEEP_STUDIES, default ~/.local/share/qlora-sweep/studies/"
+            "<experiment>.db), copied into the experiment when the sweep ends. Any SQLAlchemy URL "
+            "(postgresql://user@host/db) shares one database between sweeps and machines. 'memory' keeps the "
+            "study only inside Ray's pickled searcher state (no dashboard)."
+        ),
+    )
+    optuna_study_name: str | None = Field(
+        default=None, description="Name of the study in optuna_storage. Omitted: the experiment folder name."
+    )
+    objectives: list[str] | None = Field(
+        default=None,
+        description=(
+            "Multi-objective mode, e.g. [eval_loss, peak_memory]: Optuna searches the Pareto front of these "
+            "metrics (directions from trainables/metrics.py). It must include `metric`, which ASHA still early-stops "
+            "on (docs/multi-objective.md). Omitted: one objective, `metric`."
+        ),
+    )
+
+    @field_validator("objectives", mode="before")
+    @classmethod
+    def _objectives(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        names = [value] if isinstance(value, str) else value
+        allowed = ", ".join(OBJECTIVE_METRICS)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"write a list of metric names, e.g. [eval_loss, peak_memory]; allowed: {allowed}")
+        resolved = [OBJECTIVE_ALIASES.get(n, n) for n in names]
+        unknown = [n for n, r in zip(names, resolved) if r not in OBJECTIVE_METRICS]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], [*OBJECTIVE_METRICS, *OBJECTIVE_ALIASES], n=1)
+            did = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(f"unknown objective {unknown[0]!r}. {did}Allowed: {allowed} (peak_memory = peak_memory_mib)")
+        if len(set(resolved)) != len(resolved):
+            raise ValueError("an objective is listed twice; list each metric once")
+        if len(resolved) < 2:
+            raise ValueError("multi-objective mode needs at least two metrics; for one, set search.metric and leave objectives out")
+        return resolved
+
+    @model_validator(mode="after")
+    def _metric_among_objectives(self) -> SearchSpec:
+        if self.objectives is not None and self.metric not in self.objectives:
+            raise ValueError(
+                f"search.objectives {self.objectives} must include search.metric ({self.metric}), the metric ASHA "
+                f"early-stops on; add it, e.g. objectives: [{self.metric}, peak_memory]"
+            )
+        return self
+
+    @property
+    def multi_objective(self) -> bool:
+        return self.objectives is not None
+
+    @property
+    def objective_metrics(self) -> list[str]:
+        """What the searcher optimizes: the objectives, or [metric]."""
+        return list(self.objectives) if self.objectives is not None else [self.metric]
+
+    @field_validator("optuna_storage")
+    @classmethod
+    def _storage_url(cls, value: str | None) -> str | None:
+        if value is None or value == "memory":
+            return value
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(value)
+        except ArgumentError:
+            raise ValueError(
+                "not a SQLAlchemy URL; write e.g. sqlite:////abs/path/optuna.db or postgresql://user@host/db, "
+                "'memory', or leave it out for sqlite next to the experiment"
+            ) from None
+        return value
 
 
 class ASHASpec(_Strict):
@@ -238,18 +350,33 @@ class SchedulerSpec(_Strict):
 class TrainSpec(_Strict):
     """Per-trial training settings shared by every trial."""
 
-    max_steps: PositiveInt = 80
-    eval_every: PositiveInt = 10
+    max_steps: StepCount = 80
+    eval_every: StepCount = 10
     batch_size: PositiveInt = 8
     eval_batch_size: PositiveInt | None = None
     grad_accum: PositiveInt = 1
     gradient_checkpointing: bool = True
     optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "auto"
     max_grad_norm: PositiveFloat = 1.0
-    seed: int = 0
+    seed: Seed = 0
     # Save adapter + optimizer state at every evaluation, so a retried or resumed trial continues
     # from its last evaluation instead of step 0 (and `export` has an adapter to copy).
     checkpoint: bool = True
+    max_failures: NonNegativeInt = Field(
+        default=2,
+        description=(
+            "How often Tune retries a trial that raised or whose worker/node died, continuing from its latest "
+            "checkpoint (tune.FailureConfig). 0 marks the trial failed at the first error."
+        ),
+    )
+    oom_retry: bool = Field(
+        default=False,
+        description=(
+            "A trial that runs out of GPU memory before its first evaluation tries once more in-process with half "
+            "the micro-batch and twice the gradient accumulation (same effective batch). Off: it ends as status oom "
+            "(never retried as is; the searcher stops proposing configurations at least as large)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _rounds(self) -> TrainSpec:
@@ -280,6 +407,26 @@ class ResourcesSpec(_Strict):
     # Extra Ray resources each trial asks for, e.g. {gpu_mem_48gb: 1} to land on the 48 GB
     # worker class that cluster.yaml declares.
     custom: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]+$")], PositiveFloat] = {}
+    gpu_memory_gib: PositiveFloat | None = Field(
+        default=None,
+        description=(
+            "Memory of the GPU each trial runs on, GiB. Configurations predicted not to fit (with memory_margin) "
+            "are rejected before launch as 'infeasible' (docs/memory.md, 'Admission'). Omitted: read from the "
+            "cluster (Ray accelerator_type resources, or torch.cuda on a local driver) when trials use GPUs; "
+            "when unknown there is no admission."
+        ),
+    )
+    pack: bool = Field(
+        default=False,
+        description=(
+            "Share GPUs between trials: each trial asks Ray for the fraction of a GPU its predicted peak needs "
+            "(plus memory_margin), at most gpus_per_trial, and the trainable caps PyTorch's allocator at it."
+        ),
+    )
+    memory_margin: NonNegativeFloat = Field(
+        default=0.10,
+        description="Safety margin on memory predictions for admission and packing, as a fraction (0.10 = 10%).",
+    )
 
     @field_validator("gpus_per_trial")
     @classmethod
@@ -287,6 +434,22 @@ class ResourcesSpec(_Strict):
         if value > 1 and value != int(value):
             raise ValueError(f"{value} GPUs: above 1, ask for whole GPUs (Ray packs fractions only below 1)")
         return value
+
+    @field_validator("memory_margin")
+    @classmethod
+    def _sane_margin(cls, value: float) -> float:
+        if value >= 1:
+            raise ValueError(f"{value:g} would double the predictions or more; write a fraction such as 0.10 for 10%")
+        return value
+
+    @model_validator(mode="after")
+    def _pack_shares_one_gpu(self) -> ResourcesSpec:
+        if self.pack and not 0 < self.gpus_per_trial <= 1:
+            raise ValueError(
+                f"resources.pack shares GPUs between trials, but gpus_per_trial is {self.gpus_per_trial:g}; "
+                "set gpus_per_trial: 1 (the most one packed trial may take), or pack: false"
+            )
+        return self
 
 
 class SweepSpec(_Strict):
@@ -300,7 +463,7 @@ class SweepSpec(_Strict):
     scheduler: SchedulerSpec = SchedulerSpec()
     train: TrainSpec = TrainSpec()
     resources: ResourcesSpec = ResourcesSpec()
-    storage: str = "./results"
+    storage: PathText = "./results"
 
     # Where the spec file lives; relative data/model paths resolve against it. Not a YAML key.
     base_dir: Path = Field(default=Path("."), exclude=True, repr=False)
@@ -409,6 +572,9 @@ def _dedupe_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     seen: dict[tuple, dict[str, Any]] = {}
     for err in errors:
         loc = _clean_loc(err["loc"])
+        if err["type"] == "extra_forbidden" and err["loc"]:
+            # The last part is the user's unknown key itself, even if it looks like a branch tag ('Model').
+            loc = (*_clean_loc(err["loc"][:-1]), err["loc"][-1])
         seen.setdefault(loc, {**err, "loc": loc})
     return list(seen.values())
 

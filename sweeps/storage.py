@@ -6,6 +6,7 @@ read exactly what Tune wrote, wherever that is.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -14,6 +15,8 @@ import pyarrow.fs as pafs
 
 # Files a qlora-sweep experiment folder always holds; used to refuse foreign folders.
 SPEC_FILE = "sweep_spec.yaml"
+# What preflight found in the data (rows read, train/eval counts, skipped bad rows), for the report.
+DATA_REPORT_FILE = "data_report.json"
 
 
 def is_uri(location: str) -> bool:
@@ -26,8 +29,10 @@ def absolute(location: str) -> str:
 
 
 def join(location: str, *parts: str) -> str:
+    """Append path parts; a URI keeps its query (s3://b/p?endpoint_override=...) at the end."""
     if is_uri(location):
-        return "/".join([location.rstrip("/"), *parts])
+        base, sep, query = location.partition("?")
+        return "/".join([base.rstrip("/"), *parts]) + sep + query
     return str(Path(location, *parts))
 
 
@@ -59,11 +64,17 @@ def write_bytes(location: str, data: bytes) -> None:
     fs.create_dir(path.rsplit("/", 1)[0] if "/" in path else path, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            # A full disk or file-size limit must not leave a partial temp file behind.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return
     with fs.open_output_stream(path) as f:  # object stores publish a whole object at close
         f.write(data)
@@ -84,6 +95,9 @@ def list_files(location: str) -> list[str]:
 
 def check_writable(location: str) -> str | None:
     """Return a problem message if results cannot be written under `location`, else None."""
+    problem = _missing_bucket(location)
+    if problem:
+        return problem
     probe = join(location, f".qlora-sweep-write-test-{uuid.uuid4().hex[:8]}")
     try:
         write_bytes(probe, b"ok")
@@ -95,3 +109,31 @@ def check_writable(location: str) -> str | None:
             "Choose a writable folder or bucket with --storage or the spec's storage key"
         )
     return None
+
+
+# Where pyarrow's S3 client (and boto3) take a custom endpoint from (MinIO, moto, other S3 APIs).
+ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+# The command that creates a missing bucket, by URI scheme.
+_MAKE_BUCKET = {"s3": "aws s3 mb", "gs": "gcloud storage buckets create", "gcs": "gcloud storage buckets create"}
+
+
+def _missing_bucket(location: str) -> str | None:
+    """A clear message when a URI's bucket does not exist; pyarrow's own names an option we do not use."""
+    scheme = location.split("://", 1)[0] if is_uri(location) else ""
+    if scheme not in _MAKE_BUCKET:
+        return None
+    try:
+        fs, path = filesystem(location)
+        bucket = path.split("/", 1)[0]
+        missing = bool(bucket) and fs.get_file_info(bucket).type == pafs.FileType.NotFound
+    except Exception:  # bad credentials, unreachable endpoint: the write probe reports those
+        return None
+    if not missing:
+        return None
+    endpoint = next((f" at {os.environ[n]} ({n})" for n in ENDPOINT_ENV if os.environ.get(n)), "")
+    return (
+        f"storage: bucket '{bucket}' of {location} does not exist{endpoint if scheme == 's3' else ''}, "
+        f"or these credentials cannot see it. Create it first (`{_MAKE_BUCKET[scheme]} {scheme}://{bucket}`) "
+        "or set --storage / the spec's storage key to a bucket you can write"
+    )
+

@@ -5,6 +5,7 @@
 starts a local one, exactly like `qlora-sweep run SPEC`, with which it shares one code path.
 
     python sweeps/sweep.py --config sweeps/smoke.yaml [--storage DIR] [--name NAME] [--address ADDR]
+    python sweeps/sweep.py --resume EXPERIMENT_DIR [--restart-errored] [--address ADDR]
 """
 
 from __future__ import annotations
@@ -20,15 +21,24 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sweeps.cli import add_run_arguments, cmd_run, handle_errors
+    from sweeps.cli import add_resume_arguments, add_run_arguments, cmd_resume, cmd_run, handle_errors
 
     parser = argparse.ArgumentParser(
         prog="sweep.py",
         description="Run a qlora-sweep sweep on the Ray cluster this runs on (what `ray submit` calls).",
     )
-    parser.add_argument("--config", required=True, metavar="SPEC", help="sweep YAML, e.g. sweeps/smoke.yaml")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", metavar="SPEC", help="sweep YAML, e.g. sweeps/smoke.yaml")
+    what.add_argument(
+        "--resume", metavar="EXPERIMENT_DIR", help="continue an interrupted sweep (same as `qlora-sweep resume`)"
+    )
     add_run_arguments(parser)
+    add_resume_arguments(parser)
     args = parser.parse_args(argv)
+    if args.resume:
+        if args.storage or args.name:
+            parser.error("--storage and --name apply to --config; a resumed sweep stays where it was")
+        return handle_errors(lambda: cmd_resume(args))
     args.spec = args.config
     return handle_errors(lambda: cmd_run(args))
 

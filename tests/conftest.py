@@ -20,9 +20,11 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 import copy
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import psutil
 import pytest
 import yaml
@@ -94,15 +96,26 @@ def ray_processes() -> list[psutil.Process]:
     return found
 
 
-def wait_for_no_ray_processes(timeout_s: float = 30.0) -> list[str]:
-    """Wait for Ray processes to exit; return descriptions of any still alive."""
+def wait_for_no_ray_processes(timeout_s: float = 30.0, ignore: frozenset[int] = frozenset()) -> list[str]:
+    """Wait for Ray processes to exit; return descriptions of any still alive.
+
+    Args:
+        timeout_s: How long to wait.
+        ignore: PIDs not to wait for: Ray processes that were running before the test started
+            (`ray_pids()` then), which the test did not start and must not be blamed for.
+    """
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        alive = ray_processes()
+        alive = [p for p in ray_processes() if p.pid not in ignore]
         if not alive:
             return []
         time.sleep(0.5)
-    return [f"{p.pid} {' '.join(p.cmdline()[:3])}" for p in ray_processes()]
+    return [f"{p.pid} {' '.join(p.cmdline()[:3])}" for p in ray_processes() if p.pid not in ignore]
+
+
+def ray_pids() -> frozenset[int]:
+    """PIDs of the Ray processes running now (a baseline for `wait_for_no_ray_processes(ignore=...)`)."""
+    return frozenset(p.pid for p in ray_processes())
 
 
 @pytest.fixture
@@ -117,3 +130,68 @@ def ray_local() -> Iterator[None]:
         ray.shutdown()
         leftover = wait_for_no_ray_processes()
         assert not leftover, f"Ray processes left behind: {leftover}"
+
+
+@dataclass
+class RecordedSweep:
+    """A real tiny sweep recorded once per session (see `recorded_sweep`).
+
+    Attributes:
+        path: The experiment folder.
+        partial_reports: What `write_report` produced while the sweep was running: one
+            (report folder, statuses seen, error or None) per attempt.
+    """
+
+    path: Path
+    partial_reports: list[tuple[Path, list[str], str | None]]
+
+
+@pytest.fixture(scope="session")
+def recorded_sweep(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> RecordedSweep:
+    """A real 4-trial sweep of the tiny model (20 steps, ASHA with grace_period 1), for report and export tests.
+
+    While it runs, a background thread keeps writing reports of the unfinished experiment, as
+    `qlora-sweep report` does during a sweep.
+    """
+    import threading
+
+    from analysis.report import write_report
+    from analysis.results import is_experiment
+    from sweeps.driver import run_sweep
+    from sweeps.spec import parse_spec
+
+    assert not ray_processes(), "another Ray is running; this fixture must start and stop its own"
+    root = tmp_path_factory.mktemp("recorded-sweep")
+    spec = parse_spec(
+        make_spec_dict(
+            search={"num_samples": 4, "max_concurrent": 2, "seed": 0},
+            scheduler={"asha": {"grace_period": 1, "reduction_factor": 2}},
+            space={"r": [4, 16], "target_modules": ["qv", "all-linear"], "learning_rate": {"loguniform": [1.0e-4, 1.0e-2]}},
+        )
+    )
+    experiment = root / "results" / "recorded"
+    partial: list[tuple[Path, list[str], str | None]] = []
+    done = threading.Event()
+
+    def report_while_running() -> None:
+        while not done.is_set():
+            if is_experiment(str(experiment)):
+                out = root / f"partial-{len(partial)}"
+                try:
+                    write_report(str(experiment), out_dir=str(out))
+                    statuses = pd.read_csv(out / "trials.csv")["status"].tolist()
+                    partial.append((out, statuses, None))
+                except Exception as exc:  # recorded for the test to report, not swallowed
+                    partial.append((out, [], f"{type(exc).__name__}: {exc}"))
+            done.wait(1.0)
+
+    poller = threading.Thread(target=report_while_running, daemon=True)
+    poller.start()
+    try:
+        run_sweep(spec, storage_override=str(root / "results"), name="recorded", address="local", log=lambda _: None)
+    finally:
+        done.set()
+        poller.join(timeout=120)
+    leftover = wait_for_no_ray_processes()
+    assert not leftover, f"Ray processes left behind: {leftover}"
+    return RecordedSweep(path=experiment, partial_reports=partial)

@@ -134,6 +134,59 @@ BAD_SPECS = [
         r"resources\.cpus_per_trial: got 0; input should be greater than 0",
         id="zero-cpus",
     ),
+    # Memory: admission, packing, OOM handling, multi-objective (sweeps/admission.py, docs/memory.md).
+    pytest.param(
+        with_("resources", {"gpu_memory_gib": 0}),
+        r"resources\.gpu_memory_gib: got 0; input should be greater than 0",
+        id="zero-gpu-memory",
+    ),
+    pytest.param(
+        with_("resources", {"pack": True}),
+        r"resources: resources\.pack shares GPUs between trials, but gpus_per_trial is 0; set gpus_per_trial: 1",
+        id="pack-without-gpus",
+    ),
+    pytest.param(
+        with_("resources", {"pack": True, "gpus_per_trial": 2}),
+        r"resources\.pack shares GPUs between trials, but gpus_per_trial is 2; set gpus_per_trial: 1",
+        id="pack-with-whole-gpus",
+    ),
+    pytest.param(
+        with_("resources", {"memory_margin": 1.5}),
+        r"resources\.memory_margin: got 1\.5; 1\.5 would double the predictions or more; write a fraction such as 0\.10",
+        id="margin-not-a-fraction",
+    ),
+    pytest.param(
+        with_("resources", {"pack_margin": 0.1}),
+        r"resources\.pack_margin: unknown key 'pack_margin'\. Allowed keys here: .*memory_margin",
+        id="pack-margin-is-memory-margin",
+    ),
+    pytest.param(
+        with_("train", {"oom_retry": "twice"}),
+        r"train\.oom_retry: got 'twice'; input should be a valid boolean",
+        id="oom-retry-not-bool",
+    ),
+    pytest.param(
+        with_("search", {"objectives": ["eval_loss", "peak_memroy"]}),
+        r"search\.objectives: got \['eval_loss', 'peak_memroy'\]; unknown objective 'peak_memroy'\. did you mean 'peak_memory'\? "
+        r"Allowed: eval_loss, perplexity, peak_memory_mib, tokens_per_s",
+        id="objective-typo",
+    ),
+    pytest.param(
+        with_("search", {"objectives": ["eval_loss"]}),
+        r"search\.objectives: .*multi-objective mode needs at least two metrics; for one, set search\.metric",
+        id="one-objective",
+    ),
+    pytest.param(
+        with_("search", {"objectives": ["peak_memory", "peak_memory_mib"]}),
+        r"search\.objectives: .*an objective is listed twice",
+        id="objective-twice",
+    ),
+    pytest.param(
+        with_("search", {"objectives": ["peak_memory", "tokens_per_s"]}),
+        r"search: search\.objectives \['peak_memory_mib', 'tokens_per_s'\] must include search\.metric \(eval_loss\), "
+        r"the metric ASHA early-stops on",
+        id="objectives-without-the-asha-metric",
+    ),
 ]
 
 

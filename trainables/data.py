@@ -318,7 +318,7 @@ def prepare_data(path: str, spec: DataSpec, tokenizer: Any = None) -> PreparedDa
         raise DataError(
             path,
             [
-                f"{len(examples)} usable rows and data.eval_size {spec.eval_size} leave "
+                f"{source}: {len(examples)} usable rows and data.eval_size {spec.eval_size} leave "
                 f"{n_eval} eval and {len(examples) - n_eval} train rows; both need at least one. "
                 "Add rows or change data.eval_size (a fraction like 0.1, or a row count like 20)"
             ],

@@ -59,12 +59,28 @@ REPORTED_METRICS: tuple[Column, ...] = (
     Column("trainable_params", "Int64", "params", None, "LoRA parameters being trained."),
     Column("total_params", "Int64", "params", None, "All parameters of the PEFT model (4-bit weights counted unpacked)."),
     Column("trial_status", "string", "", None, "Set only on a trial's terminal report when it ended abnormally."),
+    Column(
+        "predicted_memory_mib",
+        "float64",
+        "MiB",
+        "lower",
+        "Peak VRAM (torch.cuda.max_memory_reserved) predicted for this trial on a CUDA GPU "
+        "(trainables/trial_memory.py); on a CPU run still the VRAM prediction.",
+    ),
+    Column("oom_message", "string", "", None, "First line of the out-of-memory error, on an oom trial's terminal report."),
+    Column("oom_batch_size", "Int64", "examples", None, "Micro-batch the trial ran out of memory with."),
 )
 
 # Trial-level columns of trials.csv beyond the search-space config columns.
 TRIAL_COLUMNS: tuple[Column, ...] = (
     Column("trial_id", "string", "", None, "Ray Tune trial id."),
-    Column("status", "string", "", None, "completed | early_stopped | running | failed | oom | infeasible | diverged."),
+    Column(
+        "status",
+        "string",
+        "",
+        None,
+        "completed | early_stopped | running | pending | paused | failed | oom | infeasible | diverged.",
+    ),
     Column("best_eval_loss", "float64", "nats/token", "lower", "Lowest eval_loss the trial reached."),
     Column("final_eval_loss", "float64", "nats/token", "lower", "eval_loss at the trial's last evaluation."),
     Column("steps", "Int64", "steps", None, "Optimizer steps the trial ran."),
@@ -74,7 +90,63 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
     Column("tokens_per_s", "float64", "tokens/s", "higher", "Mean training throughput."),
     Column("wall_s", "float64", "s", "lower", "Wall-clock time of the trial."),
     Column("node", "string", "", None, "IP of the node the trial ran on."),
+    Column("node_id", "string", "", None, "Ray node id of the node the trial ran on (unique even when IPs repeat)."),
     Column("error", "string", "", None, "First line of the error for failed trials."),
+    # Report and export columns (analysis/).
+    Column("best_step", "Int64", "steps", None, "Step of the evaluation with the lowest eval_loss."),
+    Column("total_params", "Int64", "params", None, "All parameters of the PEFT model (4-bit weights counted unpacked)."),
+    Column(
+        "predicted_memory_mib",
+        "float64",
+        "MiB",
+        "lower",
+        "Peak VRAM predicted before the trial ran (trainables/memory_estimator.py); empty without a prediction.",
+    ),
+    Column(
+        "memory_error_pct",
+        "float64",
+        "%",
+        None,
+        "(predicted - measured) / measured x 100; only where memory_kind is cuda_reserved (VRAM).",
+    ),
+    Column("device", "string", "", None, "cpu or cuda:N."),
+    Column("iterations", "Int64", "rounds", None, "Evaluation rounds reported to Tune (ASHA's time unit)."),
+    Column(
+        "checkpoint_path",
+        "string",
+        "",
+        None,
+        "The trial's kept checkpoint with the lowest eval_loss (adapter + tokenizer); what export copies.",
+    ),
+    Column("trial_dir", "string", "", None, "The trial's folder in the experiment."),
+    # Memory admission, GPU packing and OOM handling (sweeps/admission.py, docs/memory.md).
+    Column(
+        "infeasible_reason",
+        "string",
+        "",
+        None,
+        "Why a configuration was rejected before launch: predicted not to fit the GPU, or dominated by an OOM config.",
+    ),
+    Column("gpu_fraction", "float64", "GPU", None, "Share of a GPU the trial asked Ray for (resources.pack)."),
+    Column("gpu_ids", "string", "", None, "GPU ids Ray gave the trial on its node (with resources.pack)."),
+    Column("started_at", "float64", "s", None, "When the trial started (Unix time)."),
+    Column("ended_at", "float64", "s", None, "When the trial last reported (Unix time)."),
+    Column("micro_batch_size", "Int64", "examples", None, "Micro-batch the trial trained with (half its config's after an OOM retry)."),
+    Column("oom_retry", "string", "", None, "Set when the trial ran out of memory and retried with half the micro-batch."),
+)
+
+# The search-space columns of trials.csv (one trial's config), with the dtype the loader casts to.
+CONFIG_COLUMNS: tuple[Column, ...] = (
+    Column("r", "Int64", "", None, "LoRA rank."),
+    Column("lora_alpha", "float64", "", None, "LoRA alpha; the adapter output is scaled by alpha / r."),
+    Column("lora_alpha_ratio", "float64", "", None, "alpha / r, when the space draws alpha as a multiple of r."),
+    Column("target_modules", "string", "", None, "Target-module preset (qv, attention, mlp, all-linear) or list."),
+    Column("learning_rate", "float64", "", None, "Peak learning rate."),
+    Column("lora_dropout", "float64", "", None, "Dropout on the LoRA input."),
+    Column("weight_decay", "float64", "", None, "AdamW weight decay."),
+    Column("warmup_ratio", "float64", "", None, "Warmup, as a fraction of max_steps."),
+    Column("lr_scheduler_type", "string", "", None, "Learning-rate schedule."),
+    Column("batch_size", "Int64", "examples", None, "Micro-batch size per optimizer step."),
 )
 
 # The objective the searcher and ASHA optimize in single-objective mode.
@@ -85,7 +157,7 @@ MEMORY_KINDS = {
     "host_rss": "host RAM: peak RSS of the trial process (CPU run, not VRAM)",
 }
 
-COLUMNS: dict[str, Column] = {c.name: c for c in (*REPORTED_METRICS, *TRIAL_COLUMNS)}
+COLUMNS: dict[str, Column] = {c.name: c for c in (*REPORTED_METRICS, *TRIAL_COLUMNS, *CONFIG_COLUMNS)}
 
 
 def direction(name: str) -> Direction:

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -74,11 +74,11 @@ def pick_device(spec: SweepSpec) -> str:
 def resolve_compute_dtype(name: str, device: str) -> Any:
     import torch
 
-    if name != "auto":
-        return getattr(torch, name)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    # The same rule the memory predictions use (trainables/trial_memory.py).
+    from trainables.trial_memory import compute_dtype_name
+
+    bf16 = torch.cuda.is_bf16_supported() if device.startswith("cuda") and name == "auto" else True
+    return getattr(torch, compute_dtype_name(name, device, bf16))
 
 
 def resolve_optimizer(name: str, device: str) -> str:
@@ -154,18 +154,36 @@ def train_qlora(config: dict[str, Any], spec: SweepSpec, data: PreparedData | No
         data: The train/eval examples the driver prepared (through the object store), so workers
             need not see the data file. None reads and checks it here.
     """
+    import ray
     from ray import tune
+
+    # Tune's node_ip cannot tell apart nodes that share an address (several raylets on one
+    # machine, NAT); the Ray node id can.
+    node_id = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=checkpoint)  # copies the checkpoint to storage before returning
+        # Copies the checkpoint to storage before returning.
+        tune.report({**metrics, "node_id": node_id}, checkpoint=checkpoint)
+
+    # With resources.pack the trial's GPU share comes from its predicted peak (sweeps/admission.py);
+    # run_trial enforces it on CUDA. Which GPU it shares (a logical one on a CPU node) is reported
+    # too, so the report can count trials per GPU.
+    gpu_fraction = None
+    if spec.resources.pack:
+        gpu_fraction = float(tune.get_context().get_trial_resources().required_resources.get("GPU", 0.0))
+        gpu_ids = ",".join(str(i) for i in ray.get_gpu_ids())
+        inner_report = report
+
+        def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+            inner_report({**metrics, "gpu_ids": gpu_ids}, checkpoint_dir)
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        run_trial(config, spec, report=report, data=data)
+        run_trial(config, spec, report=report, data=data, gpu_fraction=gpu_fraction)
         return
     with checkpoint.as_directory() as restored:
-        run_trial(config, spec, report=report, data=data, resume_from=restored)
+        run_trial(config, spec, report=report, data=data, resume_from=restored, gpu_fraction=gpu_fraction)
 
 
 def run_trial(
@@ -174,10 +192,17 @@ def run_trial(
     report: Any,
     data: PreparedData | None = None,
     resume_from: str | None = None,
+    gpu_fraction: float | None = None,
 ) -> dict[str, Any]:
     """Train one trial, calling `report(metrics, checkpoint_dir)` after every evaluation.
 
     Separate from `train_qlora` so benchmarks can run the identical training outside Tune.
+
+    A trial that runs out of memory (torch.OutOfMemoryError) does not raise: it frees what it
+    held, reports a final result with trial_status "oom" and its measured figures, and returns, so
+    Tune does not retry it as is (a raised error would be, see train.max_failures) and the next
+    trial on this worker starts clean. With train.oom_retry it first tries once more in-process
+    with half the micro-batch and twice the gradient accumulation (the same effective batch).
 
     Args:
         config: The trial's hyperparameters.
@@ -187,6 +212,8 @@ def run_trial(
             Trainer layout that `PeftModel.from_pretrained` loads).
         data: Prepared examples; None reads the data file.
         resume_from: A checkpoint folder to continue from (what Tune restored).
+        gpu_fraction: The share of a GPU Ray gave this trial (resources.pack); below 1 it caps
+            PyTorch's allocator on CUDA. On CPU nothing is enforced, and the report says so.
 
     Returns:
         The last metrics reported.
@@ -200,10 +227,136 @@ def run_trial(
     device = pick_device(spec)
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_trial)))
     compute_dtype = resolve_compute_dtype(spec.model.compute_dtype, device)
-    probe = PeakMemoryProbe(device)
-    probe.reset()
     started = time.time()
     model_path = materialize(spec.resolve_path(spec.model.path))
+    static: dict[str, Any] = {"started_at": round(started, 3), **_gpu_share(device, gpu_fraction)}
+    grad_accum = spec.train.grad_accum
+    retried = False
+    while True:
+        static.update(
+            micro_batch_size=trial.batch_size,
+            grad_accum=grad_accum,
+            predicted_memory_mib=_predicted_memory_mib(spec, model_path, trial, device),
+        )
+        last, oom, reading = _attempt(
+            spec, trial, grad_accum, model_path, device, compute_dtype, report, started, data, resume_from, static
+        )
+        if oom is None:
+            return last
+        if spec.train.oom_retry and not retried and not last and trial.batch_size > 1:
+            # Nothing reported yet (the usual case: the peak comes with the first optimizer step),
+            # so starting again does not repeat evaluation rounds Tune has already seen.
+            static["oom_retry"] = (
+                f"micro-batch {trial.batch_size} -> {trial.batch_size // 2}, grad_accum {grad_accum} -> "
+                f"{grad_accum * 2} after: {oom}"
+            )
+            trial = replace(trial, batch_size=trial.batch_size // 2)
+            grad_accum *= 2
+            retried = True
+            continue
+        final = {
+            **{k: v for k, v in last.items() if k not in ("trial_status",)},
+            # Every result carries the objectives (Tune checks); NaN marks "no quality measured".
+            "eval_loss": float("nan"),
+            "perplexity": float("nan"),
+            "trial_status": "oom",
+            "oom_message": oom,
+            "oom_batch_size": trial.batch_size,
+            "step": int(last.get("step", 0)),
+            "elapsed_s": round(time.time() - started, 3),
+            **static,
+            **reading.as_metrics(),
+        }
+        report(final, None)
+        return final
+
+
+OOM_INJECTION_ENV = "QLORA_SWEEP_INJECT_OOM_ABOVE_MIB"
+
+
+def inject_oom_for_testing(predicted_mib: float | None) -> None:
+    """Testing hook (fault injection): raise torch.OutOfMemoryError when $QLORA_SWEEP_INJECT_OOM_ABOVE_MIB
+    is set and this trial's predicted memory is above it.
+
+    Lets tests on a CPU machine drive the OOM path (trial status "oom", OOM-aware search) with
+    real training. Read once per attempt, right before training starts; never in the training loop.
+    The driver forwards the variable to trial workers (sweeps/driver.py, FORWARDED_ENV).
+
+    Raises:
+        ValueError: If the variable is set but is not a number of MiB.
+    """
+    value = os.environ.get(OOM_INJECTION_ENV)
+    if not value or predicted_mib is None:
+        return
+    try:
+        threshold = float(value)
+    except ValueError:
+        raise ValueError(f"{OOM_INJECTION_ENV}={value!r} is not a number of MiB; unset it or write e.g. 12.5") from None
+    if predicted_mib > threshold:
+        import torch
+
+        raise torch.OutOfMemoryError(
+            f"injected by {OOM_INJECTION_ENV}={value}: predicted {predicted_mib:.1f} MiB is above it"
+        )
+
+
+def _gpu_share(device: str, gpu_fraction: float | None) -> dict[str, Any]:
+    """Enforce a packed trial's GPU share on CUDA, and say what was done."""
+    if not gpu_fraction:
+        return {}
+    if device.startswith("cuda"):
+        import torch
+
+        # Set every time: a reused worker may have run a trial with another share before.
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_fraction), device)
+        return {"gpu_fraction": gpu_fraction, "gpu_fraction_enforced": True}
+    return {
+        "gpu_fraction": gpu_fraction,
+        "gpu_fraction_enforced": False,
+        "gpu_fraction_note": "CPU trial: the GPU share is logical only (no torch.cuda memory cap applied)",
+    }
+
+
+def _predicted_memory_mib(spec: SweepSpec, model_path: str, trial: TrialConfig, device: str) -> float | None:
+    """This trial's predicted peak VRAM (trainables/trial_memory.py); on CPU, what it would need on a GPU."""
+    from dataclasses import asdict
+
+    from transformers import AutoConfig
+
+    from trainables.trial_memory import MemoryKnobs, estimate_for_trial, predicted_mib
+
+    on_cuda = device.startswith("cuda")
+    try:
+        model_config = AutoConfig.from_pretrained(
+            model_path, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code
+        )
+        knobs = MemoryKnobs.from_config(asdict(trial), spec)
+        import torch
+
+        bf16 = torch.cuda.is_bf16_supported() if on_cuda else True
+        return predicted_mib(estimate_for_trial(model_config, spec, knobs, device if on_cuda else "cuda", bf16_supported=bf16))
+    except ValueError:
+        return None  # an architecture the estimator does not model: no prediction, training goes on
+
+
+def _attempt(
+    spec: SweepSpec,
+    trial: TrialConfig,
+    grad_accum: int,
+    model_path: str,
+    device: str,
+    compute_dtype: Any,
+    report: Any,
+    started: float,
+    data: PreparedData | None,
+    resume_from: str | None,
+    static: dict[str, Any],
+) -> tuple[dict[str, Any], str | None, Any]:
+    """Train once. Returns (last metrics reported, OOM message or None, the memory reading at the OOM)."""
+    import torch
+
+    probe = PeakMemoryProbe(device)
+    probe.reset()
     last: dict[str, Any] = {}
 
     def report_and_keep(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
@@ -213,20 +366,28 @@ def run_trial(
 
     output_dir = tempfile.mkdtemp(prefix="qlora-sweep-trial-")
     trainer = None
+    oom, reading = None, None
     try:
         trainer, reporter = _build_trainer(
-            spec, trial, model_path, device, compute_dtype, probe, report_and_keep, started, data, output_dir
+            spec, trial, model_path, device, compute_dtype, probe, report_and_keep, started, data, output_dir,
+            grad_accum=grad_accum, extra_static=static,
         )
         if resume_from:
             reporter.restore(resume_from)
+        inject_oom_for_testing(static.get("predicted_memory_mib"))
         trainer.train(resume_from_checkpoint=resume_from)
-        return dict(last)
+    except torch.OutOfMemoryError as exc:  # torch.cuda.OutOfMemoryError is the same class
+        # Only the message is kept: the traceback (and the tensors its frames hold) dies with `exc`
+        # at the end of this block, before the finally below frees the memory.
+        oom = (str(exc).strip().splitlines() or ["out of memory"])[0][:300]
+        reading = probe.read()
     finally:
-        # Runs on normal end, on error, and when Tune stops the trial (it raises SystemExit in report).
+        # Runs on normal end, on OOM, on error, and when Tune stops the trial (it raises SystemExit in report).
         trainer = None
         probe.close()
         free_memory(device)
         shutil.rmtree(output_dir, ignore_errors=True)
+    return dict(last), oom, reading
 
 
 def _build_trainer(
@@ -240,6 +401,8 @@ def _build_trainer(
     started: float,
     data: PreparedData | None,
     output_dir: str,
+    grad_accum: int | None = None,
+    extra_static: dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
     import torch
     from datasets import Dataset
@@ -282,7 +445,7 @@ def _build_trainer(
         max_steps=spec.train.max_steps,
         per_device_train_batch_size=trial.batch_size,
         per_device_eval_batch_size=spec.train.eval_batch_size or trial.batch_size,
-        gradient_accumulation_steps=spec.train.grad_accum,
+        gradient_accumulation_steps=grad_accum or spec.train.grad_accum,
         learning_rate=trial.learning_rate,
         weight_decay=trial.weight_decay,
         warmup_steps=trial.warmup_ratio,
@@ -343,6 +506,7 @@ def _build_trainer(
                 "train_rows": len(data.train),
                 "eval_rows": len(data.eval),
                 "skipped_rows": len(data.skipped),
+                **(extra_static or {}),
             },
     )
     trainer.add_callback(reporter)

@@ -1,0 +1,487 @@
+"""Export a trial's adapter for deployment, optionally merged into a standalone model, with a loss check.
+
+`qlora-sweep export EXPERIMENT_DIR [--trial best|ID] [--merge] --out DIR`:
+
+* DIR/ gets the trial's best kept checkpoint without the training state (optimizer, scheduler,
+  RNG, trainer state): adapter_config.json, adapter_model.safetensors and the tokenizer files,
+  the save_pretrained layout that `PeftModel.from_pretrained(base, DIR)` loads; plus README.md
+  (trial, config, base model, how to load it, the losses) and export.json (the same, for tools).
+* With --merge, DIR/merged/ gets a standalone model: the base loaded *unquantized* (bfloat16 or
+  float16 on a GPU, float32 on CPU where 16-bit matmuls are slow and gain nothing), the adapter
+  applied and folded in with `merge_and_unload()`. Merging into 4-bit weights would requantize
+  them, so deployments merge into the unquantized base.
+
+The loss check (with --merge) evaluates on the sweep's eval split, re-created with
+trainables.data.prepare_data from the saved spec (same file, same data.seed), with trl's
+SFTTrainer.evaluate and the sweep's settings, so every number is the sweep's own eval_loss:
+
+    adapter_4bit    base quantized as in the sweep (e.g. NF4) + adapter, unmerged. This is the
+                    model the sweep trained and measured; it should reproduce the sweep's recorded
+                    eval_loss for this checkpoint.
+    adapter_16bit   unquantized base + adapter, unmerged: the reference for the merge.
+    merged          DIR/merged/ reloaded from disk. Must equal adapter_16bit within the tolerance
+                    (MERGE_RTOL), or the export fails: merging is exact algebra (W + s*B@A), so only
+                    floating-point rounding separates the two.
+
+adapter_16bit - adapter_4bit is the quantization gap: the adapter was trained to work with the
+4-bit weights, and the unquantized base differs from them by the quantization error, so the
+merged model's loss differs from what the sweep measured by about that much (either sign).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable
+
+import pandas as pd
+import yaml
+
+from analysis.pareto import QUALITY, best_trial, rankable
+from analysis.results import AnalysisInputError, Experiment, load_experiment
+from sweeps import storage
+
+# The training state Tune's checkpoints carry for resuming; a deployment needs none of it.
+TRAINING_STATE_FILES = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state.pth",
+    "trainer_state.json",
+    "training_args.bin",
+    "qlora_sweep_state.json",
+    "README.md",  # peft's generic model card; replaced by ours
+)
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# Relative tolerance between the merged model's and the unmerged 16-bit model's eval loss.
+MERGE_RTOL = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
+EXPORT_INFO = "export.json"
+
+
+@dataclass
+class ExportOutcome:
+    """What `export_trial` wrote and measured."""
+
+    out_dir: str
+    trial_id: str
+    checkpoint: str
+    files: list[str]
+    merged_dir: str | None = None
+    losses: dict[str, float] = field(default_factory=dict)
+    merge_dtype: str | None = None
+    tolerance: float | None = None
+    check_passed: bool | None = None
+
+    @property
+    def merge_difference(self) -> float | None:
+        if "merged" not in self.losses or "adapter_16bit" not in self.losses:
+            return None
+        return abs(self.losses["merged"] - self.losses["adapter_16bit"])
+
+
+def choose_trial(exp: Experiment, trial: str) -> pd.Series:
+    """The trial to export: "best" (lowest best_eval_loss with a kept checkpoint) or an id.
+
+    Raises:
+        AnalysisInputError: Unknown id, or a trial without a checkpoint; the message lists the
+            trial ids that can be exported.
+    """
+    trials = exp.trials
+    exportable = trials[trials["checkpoint_path"].notna()]
+    listing = ", ".join(
+        f"{r['trial_id']} ({r['status']}, eval_loss {r[QUALITY]:.4f})"
+        for r in exportable.sort_values(QUALITY).to_dict("records")
+    ) or "none"
+    if trial == "best":
+        best = best_trial(rankable(exportable)) if not exportable.empty else None
+        if best is None:
+            best = best_trial(exportable) if not exportable.empty else None
+        if best is None:
+            raise AnalysisInputError(
+                f"--trial best: no trial of {exp.path} has a kept checkpoint yet. Trials save one at every "
+                "evaluation when train.checkpoint is true (the default); wait for the first evaluation, "
+                "or rerun the sweep with train.checkpoint: true"
+            )
+        return best
+    match = trials[trials["trial_id"] == trial]
+    if match.empty:
+        raise AnalysisInputError(
+            f"--trial {trial}: no such trial in {exp.path}. Trials with a checkpoint to export: {listing}; "
+            "or pass --trial best"
+        )
+    row = match.iloc[0]
+    if pd.isna(row["checkpoint_path"]):
+        raise AnalysisInputError(
+            f"--trial {trial}: this trial ({row['status']}) has no kept checkpoint "
+            f"({'it never reached an evaluation' if pd.isna(row[QUALITY]) else 'checkpointing was off or its checkpoints were removed'}). "
+            f"Trials with a checkpoint: {listing}"
+        )
+    return row
+
+
+def _check_out_dir(out_dir: str) -> Path:
+    if storage.is_uri(out_dir):
+        raise AnalysisInputError(f"--out {out_dir}: export writes to a local folder; copy it to the bucket afterwards")
+    path = Path(out_dir).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise AnalysisInputError(f"--out {out_dir}: exists and is not a folder; choose a new folder")
+    if path.is_dir() and any(path.iterdir()) and not (path / EXPORT_INFO).exists():
+        raise AnalysisInputError(
+            f"--out {out_dir}: folder is not empty and holds no earlier export; choose a new or empty folder "
+            "(an earlier export's folder is overwritten)"
+        )
+    return path
+
+
+def copy_adapter(checkpoint: str, out: Path) -> list[str]:
+    """Copy a checkpoint's adapter and tokenizer files (not its training state) into `out`.
+
+    Raises:
+        AnalysisInputError: If the checkpoint holds no adapter.
+    """
+    names = storage.list_files(checkpoint)
+    if "adapter_config.json" not in names or not any(w in names for w in ADAPTER_WEIGHTS):
+        raise AnalysisInputError(
+            f"{checkpoint} holds no PEFT adapter (adapter_config.json + adapter_model.safetensors); "
+            f"found: {', '.join(names) or 'nothing'}"
+        )
+    if out.exists():
+        shutil.rmtree(out)  # only an earlier export (checked by _check_out_dir)
+    out.mkdir(parents=True)
+    kept = []
+    for name in names:
+        if name in TRAINING_STATE_FILES or (name.startswith("rng_state") and name.endswith(".pth")):
+            continue
+        fs, path = storage.filesystem(storage.join(checkpoint, name))
+        with fs.open_input_stream(path) as src:
+            (out / name).write_bytes(src.read())
+        kept.append(name)
+    return kept
+
+
+def export_trial(
+    experiment_dir: str,
+    out_dir: str,
+    trial: str = "best",
+    merge: bool = False,
+    log: Callable[[str], None] = print,
+) -> ExportOutcome:
+    """Copy a trial's adapter (and with `merge`, a merged model) into `out_dir`, with a README.
+
+    Raises:
+        NotAnExperiment: If `experiment_dir` is not a qlora-sweep experiment.
+        AnalysisInputError: Unknown trial, no checkpoint, or an unusable --out.
+    """
+    exp = load_experiment(experiment_dir)
+    row = choose_trial(exp, trial)
+    out = _check_out_dir(out_dir)
+    checkpoint = str(row["checkpoint_path"])
+    log(f"[export] trial {row['trial_id']} ({row['status']}, best eval_loss {row[QUALITY]:.4f}) from {checkpoint}")
+    files = copy_adapter(checkpoint, out)
+    outcome = ExportOutcome(out_dir=str(out), trial_id=str(row["trial_id"]), checkpoint=checkpoint, files=files)
+    if merge:
+        merge_and_check(exp, row, out, outcome, log)
+    info = export_info(exp, row, outcome)
+    (out / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    (out / "README.md").write_text(render_readme(exp, row, outcome, info))
+    return outcome
+
+
+# --- merge and the loss check -------------------------------------------------------------------
+
+
+def recorded_loss(exp: Experiment, trial_id: str, checkpoint: str) -> float | None:
+    """The eval_loss the sweep reported together with this checkpoint."""
+    name = checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    path = storage.join(exp.path, f"trial_{trial_id}", "result.json")
+    if not storage.exists(path):
+        return None
+    for line in storage.read_text(path).splitlines():
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if result.get("checkpoint_dir_name") == name and isinstance(result.get("eval_loss"), (int, float)):
+            return float(result["eval_loss"])
+    return None
+
+
+def evaluate_loss(model: Any, tokenizer: Any, examples: list[dict[str, Any]], spec: Any, batch_size: int, device: str) -> float:
+    """The sweep's eval_loss for `model` on `examples`: trl's SFTTrainer.evaluate with the trial's settings."""
+    import torch
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from trainables.qlora import resolve_compute_dtype
+
+    on_cuda = device.startswith("cuda")
+    compute_dtype = resolve_compute_dtype(spec.model.compute_dtype, device)
+    with tempfile.TemporaryDirectory(prefix="qlora-sweep-export-eval-") as scratch:
+        args = SFTConfig(
+            output_dir=scratch,
+            per_device_eval_batch_size=batch_size,
+            max_length=spec.data.max_seq_length,
+            report_to=[],
+            disable_tqdm=True,
+            use_cpu=not on_cuda,
+            # As in the trainable; trl otherwise turns bf16 autocast on, also on CPU.
+            bf16=on_cuda and compute_dtype == torch.bfloat16,
+            fp16=on_cuda and compute_dtype == torch.float16,
+            gradient_checkpointing=False,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=on_cuda,
+            seed=spec.train.seed,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(examples[:1]),  # required by SFTTrainer; never trained on
+            eval_dataset=Dataset.from_list(examples),
+            processing_class=tokenizer,
+        )
+        trainer.remove_callback(PrinterCallback)
+        return float(trainer.evaluate()["eval_loss"])
+
+
+def merge_and_check(exp: Experiment, row: pd.Series, out: Path, outcome: ExportOutcome, log: Callable[[str], None]) -> None:
+    """Merge the adapter into the unquantized base, save it to out/merged, and compare the losses.
+
+    Fills outcome.losses (adapter_4bit, adapter_16bit, merged, recorded), merged_dir, merge_dtype,
+    tolerance and check_passed.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sweeps.spec import parse_spec
+    from trainables.data import prepare_data
+    from trainables.memory_probe import free_memory
+    from trainables.qlora import (
+        keep_4bit_layers_trainable_on_cpu,
+        load_quantized_model,
+        quiet_libraries,
+        resolve_compute_dtype,
+    )
+    from trainables.tiny_models import materialize
+
+    quiet_libraries()
+    spec = parse_spec(exp.spec, source=storage.join(exp.path, storage.SPEC_FILE))
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    dtype = resolve_compute_dtype(spec.model.compute_dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    base_path = materialize(spec.resolve_path(spec.model.path))
+    load_kwargs = {"revision": spec.model.revision, "trust_remote_code": spec.model.trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(str(out), trust_remote_code=spec.model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # The preflight tokenizer decided which rows were too long, so the split uses the base's tokenizer too.
+    split_tokenizer = AutoTokenizer.from_pretrained(base_path, **load_kwargs)
+    if split_tokenizer.pad_token is None:
+        split_tokenizer.pad_token = split_tokenizer.eos_token
+    data = prepare_data(spec.resolve_path(spec.data.path), spec.data, split_tokenizer)
+    batch_size = int(spec.train.eval_batch_size or (row.get("batch_size") if pd.notna(row.get("batch_size")) else spec.train.batch_size))
+    log(f"[export] eval split re-created: {len(data.eval)} rows (data.seed {spec.data.seed}); device {device}")
+
+    losses: dict[str, float] = {}
+    started = time.time()
+    if spec.model.quantization != "none":
+        quantized = load_quantized_model(spec, base_path, device, dtype)
+        if device == "cpu":
+            keep_4bit_layers_trainable_on_cpu(quantized)  # the eval path the sweep used
+        model = PeftModel.from_pretrained(quantized, str(out))
+        losses["adapter_4bit"] = evaluate_loss(model, tokenizer, data.eval, spec, batch_size, device)
+        del model, quantized
+        free_memory(device)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, device_map={"": device}, **load_kwargs)
+    model = PeftModel.from_pretrained(base, str(out))
+    losses["adapter_16bit"] = evaluate_loss(model, tokenizer, data.eval, spec, batch_size, device)
+    merged = model.merge_and_unload()
+    merged_dir = out / "merged"
+    merged.save_pretrained(str(merged_dir))
+    tokenizer.save_pretrained(str(merged_dir))
+    del model, merged, base
+    free_memory(device)
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        str(merged_dir), dtype=dtype, device_map={"": device}, trust_remote_code=spec.model.trust_remote_code
+    )
+    losses["merged"] = evaluate_loss(reloaded, tokenizer, data.eval, spec, batch_size, device)
+    del reloaded
+    free_memory(device)
+    recorded = recorded_loss(exp, outcome.trial_id, outcome.checkpoint)
+    if recorded is not None:
+        losses["recorded"] = recorded
+
+    tolerance = MERGE_RTOL.get(dtype_name, 1e-2)
+    difference = abs(losses["merged"] - losses["adapter_16bit"])
+    outcome.losses = losses
+    outcome.merged_dir = str(merged_dir)
+    outcome.merge_dtype = dtype_name
+    outcome.tolerance = tolerance
+    outcome.check_passed = difference <= tolerance * abs(losses["adapter_16bit"])
+    log(
+        "[export] eval loss: "
+        + ", ".join(f"{k} {v:.6f}" for k, v in losses.items())
+        + f"; |merged - adapter_16bit| = {difference:.2e} (tolerance {tolerance:g} relative, {dtype_name}): "
+        + ("ok" if outcome.check_passed else "MISMATCH")
+        + f" [{time.time() - started:.0f}s]"
+    )
+
+
+# --- README -------------------------------------------------------------------------------------
+
+
+def export_info(exp: Experiment, row: pd.Series, outcome: ExportOutcome) -> dict[str, Any]:
+    """export.json: what was exported, from where, and the measured losses."""
+    config = {c: _plain(row[c]) for c in exp.config_columns if c in row and pd.notna(row[c])}
+    spec = exp.spec
+    return {
+        "experiment": exp.path,
+        "trial_id": outcome.trial_id,
+        "status": str(row["status"]),
+        "checkpoint": outcome.checkpoint,
+        "best_eval_loss": _plain(row[QUALITY]),
+        "best_step": _plain(row.get("best_step")),
+        "peak_memory_mib": _plain(row.get("peak_memory_mib")),
+        "memory_kind": _plain(row.get("memory_kind")),
+        "config": config,
+        "base_model": spec["model"]["path"],
+        "quantization": spec["model"]["quantization"],
+        "double_quant": spec["model"].get("double_quant"),
+        "files": outcome.files,
+        "merged_dir": outcome.merged_dir,
+        "merge_dtype": outcome.merge_dtype,
+        "losses": outcome.losses,
+        "merge_tolerance_rel": outcome.tolerance,
+        "merge_check_passed": outcome.check_passed,
+        "exported_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def _plain(value: Any) -> Any:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def render_readme(exp: Experiment, row: pd.Series, outcome: ExportOutcome, info: dict[str, Any]) -> str:
+    spec = exp.spec
+    base = spec["model"]["path"]
+    builtin = base.startswith("builtin:")
+    base_load = "materialize(" + repr(base) + ")" if builtin else repr(base)
+    quant = spec["model"]["quantization"]
+    lines = [
+        f"# QLoRA adapter: trial {outcome.trial_id} of sweep {spec.get('name', '')}",
+        "",
+        f"Exported by `qlora-sweep export` from `{outcome.checkpoint}` "
+        f"(the trial's kept checkpoint with the lowest eval loss).",
+        "",
+        "## Trial",
+        "",
+        f"- status: {row['status']}; best eval_loss {row[QUALITY]:.4f} at step {info['best_step']}",
+        f"- peak memory: {info['peak_memory_mib']} MiB ({info['memory_kind']})",
+        "- config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()),
+        (
+            f"- base model: `{base}`, trained on its {quant} quantization"
+            + (" (double quant)" if spec["model"].get("double_quant") else "")
+            if quant != "none"
+            else f"- base model: `{base}` (16-bit LoRA, not quantized)"
+        ),
+        f"- eval data: `{spec['data']['path']}`, eval_size {spec['data']['eval_size']}, data.seed {spec['data']['seed']}",
+        "",
+        "## Files",
+        "",
+        "- " + ", ".join(f"`{f}`" for f in outcome.files) + ": the adapter and tokenizer (`PeftModel.from_pretrained` layout);",
+        "  the optimizer, scheduler, RNG and trainer state of the checkpoint were left out.",
+    ]
+    if outcome.merged_dir:
+        lines.append(
+            f"- `merged/`: a standalone model, the adapter merged into the unquantized base in {outcome.merge_dtype}"
+            + (" (float32: this export ran on CPU, where 16-bit matmuls are slow and gain nothing)" if outcome.merge_dtype == "float32" else "")
+            + "."
+        )
+    lines += [
+        "",
+        "## Load it",
+        "",
+        "```python",
+        "import torch",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig",
+    ]
+    if builtin:
+        lines += ["from trainables.tiny_models import materialize  # builtin models are built locally by qlora-sweep"]
+    lines += [
+        "",
+        f"base = {base_load}",
+        f"tokenizer = AutoTokenizer.from_pretrained({outcome.out_dir!r})",
+    ]
+    if quant != "none":
+        lines += [
+            "# As trained (what the sweep measured): the base quantized again, then the adapter.",
+            f"bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={quant!r}, "
+            f"bnb_4bit_use_double_quant={bool(spec['model'].get('double_quant'))}, bnb_4bit_compute_dtype=torch.bfloat16)",
+            "model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb), "
+            f"{outcome.out_dir!r})",
+        ]
+    lines += [
+        "# Unquantized base + adapter:",
+        f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), {outcome.out_dir!r})",
+    ]
+    if outcome.merged_dir:
+        lines += ["# The merged standalone model (no peft needed):", f"model = AutoModelForCausalLM.from_pretrained({outcome.merged_dir!r})"]
+    lines += [
+        "```",
+        "",
+        "`adapter_config.json` names the base as `base_model_name_or_path` = the local path the trial loaded; pass "
+        "the base explicitly as above when loading elsewhere.",
+        "",
+        "## Eval loss",
+        "",
+    ]
+    if outcome.losses:
+        losses = outcome.losses
+        described = {
+            "recorded": "what the sweep reported with this checkpoint",
+            "adapter_4bit": f"base quantized as trained ({quant}) + adapter, unmerged: the model the sweep measured",
+            "adapter_16bit": f"unquantized base ({outcome.merge_dtype}) + adapter, unmerged: the merge's reference",
+            "merged": "`merged/` reloaded from disk",
+        }
+        lines += ["| model | eval_loss | what it is |", "|---|---|---|"]
+        lines += [f"| {k} | {losses[k]:.6f} | {described[k]} |" for k in ("recorded", "adapter_4bit", "adapter_16bit", "merged") if k in losses]
+        lines += [
+            "",
+            "All on the sweep's eval split, re-created from the saved spec (same file, same data.seed), with trl's "
+            "SFTTrainer.evaluate and the sweep's batch size and max length: the same definition of eval_loss as the sweep.",
+            "",
+            f"- merge check: |merged - adapter_16bit| = {outcome.merge_difference:.3g}, tolerance "
+            f"{outcome.tolerance:g} x adapter_16bit ({outcome.tolerance * abs(losses['adapter_16bit']):.3g}) for "
+            f"{outcome.merge_dtype}: **{'passed' if outcome.check_passed else 'FAILED'}**. Merging is exact algebra "
+            "(W + scale x B A); only rounding separates the two.",
+        ]
+        if "adapter_4bit" in losses:
+            gap = losses["adapter_16bit"] - losses["adapter_4bit"]
+            lines.append(
+                f"- quantization gap: adapter_16bit - adapter_4bit = {gap:+.6f} ({gap / losses['adapter_4bit'] * 100:+.2f}%). "
+                "The adapter was trained on the 4-bit weights; the unquantized base differs from them by the quantization "
+                "error, so the merged model scores about this much differently from what the sweep measured."
+            )
+        if "recorded" in losses and "adapter_4bit" in losses:
+            lines.append(
+                f"- reproduction: adapter_4bit - recorded = {losses['adapter_4bit'] - losses['recorded']:+.2e} "
+                "(GPU kernels are not bit-deterministic, so expect small differences there; on CPU it is exact)."
+            )
+    else:
+        lines += [
+            f"The sweep recorded eval_loss {row[QUALITY]:.4f} for this checkpoint. Run the export with `--merge` to also "
+            "build a merged model and measure the 4-bit, 16-bit and merged losses on the eval split.",
+        ]
+    lines += ["", "## Sweep spec (as it ran)", "", "```yaml", yaml.safe_dump(spec, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
+

@@ -1,0 +1,198 @@
+"""What mattered: hyperparameter importance from the sweep's Optuna study.
+
+The study the searcher wrote (`<experiment>/optuna.db`, or the spec's search.optuna_storage) is
+used when it can be read; it is opened from a temporary copy, so a report never writes to a running
+sweep's database. Otherwise an in-memory study is rebuilt from the trials table, with the exact
+distributions the sweep sampled from (the sweep's own define-by-run space, sweeps/space.py), and
+each trial's best_eval_loss as its value. The report says which source was used.
+
+Importances are Optuna's `get_param_importances` with its default evaluator (PED-ANOVA in
+Optuna 5), normalized to sum to 1. Parameters fixed in the spec are not searched and have none.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from analysis.pareto import QUALITY, RANKABLE_STATUSES
+from analysis.results import Experiment
+from sweeps import storage
+
+DB_FILE = "optuna.db"  # sweeps/searcher.py's DB_FILE: where the searcher keeps the study
+MIN_TRIALS = 2
+FEW_TRIALS = 10  # below this, say the importances are a rough guide only
+
+
+@dataclass
+class Importance:
+    """Parameter importances and where they came from.
+
+    Attributes:
+        values: Parameter -> importance (normalized, descending); empty when none could be computed.
+        source: One line saying which study was used.
+        trials: Completed trials the importances are computed from.
+        evaluator: The Optuna evaluator's class name.
+        target: What each trial's value is (what the importances explain).
+        notes: Caveats to show next to the chart.
+    """
+
+    values: dict[str, float]
+    source: str
+    trials: int = 0
+    evaluator: str = ""
+    target: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def param_importances(exp: Experiment) -> Importance:
+    """Importances from the sweep's stored Optuna study if readable, else from a rebuilt one."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    notes: list[str] = []
+    study, source = _stored_study(exp, notes)
+    metric = (exp.spec.get("search") or {}).get("metric", "eval_loss")
+    target = f"{metric} as the searcher recorded it (each trial's last report)"
+    if study is None or _complete(study) < MIN_TRIALS:
+        if study is not None:
+            notes.append(f"{source} has fewer than {MIN_TRIALS} completed trials; rebuilt from the trials table instead")
+        study, source = _rebuilt_study(exp, notes)
+        target = "best_eval_loss"
+    if study is None:
+        return Importance({}, source, notes=notes)
+    count = _complete(study)
+    if count < MIN_TRIALS:
+        return Importance({}, source, count, target=target, notes=[*notes, f"need at least {MIN_TRIALS} trials with a result"])
+    evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        except (RuntimeError, ValueError) as exc:  # e.g. no parameter was searched
+            return Importance({}, source, count, type(evaluator).__name__, target, [*notes, f"not computed: {exc}"])
+    notes += [str(w.message) for w in caught if "importance" in str(w.message).lower()]
+    if count < FEW_TRIALS:
+        notes.append(f"only {count} trials: treat these importances as a rough guide")
+    return Importance({k: float(v) for k, v in values.items()}, source, count, type(evaluator).__name__, target, notes)
+
+
+def _complete(study: Any) -> int:
+    import optuna
+
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
+def _stored_study(exp: Experiment, notes: list[str]) -> tuple[Any, str]:
+    """The study the searcher wrote, opened from a temporary copy; (None, reason) if unavailable."""
+    import optuna
+
+    search = exp.spec.get("search") or {}
+    name = search.get("optuna_study_name")
+    url = search.get("optuna_storage")
+    candidates = [storage.join(exp.path, DB_FILE)]
+    if isinstance(url, str) and url.startswith("sqlite:///"):
+        candidates.append(url.removeprefix("sqlite:///"))
+    for location in candidates:
+        if not storage.exists(location):
+            continue
+        try:
+            return _load_copy(location, name), f"the sweep's Optuna study ({location})"
+        except Exception as exc:  # locked, corrupt, older schema: fall back rather than fail the report
+            notes.append(f"could not read the Optuna study in {location} ({type(exc).__name__}: {exc}); rebuilt instead")
+            return None, ""
+    if isinstance(url, str) and url != "memory" and not url.startswith("sqlite:"):
+        try:
+            study = optuna.load_study(study_name=name, storage=url)
+            return study, f"the sweep's Optuna study '{name}' in {url.split('@')[-1]}"
+        except Exception as exc:  # unreachable database server
+            notes.append(f"could not open the Optuna storage ({type(exc).__name__}); rebuilt instead")
+    return None, ""
+
+
+def _load_copy(location: str, name: str | None) -> Any:
+    import optuna
+
+    fs, path = storage.filesystem(location)
+    with fs.open_input_stream(path) as f:
+        data = f.read()
+    handle, copy = tempfile.mkstemp(suffix=".db", prefix="qlora-sweep-study-")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        url = f"sqlite:///{copy}"
+        names = optuna.study.get_all_study_names(storage=url)
+        if name not in names:
+            if len(names) != 1:
+                raise LookupError(f"study '{name}' not found; the database holds {names}")
+            name = names[0]
+        study = optuna.load_study(study_name=name, storage=url)
+        # Copy into memory so the temporary file can go.
+        memory = optuna.create_study(directions=study.directions)
+        memory.add_trials(study.get_trials(deepcopy=False))
+        return memory
+    finally:
+        os.remove(copy)
+
+
+def _rebuilt_study(exp: Experiment, notes: list[str]) -> tuple[Any, str]:
+    """An in-memory study of the rankable trials, with the sweep's own distributions."""
+    import optuna
+
+    from sweeps.space import define_by_run
+    from sweeps.spec import SpecError, parse_spec
+
+    try:
+        spec = parse_spec(exp.spec, source="sweep_spec.yaml")
+    except SpecError as exc:
+        notes.append(f"the saved spec does not parse with this version ({exc.problems[0]}); no importances")
+        return None, "none"
+    # Ask a throwaway study for one trial of the sweep's space: its distributions are the sweep's.
+    trial = optuna.create_study().ask()
+    define_by_run(trial, spec.space, spec.train.batch_size)
+    distributions = dict(trial.distributions)
+    source = "an in-memory Optuna study rebuilt from the trials table (value: best_eval_loss)"
+    if not distributions:
+        notes.append("every parameter is fixed in the spec; nothing was searched")
+        return None, source
+    study = optuna.create_study(direction="minimize")
+    rows = exp.trials[exp.trials["status"].isin(RANKABLE_STATUSES)]
+    skipped = 0
+    for row in rows.to_dict("records"):
+        value = row.get(QUALITY)
+        params = {name: _param_value(row.get(name), dist) for name, dist in distributions.items()}
+        if not _is_number(value) or any(v is None for v in params.values()):
+            skipped += 1
+            continue
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=float(value)))
+    if skipped:
+        notes.append(f"{skipped} trials without a result or outside the spec's space were left out")
+    return study, source
+
+
+def _param_value(value: Any, distribution: Any) -> Any:
+    """A table value as the distribution's own value (categorical choices matched by equality), or None."""
+    import optuna
+
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        for choice in distribution.choices:
+            if choice == value or (_is_number(choice) and _is_number(value) and math.isclose(choice, value)):
+                return choice
+        return None
+    if not _is_number(value):
+        return None
+    value = int(value) if isinstance(distribution, optuna.distributions.IntDistribution) else float(value)
+    return value if distribution.low <= value <= distribution.high else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

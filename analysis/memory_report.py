@@ -1,0 +1,301 @@
+"""The report's memory sections: predicted vs measured, admission and OOMs, GPU packing, and the
+Pareto front of a multi-objective search.
+
+Pure functions on the trials table (analysis/results.py), so they can be tested on hand-made frames.
+
+* Predicted vs measured: a prediction (predicted_memory_mib) is always a VRAM figure, for a CUDA GPU.
+  The error is shown only where the trial measured VRAM (memory_kind cuda_reserved); next to a CPU
+  run's host RSS it is "n/a", since the two are different quantities.
+* Packing (resources.pack): trials that shared a GPU are grouped by node and GPU id; from their
+  start/end times come the most trials that ran on one GPU at once, the GPU-hours the GPUs were busy
+  (the union of each GPU's trial intervals) and the GPU-hours one trial per GPU would have held them
+  (the sum of trial durations). The saving assumes trials would have run as fast alone; packed
+  trials share compute, so it is an upper bound. On a CPU run the GPU was logical (Ray's bookkeeping
+  only: no memory cap was enforced and no GPU computed), and the report says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from analysis.pareto import MEMORY, QUALITY, pareto_front
+
+NOT_COMPARABLE = "n/a (measured host RSS, not comparable)"
+# search.objectives metric -> the trials-table column that holds it per trial.
+OBJECTIVE_COLUMNS = {"eval_loss": QUALITY, "perplexity": QUALITY, "peak_memory_mib": MEMORY, "tokens_per_s": "tokens_per_s"}
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return value is not None and value is not pd.NA and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+# --- predicted vs measured ------------------------------------------------------------------------
+
+
+def prediction_rows(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials with a prediction: predicted and measured side by side, the error only for VRAM.
+
+    Returns:
+        Columns trial_id, status, predicted_memory_mib, peak_memory_mib, memory_kind and error
+        (a string: "+4.2%", "n/a (measured host RSS, not comparable)" or "" before any measurement).
+    """
+    if "predicted_memory_mib" not in trials:
+        return pd.DataFrame(columns=["trial_id", "status", "predicted_memory_mib", MEMORY, "memory_kind", "error"])
+    have = trials[trials["predicted_memory_mib"].notna() & (trials["status"] != "infeasible")]
+    errors = []
+    for row in have.to_dict("records"):
+        if row.get("memory_kind") == "cuda_reserved" and _finite(row.get("memory_error_pct")):
+            errors.append(f"{float(row['memory_error_pct']):+.1f}%")
+        elif row.get("memory_kind") == "host_rss":
+            errors.append(NOT_COMPARABLE)
+        else:
+            errors.append("")
+    out = have[["trial_id", "status", "predicted_memory_mib", MEMORY, "memory_kind"]].copy()
+    out["error"] = pd.Series(errors, index=have.index, dtype="string")
+    return out.reset_index(drop=True)
+
+
+# --- packing ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackingSummary:
+    """How trials shared GPUs (resources.pack).
+
+    Attributes:
+        gpus: GPUs (node, GPU id) that ran packed trials.
+        trials: Packed trials with start and end times.
+        max_per_gpu: Most trials that ran on one GPU at the same time.
+        mean_per_gpu: Trials per GPU on average while the GPU was busy.
+        busy_gpu_hours: GPU-hours during which at least one trial ran (what packing occupied).
+        unpacked_gpu_hours: Sum of trial durations (what one trial per GPU would have occupied).
+        reserved_gpu_hours: Sum of GPU share x duration (what Ray accounted to the trials).
+        logical: True when no trial ran on CUDA (a CPU run: the GPU was Ray's bookkeeping only).
+    """
+
+    gpus: int
+    trials: int
+    max_per_gpu: int
+    mean_per_gpu: float
+    busy_gpu_hours: float
+    unpacked_gpu_hours: float
+    reserved_gpu_hours: float
+    logical: bool
+
+    @property
+    def saved_gpu_hours(self) -> float:
+        return self.unpacked_gpu_hours - self.busy_gpu_hours
+
+    @property
+    def saved_pct(self) -> float:
+        return self.saved_gpu_hours / self.unpacked_gpu_hours * 100 if self.unpacked_gpu_hours else 0.0
+
+    @property
+    def throughput_gain(self) -> float:
+        """Trial-hours per busy GPU-hour (1.0: no gain over one trial per GPU)."""
+        return self.unpacked_gpu_hours / self.busy_gpu_hours if self.busy_gpu_hours else 1.0
+
+
+def _intervals_stats(intervals: list[tuple[float, float]]) -> tuple[int, float]:
+    """(most intervals overlapping at once, length of their union)."""
+    events = sorted([(s, 1) for s, e in intervals] + [(e, -1) for s, e in intervals], key=lambda x: (x[0], x[1]))
+    running = peak = 0
+    union = 0.0
+    opened = 0.0
+    for t, step in events:
+        if running == 0 and step == 1:
+            opened = t
+        running += step
+        peak = max(peak, running)
+        if running == 0:
+            union += t - opened
+    return peak, union
+
+
+def packing_summary(trials: pd.DataFrame) -> PackingSummary | None:
+    """Trials per GPU and GPU-hours saved, from packed trials' start/end times; None without packing."""
+    needed = {"gpu_fraction", "started_at", "ended_at"}
+    if not needed <= set(trials.columns):
+        return None
+    rows = [
+        r
+        for r in trials.to_dict("records")
+        if _finite(r.get("gpu_fraction")) and _finite(r.get("started_at")) and _finite(r.get("ended_at"))
+        and float(r["ended_at"]) > float(r["started_at"])
+    ]
+    if not rows:
+        return None
+    by_gpu: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        node = r.get("node_id") if isinstance(r.get("node_id"), str) else str(r.get("node") or "?")
+        gpu = r.get("gpu_ids") if isinstance(r.get("gpu_ids"), str) and r.get("gpu_ids") else "?"
+        by_gpu.setdefault((node, gpu), []).append(r)
+    peak, busy = 0, 0.0
+    for members in by_gpu.values():
+        p, u = _intervals_stats([(float(m["started_at"]), float(m["ended_at"])) for m in members])
+        peak, busy = max(peak, p), busy + u
+    durations = [float(r["ended_at"]) - float(r["started_at"]) for r in rows]
+    unpacked = sum(durations)
+    reserved = sum(float(r["gpu_fraction"]) * d for r, d in zip(rows, durations))
+    devices = [r.get("device") for r in rows if isinstance(r.get("device"), str)]
+    return PackingSummary(
+        gpus=len(by_gpu),
+        trials=len(rows),
+        max_per_gpu=peak,
+        mean_per_gpu=unpacked / busy if busy else 0.0,
+        busy_gpu_hours=busy / 3600,
+        unpacked_gpu_hours=unpacked / 3600,
+        reserved_gpu_hours=reserved / 3600,
+        logical=not any(d.startswith("cuda") for d in devices),
+    )
+
+
+def packing_lines(summary: PackingSummary) -> list[str]:
+    """The packing outcome in words, with the caveats."""
+    lines = [
+        f"{summary.trials} packed trials on {summary.gpus} GPU{'s' if summary.gpus != 1 else ''}: up to "
+        f"{summary.max_per_gpu} ran on one GPU at once ({summary.mean_per_gpu:.2f} on average while busy)",
+        f"GPU time: {summary.busy_gpu_hours:.4f} GPU-hours busy vs {summary.unpacked_gpu_hours:.4f} with one trial per "
+        f"GPU: {summary.saved_gpu_hours:.4f} GPU-hours saved ({summary.saved_pct:.0f}%, {summary.throughput_gain:.2f}x "
+        "trials per GPU-hour; an upper bound, as packed trials share the GPU's compute)",
+    ]
+    if summary.logical:
+        lines.append(
+            "this was a CPU run: the GPU was logical (Ray's accounting only), no memory cap was enforced and no GPU "
+            "computed, so this shows how trials were scheduled, not a measured GPU saving"
+        )
+    return lines
+
+
+# --- multi-objective --------------------------------------------------------------------------------
+
+
+def objective_columns(spec: dict[str, Any]) -> list[str]:
+    """The trials-table columns of a multi-objective search's objectives ([] in single-objective mode)."""
+    objectives = (spec.get("search") or {}).get("objectives") or []
+    return [OBJECTIVE_COLUMNS[o] for o in objectives if o in OBJECTIVE_COLUMNS]
+
+
+def objectives_front(ranked: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """The ranked trials no other beats on every searched objective, best first on the first one."""
+    if ranked.empty or not columns:
+        return ranked.iloc[0:0]
+    front = ranked[pareto_front(ranked, list(dict.fromkeys(columns)))]
+    return front.sort_values(list(columns)[0], kind="mergesort")
+
+
+# --- what the report shows --------------------------------------------------------------------------
+
+
+def _mib(value: Any) -> str:
+    """MiB with a decimal below 100 (tiny test models predict a few MiB)."""
+    if not _finite(value):
+        return ""
+    return f"{float(value):,.1f}" if abs(float(value)) < 100 else f"{float(value):,.0f}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def memory_summary_lines(trials: pd.DataFrame, spec: dict[str, Any]) -> list[str]:
+    """Summary lines: admission and OOMs, packing, predictions; nothing when there is nothing to say."""
+    lines = []
+    statuses = trials["status"].value_counts() if "status" in trials else pd.Series(dtype="int64")
+    infeasible, oom = int(statuses.get("infeasible", 0)), int(statuses.get("oom", 0))
+    if infeasible or oom:
+        parts = []
+        if infeasible:
+            reasons = trials.loc[trials["status"] == "infeasible"].get("infeasible_reason", pd.Series(dtype="string"))
+            dominated = int(reasons.fillna("").astype(str).str.startswith("dominated by OOM").sum())
+            parts.append(
+                f"{_count(infeasible, 'configuration')} rejected before launch ({infeasible - dominated} predicted not "
+                f"to fit, {dominated} dominated by an OOM config)"
+            )
+        if oom:
+            parts.append(f"{_count(oom, 'trial')} ran out of memory")
+        lines.append("memory: " + "; ".join(parts))
+    summary = packing_summary(trials)
+    if summary is not None:
+        lines.append("packing: " + packing_lines(summary)[0] + f"; {summary.saved_pct:.0f}% GPU-hours saved"
+                     + (" (logical GPU: CPU run)" if summary.logical else ""))
+    return lines
+
+
+def memory_markdown(trials: pd.DataFrame, spec: dict[str, Any], ranked: pd.DataFrame, table: Any) -> list[str]:
+    """report.md sections; `table(frame, columns)` renders a Markdown table (analysis.report.markdown_table)."""
+    parts: list[str] = []
+    predictions = prediction_rows(trials)
+    if not predictions.empty:
+        vram = predictions["memory_kind"] == "cuda_reserved"
+        errors = trials.loc[trials["memory_kind"] == "cuda_reserved", "memory_error_pct"].dropna()
+        text = (
+            f"Mean absolute error {errors.abs().mean():.1f}% over {len(errors)} trials (error = (predicted - measured) / "
+            "measured; positive: the estimate was too high)."
+            if len(errors)
+            else "Predictions are peak VRAM on a CUDA GPU (torch.cuda.max_memory_reserved). "
+            + ("This run measured host RSS, so the error is n/a: the two are not comparable." if not vram.any() else "")
+        )
+        shown = pd.DataFrame(
+            {
+                "trial_id": predictions["trial_id"],
+                "status": predictions["status"],
+                "predicted VRAM (MiB)": [_mib(v) for v in predictions["predicted_memory_mib"]],
+                "measured (MiB)": [_mib(v) for v in predictions[MEMORY]],
+                "memory_kind": predictions["memory_kind"],
+                "error": predictions["error"],
+            }
+        )
+        parts += ["## Memory: predicted vs measured", "", text, "", table(shown), ""]
+    summary = packing_summary(trials)
+    if summary is not None:
+        parts += ["## GPU packing", "", *[f"- {line}" for line in packing_lines(summary)], ""]
+    columns = objective_columns(spec)
+    if columns:
+        objectives = (spec.get("search") or {}).get("objectives")
+        front = objectives_front(ranked, columns)
+        parts += [
+            "## Pareto front of the searched objectives (multi-objective mode)",
+            "",
+            f"Optuna searched {', '.join(objectives)} together; these trials are not beaten on all of them by any other. "
+            f"ASHA early-stopped on {spec['search']['metric']} only (docs/multi-objective.md).",
+            "",
+            table(front, ["trial_id", *[c for c in ("r", "target_modules", "batch_size") if c in front], *dict.fromkeys(columns)])
+            if not front.empty
+            else "No trial has values for every objective yet.",
+            "",
+        ]
+    return parts
+
+
+def memory_html(analysis: Any, data_table: Any) -> str:
+    """report.html sections for packing and the multi-objective front; `data_table` is analysis.html's."""
+    from html import escape
+
+    trials, spec = analysis.exp.trials, analysis.exp.spec
+    parts = []
+    summary = packing_summary(trials)
+    if summary is not None:
+        parts.append("<h2>GPU packing</h2><ul>" + "".join(f"<li>{escape(line)}</li>" for line in packing_lines(summary)) + "</ul>")
+    columns = objective_columns(spec)
+    if columns:
+        front = objectives_front(analysis.ranked, columns)
+        shown = ["trial_id", *[c for c in ("r", "target_modules", "batch_size") if c in front], *dict.fromkeys(columns)]
+        parts.append(
+            "<h2>Pareto front of the searched objectives</h2><p>"
+            + escape(
+                f"Multi-objective search over {', '.join(spec['search']['objectives'])}: no other trial beats these on all "
+                f"of them. ASHA early-stopped on {spec['search']['metric']} only (docs/multi-objective.md)."
+            )
+            + "</p>"
+            + (data_table(front, shown) if not front.empty else "<p>No trial has values for every objective yet.</p>")
+        )
+    return "".join(parts)

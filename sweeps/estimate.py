@@ -1,0 +1,186 @@
+"""`qlora-sweep estimate SPEC`: a sweep's peak GPU memory, predicted before any GPU is involved.
+
+The corners of the search space (smallest and largest rank x every target-module choice x smallest
+and largest micro-batch, at data.max_seq_length, with dropout on if the space allows it) are
+predicted with `trainables.trial_memory.estimate_for_trial`, the estimator set up as the trainable
+trains on a CUDA GPU, and checked against a list of GPU sizes with the rule admission uses
+(`sweeps.admission.MemoryPlan`). Only the model's config is read: no weights, no GPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sweeps.admission import MemoryPlan, float_bounds, int_choices, space_target_labels
+from sweeps.spec import SpecError, SweepSpec
+from trainables.memory_estimator import MIB, MemoryEstimate
+from trainables.trial_memory import MemoryKnobs, compute_dtype_name, estimate_for_trial
+
+DEFAULT_GPU_SIZES_GIB: tuple[float, ...] = (8, 16, 24, 40, 48, 80)
+
+# Table columns: (header, parts of MemoryEstimate summed into it). Together they add up to
+# total_with_context_gib; the first seven to total_gib (torch.cuda.max_memory_reserved).
+PART_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("4bit_w", ("linear_weights_bytes", "quant_constants_bytes")),
+    ("other_w", ("other_weights_bytes",)),
+    ("lora_w+g", ("lora_weights_bytes", "lora_grads_bytes")),
+    ("optim", ("optimizer_state_bytes",)),
+    ("activ", ("activations_bytes",)),
+    ("logits", ("logits_bytes",)),
+    ("wksp+alloc", ("dequant_workspace_bytes", "allocator_overhead_bytes")),
+)
+
+
+@dataclass(frozen=True)
+class CornerEstimate:
+    """One corner configuration, its prediction and which GPU sizes it fits."""
+
+    knobs: MemoryKnobs
+    estimate: MemoryEstimate
+    needed_gib: float
+    fits: dict[float, bool]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "r": self.knobs.r,
+            "target_modules": self.knobs.target_modules,
+            "batch_size": self.knobs.batch_size,
+            "seq_len": self.knobs.seq_len,
+            "lora_dropout": self.knobs.lora_dropout,
+            **self.estimate.as_dict(),
+            "needed_gib": round(self.needed_gib, 4),
+            "fits": {f"{gib:g}": ok for gib, ok in self.fits.items()},
+        }
+
+
+def load_model_config(spec: SweepSpec) -> Any:
+    """The base model's transformers config (builtin tiny models are built locally first).
+
+    Raises:
+        SpecError: Naming model.path, if the config cannot be read.
+    """
+    from transformers import AutoConfig
+
+    from trainables.tiny_models import materialize
+
+    try:
+        path = materialize(spec.resolve_path(spec.model.path))
+    except ValueError as exc:
+        raise SpecError("model.path", [f"model.path: {exc}"]) from None
+    try:
+        return AutoConfig.from_pretrained(path, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code)
+    except Exception as exc:  # missing folder, no config.json, offline hub, gated model
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SpecError(
+            "model.path",
+            [f"model.path: cannot read the model config of '{spec.model.path}' ({first}). Use a local folder with "
+             "config.json (weights are not needed), a reachable hub id, or builtin:tiny-llama"],
+        ) from None
+
+
+def corner_configurations(spec: SweepSpec) -> list[MemoryKnobs]:
+    """min/max rank x each target-module choice x min/max micro-batch, at data.max_seq_length."""
+    ranks = sorted(set(int_choices(spec.space.r)))
+    batches = sorted(set(int_choices(spec.space.batch_size if spec.space.batch_size is not None else spec.train.batch_size)))
+    dropout = max(float_bounds(spec.space.lora_dropout))  # dropout on costs memory: predict the upper case
+    corners = []
+    for r in dict.fromkeys([ranks[0], ranks[-1]]):
+        for label in space_target_labels(spec):
+            for batch in dict.fromkeys([batches[0], batches[-1]]):
+                corners.append(MemoryKnobs(r, label, batch, spec.data.max_seq_length, dropout))
+    return corners
+
+
+def estimate_corners(
+    spec: SweepSpec, model_config: Any, gpu_sizes_gib: list[float] | tuple[float, ...] = DEFAULT_GPU_SIZES_GIB
+) -> list[CornerEstimate]:
+    """Predict every corner configuration and check it against each GPU size.
+
+    Raises:
+        SpecError: If the estimator cannot model this architecture or a target-module choice.
+    """
+    plan = MemoryPlan(spec=spec, model_config=model_config, gpu=None)
+    out = []
+    for knobs in corner_configurations(spec):
+        try:
+            estimate = estimate_for_trial(model_config, spec, knobs, "cuda")
+        except ValueError as exc:
+            raise SpecError(
+                "estimate",
+                [f"cannot predict the memory of {knobs.describe()} for model_type "
+                 f"'{getattr(model_config, 'model_type', '?')}': {exc}"],
+            ) from None
+        needed = plan.needed_gib(estimate)
+        out.append(CornerEstimate(knobs, estimate, needed, {float(g): needed <= g for g in gpu_sizes_gib}))
+    return out
+
+
+def render_table(spec: SweepSpec, corners: list[CornerEstimate], model_type: str) -> str:
+    """The breakdown as a plain-text table (MiB per part), then which GPU sizes each corner fits."""
+    from trainables.qlora import resolve_optimizer
+
+    sizes = list(corners[0].fits) if corners else []
+    margin = spec.resources.memory_margin
+    lines = [
+        f"model: {spec.model.path} ({model_type}), {spec.model.quantization}"
+        f"{' + double quant' if spec.model.double_quant and spec.model.quantization != 'none' else ''}, "
+        f"compute {compute_dtype_name(spec.model.compute_dtype, 'cuda')} on CUDA, optimizer "
+        f"{resolve_optimizer(spec.train.optimizer, 'cuda')}, gradient checkpointing "
+        f"{'on' if spec.train.gradient_checkpointing else 'off'}, seq_len {spec.data.max_seq_length}",
+        "predicted for a CUDA GPU as trainables/qlora.py trains (trainables/trial_memory.py); MiB per part.",
+        "reserved = torch.cuda.max_memory_reserved (the measured peak_memory_mib); +ctx adds paged optimizer "
+        f"states and the CUDA context; 'fits' compares +ctx x {1 + margin:g} (resources.memory_margin) with each GPU.",
+        "",
+    ]
+    headers = ["r", "targets", "batch", *[h for h, _ in PART_COLUMNS], "reserved", "+ctx", "GiB", "fits"]
+    rows = []
+    for c in corners:
+        parts = [sum(getattr(c.estimate, name) for name in names) / MIB for _, names in PART_COLUMNS]
+        fits = " ".join(f"{g:g}" for g in sizes if c.fits[g]) or "none"
+        rows.append(
+            [
+                str(c.knobs.r),
+                c.knobs.target_modules,
+                str(c.knobs.batch_size),
+                *[f"{p:,.1f}" for p in parts],
+                f"{c.estimate.reserved_bytes / MIB:,.1f}",
+                f"{(c.estimate.total_with_context_gib * 1024):,.1f}",
+                f"{c.estimate.total_with_context_gib:.2f}",
+                fits,
+            ]
+        )
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    right = set(range(len(headers))) - {1, len(headers) - 1}
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    lines += [line(headers), line(["-" * w for w in widths]), *[line(r) for r in rows], ""]
+    lines.append(
+        "configurations that fit, by GPU size: "
+        + ", ".join(f"{g:g} GiB {sum(c.fits[g] for c in corners)}/{len(corners)}" for g in sizes)
+    )
+    if spec.resources.gpu_memory_gib:
+        target = float(spec.resources.gpu_memory_gib)
+        ok = sum(c.needed_gib <= target for c in corners)
+        lines.append(
+            f"resources.gpu_memory_gib = {target:g}: {ok}/{len(corners)} corners would be admitted"
+            + ("; the others would be recorded as infeasible, never launched" if ok < len(corners) else "")
+        )
+    return "\n".join(lines)
+
+
+def run_estimate(spec: SweepSpec, gpu_sizes_gib: list[float], as_json: bool) -> str:
+    """What `qlora-sweep estimate` prints.
+
+    Raises:
+        SpecError: If the model config cannot be read or its memory cannot be predicted.
+    """
+    config = load_model_config(spec)
+    corners = estimate_corners(spec, config, gpu_sizes_gib)
+    if as_json:
+        return json.dumps([c.as_dict() for c in corners], indent=2)
+    return render_table(spec, corners, getattr(config, "model_type", "?"))
+

@@ -1,0 +1,302 @@
+"""The Optuna searcher of a sweep, with its study in a database that optuna-dashboard can read.
+
+Ray's `OptunaSearch` asks Optuna for every trial's config and tells it each trial's result. With
+an RDB storage (sqlite next to the experiment by default, see `resolve_study`) the study lives
+outside the driver: `optuna-dashboard sqlite:///EXPERIMENT/optuna.db` shows it live, and after a
+driver crash the study is still there for `resume`.
+
+Two gaps of Ray's searcher are closed here:
+
+* Optuna trials can be left RUNNING: Tune does not tell the searcher about trials it abandons
+  when the driver dies, and a tell that raises is only logged. `settle_study` resolves them before
+  a resume and at the end of every run (except those whose Tune trial is unfinished: Tune
+  continues them on resume, and they tell their own Optuna trial).
+* A trial whose Optuna trial is already finished (or unknown) must not crash the driver when it
+  reports again after a resume; `OptunaStudySearch` skips such reports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ray.tune.search.optuna import OptunaSearch
+
+from sweeps import storage
+
+if TYPE_CHECKING:
+    from sweeps.spec import SweepSpec
+
+DB_FILE = "optuna.db"
+# Where cloud-storage sweeps keep their sqlite study on the driver machine (a database cannot
+# live in an object store); the file is copied into the experiment when the sweep ends.
+STUDIES_ENV = "QLORA_SWEEP_STUDIES"
+# User attribute linking an Optuna trial to its Tune trial (and trial_<id>/ folder).
+TUNE_TRIAL_ATTR = "ray_trial_id"
+_UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
+
+
+def studies_root() -> Path:
+    return Path(os.environ.get(STUDIES_ENV) or Path.home() / ".local" / "share" / "qlora-sweep" / "studies")
+
+
+def resolve_study(spec: SweepSpec, experiment_dir: str, experiment_name: str) -> SweepSpec:
+    """Fill search.optuna_storage and search.optuna_study_name with what this sweep will use.
+
+    The saved sweep_spec.yaml then records where the study is, for resume and the dashboard.
+    """
+    search = spec.search
+    url = search.optuna_storage
+    if url is None:
+        if storage.is_uri(experiment_dir):
+            url = f"sqlite:///{studies_root() / experiment_name}.db"
+        else:
+            url = f"sqlite:///{Path(experiment_dir, DB_FILE)}"
+    elif url != "memory":
+        url = _absolute_sqlite(url, spec.base_dir)
+    name = search.optuna_study_name or experiment_name
+    search = search.model_copy(update={"optuna_storage": url, "optuna_study_name": name})
+    return spec.model_copy(update={"search": search})
+
+
+def _absolute_sqlite(url: str, base_dir: Path) -> str:
+    """A relative sqlite path resolves against the spec's folder, not the working directory."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return url
+    path = Path(parsed.database).expanduser()
+    if path.is_absolute():
+        return url
+    return parsed.set(database=str((base_dir / path).resolve())).render_as_string(hide_password=False)
+
+
+def sqlite_path(url: str | None) -> Path | None:
+    """The database file of a sqlite URL, else None."""
+    if not url or url == "memory":
+        return None
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
+def dashboard_command(url: str | None) -> str | None:
+    """The optuna-dashboard command for a study (None for an in-memory study)."""
+    if not url or url == "memory":
+        return None
+    from sqlalchemy.engine import make_url
+
+    return f"optuna-dashboard {make_url(url).render_as_string(hide_password=True)}"
+
+
+def open_storage(url: str) -> Any:
+    """An Optuna RDB storage; sqlite waits for locks held by a reading dashboard instead of failing."""
+    import optuna
+
+    engine_kwargs = {"connect_args": {"timeout": 30}} if sqlite_path(url) else None
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+
+
+def check_study(spec: SweepSpec, *, resuming: bool) -> str | None:
+    """A problem with the (resolved) study location, else None. Checked before Ray starts.
+
+    A new sweep must not reuse an existing study (TPE would learn from another sweep's trials);
+    a resumed one needs its study back, because Ray's restored searcher points at it.
+    """
+    url, name = spec.search.optuna_storage, spec.search.optuna_study_name
+    if url is None or url == "memory":
+        return None
+    db = sqlite_path(url)
+    if db is not None:
+        if resuming and not db.exists():
+            return (
+                f"search.optuna_storage: the study database {db} is gone. Resume continues that study "
+                "(Ray's saved searcher points at it): copy the file back to that path, or start a new sweep"
+            )
+        if not resuming and not db.exists():
+            return None  # created with the experiment; nothing there to collide with
+        if not db.parent.is_dir():
+            return f"search.optuna_storage: folder {db.parent} does not exist; create it or choose another path"
+    try:
+        import optuna
+
+        names = optuna.study.get_all_study_names(storage=open_storage(url))
+    except Exception as exc:  # unreachable server, bad credentials, missing driver module
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"search.optuna_storage: cannot open {dashboard_command(url).split(' ', 1)[1]} ({first})"
+    if resuming and name not in names:
+        return f"search.optuna_study_name: study '{name}' is not in the Optuna storage; resume needs the sweep's study"
+    if not resuming and name in names:
+        return (
+            f"search.optuna_study_name: study '{name}' already exists in the Optuna storage; "
+            "choose another --name (or search.optuna_study_name), or continue that sweep with `qlora-sweep resume`"
+        )
+    return None
+
+
+def make_searcher(spec: SweepSpec, space: Any, sampler: Any, mode: str) -> OptunaStudySearch:
+    """The sweep's searcher, its study in search.optuna_storage (resolved; see `resolve_study`)."""
+    from trainables.metrics import tune_mode
+
+    url = spec.search.optuna_storage
+    db = sqlite_path(url)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return OptunaStudySearch(
+        space=space,
+        # Multi-objective mode (search.objectives): lists, one direction per metric.
+        metric=spec.search.objective_metrics if spec.search.multi_objective else spec.search.metric,
+        mode=[tune_mode(m) for m in spec.search.objective_metrics] if spec.search.multi_objective else mode,
+        sampler=sampler,
+        storage=open_storage(url) if url and url != "memory" else None,
+        study_name=spec.search.optuna_study_name,
+    )
+
+
+class OptunaStudySearch(OptunaSearch):
+    """Ray's OptunaSearch, with each Optuna trial tagged with its Tune trial id and reports that
+    cannot be recorded (finished or unknown Optuna trial after a resume) skipped, not raised."""
+
+    def suggest(self, trial_id: str) -> dict | None:
+        params = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None:
+            # Lets `settle_study` (and a person on the dashboard) find the Tune trial of an Optuna trial.
+            ot_trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+        return params
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        import optuna
+
+        if trial_id not in self._ot_trials:
+            return
+        try:
+            super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # settled before this resumed trial reported again; the study keeps the first outcome
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id not in self._ot_trials:
+            return
+        if result and trial_id not in self._completed_trials and isinstance(self.metric, str) and self.metric in result:
+            # Tune hands the result that ends a trial (stop criterion) only to on_trial_complete;
+            # report it too, so the dashboard's intermediate-value curves reach the last round.
+            self.on_trial_result(trial_id, result)
+        if result and isinstance(self.metric, list) and any(_missing(result.get(m)) for m in self.metric):
+            # Multi-objective: Optuna cannot complete a trial with a missing value (Ray would only log
+            # the error and leave it RUNNING); without all values it ends PRUNED, or FAIL on error.
+            result = None
+        if result and isinstance(self.metric, str) and _missing(result.get(self.metric)) and self.metric in result:
+            # A diverged trial (NaN loss). Optuna refuses NaN as a value, so this too ends PRUNED:
+            # TPE ranks a pruned trial whose last intermediate value is NaN below every other trial,
+            # and so learns to avoid its region (a FAIL would be ignored).
+            if trial_id not in self._completed_trials:
+                self._ot_trials[trial_id].set_user_attr("trial_status", str(result.get("trial_status") or "diverged"))
+            result = None
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+    def set_constraint(self, trial_id: str, name: str, value: float) -> None:
+        """Record a constraint on a Tune trial's Optuna trial before it is told (value > 0: infeasible).
+
+        Optuna's samplers steer away from infeasible trials and `best_trials` leaves them out. Set from
+        the trial's parameters (sweeps/admission.py), not from its values: a sampler's constraints_func
+        runs before Optuna stores the values, so through Ray it would see none.
+        """
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and trial_id not in self._completed_trials:
+            ot_trial.set_constraint(name, float(value))
+
+    def link_tune_trial(self, trial_id: str, tune_trial_id: str) -> None:
+        """Tag the Optuna trial asked under `trial_id` with the Tune trial that runs it (see sweeps/admission.py)."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None:
+            ot_trial.set_user_attr(TUNE_TRIAL_ATTR, tune_trial_id)
+
+
+def _missing(value: Any) -> bool:
+    return not isinstance(value, (int, float)) or not math.isfinite(value)
+
+
+# --- settling stale RUNNING trials -------------------------------------------------------------
+
+
+def tune_trial_statuses(experiment_dir: str) -> dict[str, str]:
+    """trial_id -> Tune status, from the newest experiment_state JSON (read as JSON, never unpickled)."""
+    files = [f for f in storage.list_files(experiment_dir) if f.startswith("experiment_state-") and f.endswith(".json")]
+    if not files:
+        return {}
+    state = json.loads(storage.read_text(storage.join(experiment_dir, sorted(files)[-1])))
+    statuses = {}
+    for trial_json, _runtime in state.get("trial_data", []):
+        trial = json.loads(trial_json)
+        statuses[trial["trial_id"]] = trial.get("status", "")
+    return statuses
+
+
+def _last_value(experiment_dir: str, trial_id: str, metric: str) -> float | None:
+    path = storage.join(experiment_dir, f"trial_{trial_id}", "result.json")
+    if not storage.exists(path):
+        return None
+    value = None
+    for line in storage.read_text(path).splitlines():
+        try:
+            value = json.loads(line).get(metric, value)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def settle_study(spec: SweepSpec, experiment_dir: str) -> list[str]:
+    """Resolve Optuna trials left RUNNING with no Tune trial going to tell them.
+
+    A RUNNING Optuna trial whose Tune trial is unfinished in Tune's saved state is left alone:
+    `resume` continues that trial, which reports to it (after a normal run none is unfinished;
+    after Ctrl+C some are, and stay RUNNING for the resume). Any other is stale: told COMPLETE
+    with its last reported value if its Tune trial terminated normally, else FAIL (asked just
+    before the driver died, errored, or restarted from scratch under a new id).
+
+    Returns:
+        One line per trial settled, for the log.
+    """
+    import optuna
+
+    url, name = spec.search.optuna_storage, spec.search.optuna_study_name
+    if url is None or url == "memory":
+        return []
+    study = optuna.load_study(study_name=name, storage=open_storage(url))
+    statuses = tune_trial_statuses(experiment_dir)
+    settled = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        tune_id = trial.user_attrs.get(TUNE_TRIAL_ATTR)
+        status = statuses.get(tune_id) if tune_id else None
+        if status in _UNFINISHED:
+            continue
+        # One value per objective (several in multi-objective mode, search.objectives).
+        metrics = spec.search.objective_metrics
+        values = [_last_value(experiment_dir, tune_id, m) if status == "TERMINATED" else None for m in metrics]
+        if all(v is not None for v in values):
+            study.tell(trial.number, values if len(values) > 1 else values[0])
+            shown = ", ".join(f"{m} {v:.4f}" for m, v in zip(metrics, values))
+            settled.append(f"Optuna trial {trial.number} (Tune {tune_id}): COMPLETE with {shown}")
+        else:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            why = f"Tune status {status}" if status else "no Tune trial (asked just before the driver stopped)"
+            settled.append(f"Optuna trial {trial.number} (Tune {tune_id or '-'}): FAIL, {why}")
+    return settled
+
+
+def publish_study(spec: SweepSpec, experiment_dir: str) -> str | None:
+    """Copy a driver-local sqlite study into a cloud experiment, so the study travels with the results."""
+    db = sqlite_path(spec.search.optuna_storage)
+    if db is None or not storage.is_uri(experiment_dir) or not db.exists():
+        return None
+    target = storage.join(experiment_dir, DB_FILE)
+    storage.write_bytes(target, db.read_bytes())
+    return target

@@ -1,0 +1,343 @@
+"""Fault injection: a diverging trial, bad data, unwritable or full storage, a report that cannot be written.
+
+Each scenario runs `qlora-sweep` the way a user does (its own process, a private Ray temp folder,
+see tests/cli_runs.py) and has a control run showing that its test can fail. docs/reliability.md
+tabulates what each one proves and what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from tests.cli_runs import CliRun, private_ray_tmp, processes_of, run_cli
+from tests.conftest import SMOKE_DATA, make_spec_dict, write_spec
+
+GOOD_ROWS = SMOKE_DATA.read_text(encoding="utf-8").splitlines()
+
+
+@pytest.fixture
+def ray_tmp() -> Iterator[Path]:
+    with private_ray_tmp() as path:
+        yield path
+
+
+def assert_clean_failure(run: CliRun, storage: Path) -> None:
+    """Exit 2 with a message and no traceback, before Ray started and before anything was written.
+
+    The storage folder itself may exist (preflight's write probe makes it); nothing may be in it.
+    """
+    assert run.returncode == 2, run.output[-3000:]
+    assert run.stderr.startswith("error: "), run.stderr[-3000:]
+    assert "Traceback" not in run.output
+    assert run.ray_sessions == [], f"Ray was started: {run.ray_sessions}"
+    left = sorted(storage.rglob("*")) if storage.is_dir() else []
+    assert left == [], f"half-written output under --storage: {left}"
+
+
+# --- 1. a diverging trial -------------------------------------------------------------------------
+#
+# float16 compute on CPU with a learning rate of 0.5 (within the spec's < 1.0 typo guard, and with
+# the default gradient clipping) overflows the float16 range within a few steps: the loss becomes
+# NaN. Nothing in the training loop knows about tests; this is a real overflow. The same spec with
+# learning rate 3e-3 (the control, in the same sweep) trains normally.
+
+DIVERGE_LR, SANE_LR = 0.5, 0.003
+DIVERGE_STEPS = 20
+
+
+@pytest.mark.integration
+def test_a_diverging_trial_stops_at_once_and_the_sweep_completes(tmp_path: Path, ray_tmp: Path) -> None:
+    import optuna
+
+    spec = write_spec(
+        tmp_path / "diverge.yaml",
+        make_spec_dict(
+            name="diverge",
+            model={"path": "builtin:tiny-llama", "compute_dtype": "float16"},
+            space={"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "learning_rate": [DIVERGE_LR, SANE_LR]},
+            search={"num_samples": 3, "max_concurrent": 2, "seed": 0, "sampler": "random"},
+            scheduler={"asha": {"grace_period": 1, "reduction_factor": 2}},
+            train={"max_steps": DIVERGE_STEPS, "eval_every": 10, "batch_size": 8},
+        ),
+    )
+    run = run_cli(["run", str(spec), "--storage", str(tmp_path / "results"), "--name", "diverge"], ray_tmp)
+    assert run.returncode == 0, run.output[-4000:]
+    assert "Traceback" not in run.output
+    assert processes_of(ray_tmp) == [], "Ray processes left behind"
+    experiment = tmp_path / "results" / "diverge"
+    trials = pd.read_csv(experiment / "report" / "trials.csv")
+    assert len(trials) == 3
+    diverged = trials[trials["learning_rate"] == DIVERGE_LR]
+    sane = trials[trials["learning_rate"] == SANE_LR]
+    assert len(diverged) and len(sane), f"search.seed no longer draws both learning rates: {trials['learning_rate'].tolist()}"
+
+    # The diverged trials stopped at the step their loss became non-finite, reported once, and
+    # are marked diverged, not failed: a NaN is a result, not a crash.
+    assert set(diverged["status"]) == {"diverged"}, diverged[["trial_id", "status"]]
+    assert (diverged["steps"] < 10).all(), f"not stopped at once: {diverged['steps'].tolist()} of {DIVERGE_STEPS}"
+    assert (diverged["iterations"] == 1).all()
+    assert diverged["error"].isna().all()
+    for trial_id in diverged["trial_id"]:
+        results = [json.loads(line) for line in (experiment / f"trial_{trial_id}" / "result.json").read_text().splitlines()]
+        assert len(results) == 1 and results[0]["trial_status"] == "diverged"
+        assert math.isnan(results[0]["eval_loss"])
+        assert not math.isfinite(results[0]["train_loss"]) or results[0]["step"] < 10
+
+    # Control: the same spec with a sane learning rate trains normally, after and beside the NaN.
+    assert set(sane["status"]) <= {"completed", "early_stopped"}, sane[["trial_id", "status"]]
+    assert sane["best_eval_loss"].map(math.isfinite).all()
+    assert (sane["steps"] >= 10).all()
+
+    # Optuna was told at once (no stale RUNNING trial for the end-of-sweep settling to fix): a
+    # diverged trial is PRUNED with its NaN as last intermediate value, which TPE ranks below every
+    # other trial; the others are COMPLETE with their finite value.
+    assert "is not acceptable" not in run.output, "Optuna rejected a NaN value"
+    assert "settled Optuna trial" not in run.output, run.stdout
+    study = optuna.load_study(study_name="diverge", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    states = {t.user_attrs["ray_trial_id"]: t for t in study.get_trials(deepcopy=False)}
+    for trial_id in diverged["trial_id"]:
+        assert states[trial_id].state == optuna.trial.TrialState.PRUNED
+        assert states[trial_id].user_attrs["trial_status"] == "diverged"
+        assert math.isnan(states[trial_id].intermediate_values[1])
+    for trial_id in sane["trial_id"]:
+        assert states[trial_id].state == optuna.trial.TrialState.COMPLETE
+        assert math.isfinite(states[trial_id].value)
+    assert "diverged" in (experiment / "report" / "report.md").read_text()
+    print(
+        f"\n[diverge] {len(diverged)} diverged at steps {diverged['steps'].tolist()} of {DIVERGE_STEPS} "
+        f"in {diverged['wall_s'].round(1).tolist()} s; {len(sane)} sane trials {sane['status'].tolist()} "
+        f"in {sane['wall_s'].round(1).tolist()} s; sweep {run.wall_s:.0f} s"
+    )
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # a rung holding only the NaN
+def test_asha_cuts_other_trials_as_if_the_nan_trial_were_not_there() -> None:
+    """A NaN result neither crashes ASHA nor moves its cutoff (numpy's nanpercentile skips it)."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import ASHAScheduler
+
+    def decisions(results: list[tuple[str, float]]) -> dict[str, str]:
+        scheduler = ASHAScheduler(
+            metric="eval_loss", mode="min", time_attr="training_iteration", max_t=4, grace_period=1, reduction_factor=2
+        )
+        trials = {tid: Trial("qlora", stub=True, trial_id=tid) for tid, _ in results}
+        for trial in trials.values():
+            scheduler.on_trial_add(None, trial)
+        return {
+            tid: scheduler.on_trial_result(None, trials[tid], {"training_iteration": 1, "eval_loss": loss})
+            for tid, loss in results
+        }
+
+    finite = [("good", 1.0), ("bad", 2.0), ("best", 0.5), ("worse", 3.0)]
+    with_nan = decisions([("nan", math.nan), *finite])
+    without = decisions(finite)
+    assert with_nan["nan"] == "CONTINUE"  # the trial stops itself; ASHA need not
+    assert {k: v for k, v in with_nan.items() if k != "nan"} == without
+    # Control: the comparison can fail. A finite bad score in the NaN's place does change the cutoff.
+    assert {k: v for k, v in decisions([("nan", 0.1), *finite]).items() if k != "nan"} != without
+
+
+# --- 2. bad data: exit 2 before Ray starts, nothing written -------------------------------------
+
+LONG_ROW = json.dumps({"instruction": "Repeat this. " + "word " * 200, "output": "ok"})
+BAD_DATA = {
+    # case: (file name, file bytes or None for no file, spec data overrides, what stderr must say)
+    "missing file": ("missing.jsonl", None, {}, r"file not found: \S*missing\.jsonl"),
+    "empty file": ("empty.jsonl", b"", {}, r"empty\.jsonl holds no rows"),
+    "row missing a field": (
+        "rows.jsonl",
+        "\n".join([*GOOD_ROWS[:2], json.dumps({"instruction": "no answer"}), *GOOD_ROWS[2:60]]).encode(),
+        {},
+        r"rows\.jsonl row 3: missing field 'output'",
+    ),
+    "non-UTF-8 bytes": (
+        "latin1.jsonl",
+        b"\n".join([GOOD_ROWS[0].encode(), '{"instruction": "caf\xe9", "output": "x"}'.encode("latin-1"), *[r.encode() for r in GOOD_ROWS[1:60]]]),
+        {},
+        r"latin1\.jsonl row 2: bytes \d+-\d+ are not UTF-8",
+    ),
+    "row longer than max_seq_length": (
+        "long.jsonl",
+        "\n".join([*GOOD_ROWS[:3], LONG_ROW, *GOOD_ROWS[3:60]]).encode(),
+        {},
+        r"long\.jsonl row 4: \d+ tokens exceeds data\.max_seq_length \(64\)",
+    ),
+    "eval split would be empty": (
+        "few.jsonl",
+        "\n".join(GOOD_ROWS[:5]).encode(),
+        {"eval_size": 0.1},
+        r"few\.jsonl: 5 usable rows and data\.eval_size 0\.1 leave 0 eval",
+    ),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_stops_the_run_before_ray_starts(tmp_path: Path, ray_tmp: Path, case: str) -> None:
+    name, content, data_overrides, message = BAD_DATA[case]
+    data = tmp_path / name
+    if content is not None:
+        data.write_bytes(content)
+    spec = write_spec(tmp_path / "spec.yaml", make_spec_dict(data={"path": str(data), **data_overrides}))
+    storage = tmp_path / "results"
+    run = run_cli(["run", str(spec), "--storage", str(storage)], ray_tmp)
+    assert_clean_failure(run, storage)
+    assert re.search(message, run.stderr), run.stderr
+    assert data.name in run.stderr
+
+
+# --- 2b. bad rows skipped: the sweep runs and the report counts them -----------------------------
+
+
+@pytest.mark.integration
+def test_skipped_bad_rows_are_counted_in_data_report_and_report(tmp_path: Path, ray_tmp: Path) -> None:
+    rows = [
+        *GOOD_ROWS[:20],
+        json.dumps({"instruction": "no answer"}),  # row 21: missing field
+        *GOOD_ROWS[20:40],
+        LONG_ROW,  # row 42: too long
+        *GOOD_ROWS[40:60],
+    ]
+    data = tmp_path / "mixed.jsonl"
+    data.write_bytes("\n".join(rows).encode() + b"\n" + b'{"instruction": "\xff", "output": "x"}\n')  # row 63: not UTF-8
+    spec = write_spec(
+        tmp_path / "skip.yaml",
+        make_spec_dict(
+            name="skip",
+            data={"path": str(data), "on_bad_rows": "skip", "eval_size": 10},
+            search={"num_samples": 1, "max_concurrent": 1},
+            train={"max_steps": 10, "eval_every": 10},
+        ),
+    )
+    run = run_cli(["run", str(spec), "--storage", str(tmp_path / "results"), "--name", "skip"], ray_tmp)
+    assert run.returncode == 0, run.output[-4000:]
+    assert "data: 50 train / 10 eval rows, 3 bad rows skipped" in run.stdout
+    # Control for the bad-data tests above: a run that does start Ray is seen starting it.
+    assert len(run.ray_sessions) == 1
+    assert processes_of(ray_tmp) == [], "Ray processes left behind"
+
+    experiment = tmp_path / "results" / "skip"
+    found = json.loads((experiment / "data_report.json").read_text())
+    assert found["rows_read"] == 63 and found["train_rows"] == 50 and found["eval_rows"] == 10
+    assert found["skipped_rows"] == 3 and found["on_bad_rows"] == "skip"
+    assert [m.split(":")[0] for m in found["skipped"]] == ["mixed.jsonl row 63", "mixed.jsonl row 21", "mixed.jsonl row 42"]
+    assert "missing field 'output'" in found["skipped"][1] and "max_seq_length" in found["skipped"][2]
+
+    report = (experiment / "report" / "report.md").read_text()
+    assert "3 bad rows skipped (data.on_bad_rows: skip) of 63 read" in report
+    assert "## Bad rows skipped" in report and "mixed.jsonl row 21: missing field 'output'" in report
+    assert "3 bad rows skipped" in (experiment / "report" / "report.html").read_text()
+    trial = pd.read_csv(experiment / "report" / "trials.csv").iloc[0]
+    assert trial["status"] == "completed"
+    result = json.loads((experiment / f"trial_{trial['trial_id']}" / "result.json").read_text().splitlines()[-1])
+    assert result["skipped_rows"] == 3 and result["train_rows"] == 50
+
+
+# --- 3. storage unwritable or full: exit 2 before launch, nothing half-written ---------------------
+
+
+def _can_mount() -> bool:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+def _in_private_mount(mount_point: Path, options: str, fill: bool = False) -> list[str]:
+    """A wrapper command: a tmpfs at mount_point, visible only to the wrapped process (gone after)."""
+    script = f'mount -t tmpfs -o {options} tmpfs "$0"'
+    if fill:  # fill the tmpfs to the last byte: the next write fails with ENOSPC
+        script += ' && (head -c 1048576 /dev/zero > "$0/fill" 2>/dev/null; true)'
+    script += ' && "$@"; rc=$?; echo "--- left under $0:"; find "$0" -mindepth 1 ! -name fill; exit $rc'
+    return ["unshare", "-m", "sh", "-c", script, str(mount_point)]
+
+
+def _limit_file_size(limit: int) -> Any:
+    def apply() -> None:  # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", ["parent is a file", "file size limit", "read-only mount", "full disk"])
+def test_unwritable_or_full_storage_stops_the_run_before_ray_starts(tmp_path: Path, ray_tmp: Path, case: str) -> None:
+    from trainables.tiny_models import materialize
+
+    materialize("builtin:tiny-llama")  # build the model now: the limited process must only read it
+    spec = write_spec(tmp_path / "spec.yaml", make_spec_dict())
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    if case == "parent is a file":
+        blocker = tmp_path / "not-a-folder"
+        blocker.write_text("a file where a folder should be")
+        storage = blocker / "results"
+        run = run_cli(["run", str(spec), "--storage", str(storage)], ray_tmp)
+        assert blocker.read_text() == "a file where a folder should be"
+        reason = "Not a directory"
+    elif case == "file size limit":
+        storage = mount / "results"
+        run = run_cli(["run", str(spec), "--storage", str(storage)], ray_tmp, preexec_fn=_limit_file_size(1))
+        reason = "File too large"
+    else:
+        if not _can_mount():
+            pytest.skip("needs root and unshare to mount a private tmpfs")
+        storage = mount / "results"
+        options, fill, reason = ("ro,size=64k", False, "Read-only file system") if case == "read-only mount" else ("size=64k", True, "No space left on device")
+        run = run_cli(["run", str(spec), "--storage", str(storage)], ray_tmp, prefix=_in_private_mount(mount, options, fill))
+        left = run.stdout.split("--- left under", 1)[1].splitlines()[1:]
+        # Only the storage folder itself may have been made (by the write probe); nothing in it.
+        assert [line for line in left if line.strip() and line.strip() != str(storage)] == [], left
+        run.stdout = run.stdout.split("--- left under", 1)[0]
+    assert_clean_failure(run, storage)
+    assert f"storage: cannot write to {storage}" in run.stderr
+    assert reason in run.stderr, run.stderr
+
+
+# --- 3b. a report that cannot be written completely never looks complete ------------------------
+
+
+@pytest.mark.integration
+def test_a_report_write_that_fails_midway_leaves_no_report_claiming_to_be_complete(
+    tmp_path: Path, ray_tmp: Path, recorded_sweep: Any
+) -> None:
+    experiment = tmp_path / "experiment"
+    shutil.copytree(recorded_sweep.path, experiment, ignore=shutil.ignore_patterns("report", "checkpoint_*"))
+    out = tmp_path / "report"
+
+    # Control: unlimited, the report is complete, and its files tell the limit below where to fail.
+    first = run_cli(["report", str(experiment), "--out", str(out)], ray_tmp)
+    assert first.returncode == 0, first.output[-3000:]
+    sizes = {p.relative_to(out).as_posix(): p.stat().st_size for p in out.rglob("*") if p.is_file()}
+    assert {"trials.csv", "report.md", "report.html"} <= set(sizes)
+    before = (out / "trials.csv").stat().st_mtime_ns
+
+    # Allow the small data files, fail on the first big one (a chart or report.html).
+    small = max(sizes["trials.csv"], sizes.get("trials.parquet", 0))
+    limit = small + 1
+    assert limit < sizes["report.html"], sizes
+    failed = run_cli(["report", str(experiment), "--out", str(out)], ray_tmp, preexec_fn=_limit_file_size(limit))
+    assert failed.returncode == 2, failed.output[-3000:]
+    assert "Traceback" not in failed.output
+    assert f"error: cannot write the report to {out}" in failed.stderr and "File too large" in failed.stderr
+    assert f"qlora-sweep report {experiment}" in failed.stderr
+    assert (out / "trials.csv").stat().st_mtime_ns > before, "the failure was not midway: nothing was rewritten"
+    assert not (out / "report.html").exists() and not (out / "report.md").exists(), "a stale or partial summary survived"
+    assert not [p for p in out.rglob("*.tmp-*")], "a partial temp file was left behind"
+    print(f"\n[report] limit {limit} bytes; failed with: {failed.stderr.strip()[:200]}")
+
+    # And once there is room again the report is whole.
+    again = run_cli(["report", str(experiment), "--out", str(out)], ray_tmp)
+    assert again.returncode == 0 and (out / "report.html").exists()

@@ -1,0 +1,95 @@
+"""The report's memory sections (analysis/memory_report.py) on hand-made trials tables."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from analysis.memory_report import (
+    NOT_COMPARABLE,
+    memory_summary_lines,
+    objective_columns,
+    objectives_front,
+    packing_lines,
+    packing_summary,
+    prediction_rows,
+)
+
+NAN = math.nan
+
+
+def test_the_error_is_shown_only_next_to_vram() -> None:
+    trials = pd.DataFrame(
+        {
+            "trial_id": ["gpu", "cpu", "pending", "rejected"],
+            "status": ["completed", "completed", "running", "infeasible"],
+            "predicted_memory_mib": [9000.0, 3.5, 2.0, 20000.0],
+            "peak_memory_mib": [10000.0, 612.0, NAN, NAN],
+            "memory_kind": ["cuda_reserved", "host_rss", None, None],
+            "memory_error_pct": [-10.0, NAN, NAN, NAN],
+        }
+    )
+    rows = prediction_rows(trials).set_index("trial_id")
+    assert rows.loc["gpu", "error"] == "-10.0%"
+    assert rows.loc["cpu", "error"] == NOT_COMPARABLE == "n/a (measured host RSS, not comparable)"
+    assert rows.loc["pending", "error"] == ""
+    assert "rejected" not in rows.index  # a rejected configuration has a prediction but was never measured
+
+
+def test_packing_counts_trials_per_gpu_and_gpu_hours_from_start_and_end_times() -> None:
+    # GPU 0 of node a: three trials, two overlapping for 50 s; GPU 1: one trial. Times in seconds.
+    trials = pd.DataFrame(
+        {
+            "trial_id": ["t1", "t2", "t3", "t4", "unpacked"],
+            "node_id": ["a", "a", "a", "a", "a"],
+            "gpu_ids": ["0", "0", "0", "1", None],
+            "gpu_fraction": [0.3, 0.3, 0.5, 0.3, NAN],
+            "started_at": [0.0, 50.0, 200.0, 0.0, 0.0],
+            "ended_at": [100.0, 150.0, 300.0, 100.0, 50.0],
+            "device": ["cuda:0", "cuda:0", "cuda:0", "cuda:0", "cuda:0"],
+        }
+    )
+    summary = packing_summary(trials)
+    assert summary is not None and summary.gpus == 2 and summary.trials == 4 and summary.max_per_gpu == 2
+    # GPU 0 busy 0-150 and 200-300 (250 s), GPU 1 100 s; one trial per GPU would take 100+100+100+100 s.
+    assert summary.busy_gpu_hours == pytest.approx(350 / 3600)
+    assert summary.unpacked_gpu_hours == pytest.approx(400 / 3600)
+    assert summary.reserved_gpu_hours == pytest.approx((0.3 * 100 * 3 + 0.5 * 100) / 3600)
+    assert summary.saved_pct == pytest.approx(12.5) and not summary.logical
+    assert "up to 2 ran on one GPU at once" in packing_lines(summary)[0]
+    on_cpu = packing_summary(trials.assign(device="cpu"))
+    assert on_cpu.logical and "this was a CPU run: the GPU was logical" in packing_lines(on_cpu)[-1]
+    assert packing_summary(trials.drop(columns=["gpu_fraction"])) is None
+    assert packing_summary(trials.assign(gpu_fraction=NAN)) is None
+
+
+def test_the_searched_objectives_front_uses_each_objectives_direction() -> None:
+    spec = {"search": {"metric": "eval_loss", "objectives": ["eval_loss", "tokens_per_s"]}}
+    assert objective_columns(spec) == ["best_eval_loss", "tokens_per_s"]
+    assert objective_columns({"search": {"metric": "eval_loss"}}) == []
+    ranked = pd.DataFrame(
+        {
+            "trial_id": ["good-slow", "bad-fast", "dominated", "best"],
+            "best_eval_loss": [1.0, 2.0, 2.5, 0.9],
+            "tokens_per_s": [100.0, 900.0, 800.0, 150.0],
+        }
+    )
+    front = objectives_front(ranked, objective_columns(spec))
+    assert list(front["trial_id"]) == ["best", "bad-fast"]  # good-slow loses to best on both; higher tokens/s is better
+
+
+def test_summary_counts_rejections_by_reason() -> None:
+    trials = pd.DataFrame(
+        {
+            "trial_id": ["a", "b", "c", "d"],
+            "status": ["infeasible", "infeasible", "oom", "completed"],
+            "infeasible_reason": ["predicted not to fit: ...", "dominated by OOM config c (...)", None, None],
+        }
+    )
+    assert memory_summary_lines(trials, {}) == [
+        "memory: 2 configurations rejected before launch (1 predicted not to fit, 1 dominated by an OOM config); "
+        "1 trial ran out of memory"
+    ]
+    assert memory_summary_lines(trials[trials["status"] == "completed"], {}) == []

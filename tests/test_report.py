@@ -1,0 +1,323 @@
+"""The report: loading experiments into the trials table, the analysis, and the files it writes.
+
+Unit tests build experiment folders in the layout Tune and the trainable write (params.json,
+result.json lines, error.txt, checkpoint folders, experiment_state JSON) to cover every status;
+integration tests use a real tiny sweep recorded once per session (conftest.recorded_sweep).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+
+from analysis.report import analyze, write_report
+from analysis.results import load_experiment
+from sweeps.cli import main
+from sweeps.spec import parse_spec
+from tests.conftest import RecordedSweep, make_spec_dict
+from trainables.metrics import COLUMNS
+
+CONFIG = {
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "weight_decay": 0.0,
+    "warmup_ratio": 0.03,
+    "lr_scheduler_type": "cosine",
+    "batch_size": 8,
+}
+
+
+def trial(
+    trial_id: str,
+    *,
+    r: int = 8,
+    targets: str = "qv",
+    lr: float = 3e-3,
+    evals: list[tuple[float, bool]] = (),
+    memory: float = 9000.0,
+    kind: str = "cuda_reserved",
+    tune_status: str = "TERMINATED",
+    last: dict[str, Any] | None = None,
+    error: str | None = None,
+    truncated: bool = False,
+    deleted_checkpoints: tuple[int, ...] = (),
+    predicted: float | None = None,
+) -> dict[str, Any]:
+    """A trial as written to disk: evals are (eval_loss, keeps a checkpoint) per round of 10 steps."""
+    return {k: v for k, v in locals().items()}
+
+
+def write_experiment(root: Path, trials: list[dict[str, Any]], name: str = "exp") -> Path:
+    """An experiment folder in the layout Tune + qlora-sweep write (no Ray needed to read it back)."""
+    spec = parse_spec(
+        make_spec_dict(
+            space={"r": [8, 16], "target_modules": ["qv", "all-linear"], "learning_rate": {"loguniform": [1e-4, 1e-2]}}
+        )
+    ).model_dump(mode="json")
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "sweep_spec.yaml").write_text(yaml.safe_dump({**spec, "name": name, "storage": str(root)}))
+    state = []
+    for t in trials:
+        config = {"r": t["r"], "target_modules": t["targets"], "learning_rate": t["lr"], **CONFIG}
+        state.append(
+            [
+                json.dumps({"trial_id": t["trial_id"], "status": t["tune_status"], "config": config}),
+                json.dumps({"error_filename": "error.txt" if t["error"] else None, "num_failures": 0}),
+            ]
+        )
+        if t["tune_status"] == "PENDING":
+            continue  # never started: no folder
+        folder = path / f"trial_{t['trial_id']}"
+        folder.mkdir()
+        (folder / "params.json").write_text(json.dumps(config))
+        lines = []
+        for i, (loss, keeps) in enumerate(t["evals"]):
+            result = {
+                "eval_loss": loss,
+                "step": 10 * (i + 1),
+                "peak_memory_mib": t["memory"],
+                "memory_kind": t["kind"],
+                "trainable_params": 1000 * t["r"],
+                "tokens_per_s": 500.0,
+                "training_iteration": i + 1,
+                "time_total_s": 2.0 * (i + 1),
+                "node_ip": "10.0.0.7",
+                "trial_id": t["trial_id"],
+                "done": False,
+            }
+            if t["predicted"] is not None:
+                result["predicted_memory_mib"] = t["predicted"]
+            if keeps:
+                result["checkpoint_dir_name"] = f"checkpoint_{i:06d}"
+                if i not in t["deleted_checkpoints"]:
+                    (folder / result["checkpoint_dir_name"]).mkdir()
+                    (folder / result["checkpoint_dir_name"] / "adapter_config.json").write_text("{}")
+            lines.append(json.dumps(result))
+        if t["last"] is not None:
+            lines.append(json.dumps({"memory_kind": t["kind"], "trial_id": t["trial_id"], **t["last"]}))
+        text = "\n".join(lines) + "\n"
+        if t["truncated"]:
+            text += '{"eval_loss": 0.9, "step": 2'  # killed while writing
+        (folder / "result.json").write_text(text)
+        if t["error"]:
+            (folder / "error.txt").write_text(f"Traceback (most recent call last):\n  ...\n{t['error']}\n")
+    (path / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": state}))
+    return path
+
+
+def cluster_trials() -> list[dict[str, Any]]:
+    """A GPU sweep with one trial in every status."""
+    return [
+        # Best loss at round 1, whose checkpoint Tune already deleted: the kept round-2 one is used.
+        trial("best", r=16, targets="all-linear", evals=[(1.10, True), (1.20, True)], memory=9000,
+              deleted_checkpoints=(0,), predicted=10000.0),
+        trial("cheap", r=8, targets="qv", lr=2e-3, evals=[(1.30, True), (1.105, True)], memory=5000, predicted=4500.0),
+        trial("pricey", r=16, targets="all-linear", lr=5e-3, evals=[(1.25, True), (1.15, True)], memory=12000),
+        trial("crashed", evals=[(1.6, True)], tune_status="ERROR", error="RuntimeError: CUDA error: device-side assert"),
+        trial("nomem", evals=[], last={"trial_status": "oom", "step": 3, "peak_memory_mib": 23000.0},
+              error="torch.OutOfMemoryError: CUDA out of memory"),
+        trial("blewup", r=16, lr=9e-3, evals=[(2.0, True)],
+              last={"eval_loss": math.nan, "trial_status": "diverged", "step": 12}),
+        trial("live", r=8, targets="all-linear", lr=1e-3, evals=[(1.4, True)], memory=7000, tune_status="RUNNING",
+              truncated=True),
+        trial("queued", tune_status="PENDING"),
+    ]
+
+
+def test_every_trial_is_loaded_with_its_status_and_the_declared_dtypes(tmp_path: Path) -> None:
+    exp = load_experiment(str(write_experiment(tmp_path, cluster_trials())))
+    table = exp.trials.set_index("trial_id")
+    assert table["status"].to_dict() == {
+        "best": "completed",
+        "cheap": "completed",
+        "pricey": "completed",
+        "live": "running",
+        "queued": "pending",
+        "crashed": "failed",
+        "nomem": "oom",
+        "blewup": "diverged",
+    }
+    for name, dtype in exp.trials.dtypes.items():
+        if name in COLUMNS:
+            assert str(dtype) == COLUMNS[name].dtype, name
+    assert table.at["best", "best_eval_loss"] == pytest.approx(1.10)
+    assert table.at["best", "final_eval_loss"] == pytest.approx(1.20)
+    assert table.at["best", "best_step"] == 10
+    assert table.at["best", "checkpoint_path"].endswith("trial_best/checkpoint_000001")  # the best one is gone
+    assert table.at["cheap", "checkpoint_path"].endswith("trial_cheap/checkpoint_000001")
+    assert table.at["pricey", "checkpoint_path"].endswith("trial_pricey/checkpoint_000001")
+    assert table.at["crashed", "error"] == "RuntimeError: CUDA error: device-side assert"
+    assert table.at["best", "memory_error_pct"] == pytest.approx((10000 - 9000) / 9000 * 100)
+    assert table.at["cheap", "memory_error_pct"] == pytest.approx(-10.0)
+    assert pd.isna(table.at["pricey", "predicted_memory_mib"]) and pd.isna(table.at["pricey", "memory_error_pct"])
+    assert any("truncated" in note and "trial_live" in note for note in exp.notes)
+    assert len(exp.curves[exp.curves["trial_id"] == "best"]) == 2
+
+
+def test_analysis_picks_best_cheapest_and_best_per_budget_and_lists_the_rest(tmp_path: Path) -> None:
+    analysis = analyze(load_experiment(str(write_experiment(tmp_path, cluster_trials()))), [4, 8, 10, 16])
+    assert analysis.memory_kind == "cuda_reserved" and analysis.budgets_apply
+    assert analysis.best["trial_id"] == "best"
+    assert analysis.cheapest["trial_id"] == "cheap"  # 1.105 is within 1% of 1.10, at 5000 MiB instead of 9000
+    assert analysis.budgets["trial_id"].fillna("-").tolist() == ["-", "cheap", "best", "best"]
+    assert set(analysis.ranked["trial_id"]) == {"best", "cheap", "pricey", "live"}
+    assert set(analysis.ranked.loc[analysis.ranked["on_front"], "trial_id"]) == {"best", "cheap"}
+    reasons = analysis.not_ranked.set_index("trial_id")["reason"].to_dict()
+    assert set(reasons) == {"crashed", "nomem", "blewup", "queued"}
+    assert reasons["crashed"] == "failed: RuntimeError: CUDA error: device-side assert"
+    assert reasons["nomem"].startswith("ran out of memory")
+    assert reasons["blewup"] == "loss became NaN/inf by step 12"
+    assert "no evaluation yet" in reasons["queued"]
+    assert analysis.in_progress
+
+
+def test_report_files_say_partial_list_every_left_out_trial_and_label_vram(tmp_path: Path) -> None:
+    path = write_experiment(tmp_path, cluster_trials())
+    outcome = write_report(str(path), budgets_gib=[8, 16])
+    report = Path(outcome.report_dir)
+    assert report == path / "report"
+    assert {"report.html", "report.md", "trials.csv", "trials.parquet"} <= set(outcome.files)
+    html = (report / "report.html").read_text()
+    md = (report / "report.md").read_text()
+    assert "Partial report: the sweep is still running" in html
+    assert "partial: the sweep is still running" in md
+    for trial_id in ("crashed", "nomem", "blewup", "queued"):
+        assert f"`{trial_id}`" in md.split("## Trials left out of the ranking")[1]
+    assert "9,000 MiB VRAM (8.79 GiB)" in md and "not meaningful" not in md
+    assert "best under each VRAM budget: 8 GiB: cheap (1.1050), 16 GiB: best (1.1000)" in md
+    assert "Predicted vs measured memory" in html
+    assert len(pd.read_csv(report / "trials.csv")) == 8
+    assert 'src="http' not in html and "<link" not in html  # self-contained
+
+
+def test_cpu_runs_label_memory_as_host_rss_and_call_budgets_not_meaningful(tmp_path: Path) -> None:
+    trials = [
+        trial("a", evals=[(1.2, True), (1.0, True)], memory=640, kind="host_rss", predicted=300.0),
+        trial("b", r=16, evals=[(1.5, True), (1.3, True)], memory=600, kind="host_rss"),
+    ]
+    outcome = write_report(str(write_experiment(tmp_path, trials)))
+    md = (Path(outcome.report_dir) / "report.md").read_text()
+    html = (Path(outcome.report_dir) / "report.html").read_text()
+    assert "host RSS, not VRAM: budgets are not meaningful for a CPU run" in md
+    assert "Budgets are not meaningful for this run" in html
+    assert "640 MiB host RSS (CPU, not VRAM)" in md
+    assert "MiB VRAM" not in md and "MiB VRAM" not in html  # no CPU figure presented as VRAM
+    assert any("not meaningful" in line for line in outcome.summary_lines)
+    exp = load_experiment(str(tmp_path / "exp"))
+    assert exp.trials["memory_error_pct"].isna().all()  # a VRAM prediction is not compared with RSS
+
+
+def test_mixed_memory_kinds_rank_only_vram_and_say_why_the_rest_is_left_out(tmp_path: Path) -> None:
+    trials = [
+        trial("gpu", evals=[(1.2, True), (1.1, True)], memory=9000),
+        trial("cpu", evals=[(1.0, True), (0.9, True)], memory=500, kind="host_rss"),
+    ]
+    analysis = analyze(load_experiment(str(write_experiment(tmp_path, trials))), importance=False)
+    assert analysis.best["trial_id"] == "gpu"
+    assert analysis.not_ranked.set_index("trial_id").at["cpu", "reason"] == (
+        "memory measured as host_rss, not comparable with cuda_reserved"
+    )
+
+
+def test_importance_is_rebuilt_from_the_table_when_no_study_is_stored(tmp_path: Path) -> None:
+    analysis = analyze(load_experiment(str(write_experiment(tmp_path, cluster_trials()))))
+    importance = analysis.importance
+    assert "rebuilt from the trials table" in importance.source
+    assert importance.trials == 4  # the rankable trials with a result
+    assert set(importance.values) == {"r", "target_modules", "learning_rate"}  # the searched parameters
+    assert sum(importance.values.values()) == pytest.approx(1.0)
+
+
+def test_a_folder_that_is_not_an_experiment_exits_2_without_traceback(tmp_path: Path, capsys) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a qlora-sweep experiment folder (no sweep_spec.yaml)" in err and "Traceback" not in err
+
+
+def test_bad_budget_values_exit_2_naming_the_value(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path), "--budget-gib", "8", "-3"])
+    assert exit_info.value.code == 2
+    assert "'-3' is not a positive number of GiB" in capsys.readouterr().err
+
+
+# --- a real sweep -------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_report_of_a_real_sweep(recorded_sweep: RecordedSweep, tmp_path: Path, capsys) -> None:
+    assert main(["report", str(recorded_sweep.path), "--budget-gib", "1", "2", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {tmp_path}/report.html" in printed
+    trials = pd.read_parquet(tmp_path / "trials.parquet")
+    assert len(trials) == 4
+    for name, dtype in trials.dtypes.items():
+        if name in COLUMNS:
+            assert str(dtype) == COLUMNS[name].dtype, name
+    assert set(trials["status"]) <= {"completed", "early_stopped"}, trials["status"].tolist()
+    assert (trials.loc[trials["status"] == "completed", "steps"] == 20).all()
+    assert (trials.loc[trials["status"] == "early_stopped", "steps"] < 20).all()
+    assert (trials["memory_kind"] == "host_rss").all() and (trials["peak_memory_mib"] > 100).all()
+    assert trials["trainable_params"].gt(0).all() and trials["node_id"].notna().all()
+
+    for row in trials.to_dict("records"):
+        # The checkpoint column names the kept checkpoint with the lowest eval loss, read here independently.
+        results = [json.loads(line) for line in (Path(row["trial_dir"]) / "result.json").read_text().splitlines()]
+        kept = [r for r in results if (Path(row["trial_dir"]) / r["checkpoint_dir_name"]).is_dir()]
+        expected = min(kept, key=lambda r: r["eval_loss"])
+        assert row["checkpoint_path"] == str(Path(row["trial_dir"]) / expected["checkpoint_dir_name"])
+        assert row["best_eval_loss"] == pytest.approx(min(r["eval_loss"] for r in results))
+        assert (Path(row["checkpoint_path"]) / "adapter_model.safetensors").is_file()
+
+    analysis = analyze(load_experiment(str(recorded_sweep.path)), [1, 2])
+    assert analysis.best["trial_id"] == trials.sort_values("best_eval_loss").iloc[0]["trial_id"]
+    if (recorded_sweep.path / "optuna.db").exists():
+        assert "the sweep's Optuna study" in analysis.importance.source
+    assert analysis.importance.values and set(analysis.importance.values) <= {"r", "target_modules", "learning_rate"}
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4  # quality-memory, curves, heatmap, lr (+ importance)
+    assert "Budgets are not meaningful for this run" in html
+
+
+@pytest.mark.integration
+def test_reports_written_while_the_sweep_ran_were_complete_and_marked_partial(recorded_sweep: RecordedSweep) -> None:
+    attempts = recorded_sweep.partial_reports
+    assert attempts, "the sweep ended before a single partial report was attempted"
+    assert [error for _, _, error in attempts if error] == []
+    seen_partial = False
+    for out, statuses, _ in attempts:
+        html = (out / "report.html").read_text()
+        assert html.rstrip().endswith("</html>")
+        partial = any(s in ("running", "pending", "paused") for s in statuses)
+        seen_partial |= partial
+        assert ("Partial report: the sweep is still running" in html) == partial, (out, statuses)
+    assert seen_partial, [statuses for _, statuses, _ in attempts]  # a report saw trials pending or running
+
+
+@pytest.mark.integration
+def test_compare_two_sweeps_side_by_side(recorded_sweep: RecordedSweep, tmp_path: Path, capsys) -> None:
+    # The same sweep "on another base model": a copy whose spec names another model.
+    other = tmp_path / "recorded-qwen"
+    shutil.copytree(recorded_sweep.path, other, ignore=shutil.ignore_patterns("checkpoint_*", "report"))
+    spec = yaml.safe_load((other / "sweep_spec.yaml").read_text())
+    spec["model"]["path"] = "builtin:tiny-qwen2"
+    (other / "sweep_spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+    out = tmp_path / "cmp"
+    assert main(["compare", str(recorded_sweep.path), str(other), "--out", str(out)]) == 0
+    assert f"comparison: {out}/compare.html" in capsys.readouterr().out
+    html = (out / "compare.html").read_text()
+    md = (out / "compare.md").read_text()
+    assert "model.path" in md and "builtin:tiny-qwen2" in md
+    assert html.count("data:image/png;base64,") == 1  # one chart, both fronts overlaid (same memory kind)
+    both = pd.read_csv(out / "compare.csv")
+    assert sorted(both["sweep"].unique()) == ["recorded", "recorded-qwen"]
+    assert len(both) == 8

@@ -51,6 +51,20 @@ TINY_SPEC: dict[str, Any] = {
 }
 
 
+# One fixed trial configuration, for tests that call the trainable directly (no searcher).
+TRIAL_CONFIG: dict[str, Any] = {
+    "r": 8,
+    "lora_alpha": 16,
+    "target_modules": "qv",
+    "learning_rate": 3e-3,
+    "lora_dropout": 0.0,
+    "weight_decay": 0.0,
+    "warmup_ratio": 0.0,
+    "lr_scheduler_type": "constant",
+    "batch_size": 8,
+}
+
+
 def make_spec_dict(**overrides: Any) -> dict[str, Any]:
     """TINY_SPEC with sections overridden (a section's keys are merged, not replaced)."""
     spec = copy.deepcopy(TINY_SPEC)

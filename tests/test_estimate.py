@@ -12,20 +12,9 @@ from sweeps.cli import main
 from sweeps.estimate import corner_configurations
 from sweeps.spec import parse_spec
 from tests.conftest import make_spec_dict, write_spec
-from trainables.memory_estimator import GIB
+from trainables.memory_estimator import GIB, LLAMA3_8B_CONFIG
 
-# Meta-Llama-3-8B's config.json values (no weights: the estimator builds the model on the meta device).
-LLAMA3_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-    tie_word_embeddings=False,
-)
+LLAMA3_8B = {k: v for k, v in LLAMA3_8B_CONFIG.items() if k != "model_type"}
 PARTS = (
     "linear_weights_bytes", "quant_constants_bytes", "other_weights_bytes", "lora_weights_bytes", "lora_grads_bytes",
     "optimizer_state_bytes", "activations_bytes", "logits_bytes", "dequant_workspace_bytes", "allocator_overhead_bytes",

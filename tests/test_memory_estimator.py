@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from trainables.memory_estimator import (
+    LLAMA3_8B_CONFIG,
     MemoryEstimate,
     count_lora_params,
     estimate_peak_memory,
@@ -35,15 +36,7 @@ from trainables.memory_estimator import (
 
 # --- configs ---------------------------------------------------------------------------------
 
-LLAMA3_8B = LlamaConfig(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    tie_word_embeddings=False,
-)
+LLAMA3_8B = LlamaConfig(**{k: v for k, v in LLAMA3_8B_CONFIG.items() if k != "model_type"})
 
 
 def tiny(family: str, *, tied: bool = False, layers: int = 2) -> object:

@@ -18,21 +18,11 @@ import pandas as pd
 import pytest
 
 from sweeps.spec import parse_spec
-from tests.conftest import make_spec_dict, ray_pids, wait_for_no_ray_processes
+from tests.conftest import TRIAL_CONFIG, make_spec_dict, ray_pids, wait_for_no_ray_processes
 
 pytestmark = pytest.mark.integration
 
-TRIAL = {
-    "r": 8,
-    "lora_alpha": 16,
-    "target_modules": "qv",
-    "learning_rate": 3e-3,
-    "lora_dropout": 0.0,
-    "weight_decay": 0.0,
-    "warmup_ratio": 0.0,
-    "lr_scheduler_type": "constant",
-    "batch_size": 8,
-}
+TRIAL = TRIAL_CONFIG
 INJECT = "QLORA_SWEEP_INJECT_OOM_ABOVE_MIB"
 
 

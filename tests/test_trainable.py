@@ -9,20 +9,11 @@ from typing import Any
 import pytest
 
 from sweeps.spec import parse_spec
-from tests.conftest import make_spec_dict
+from tests.conftest import TRIAL_CONFIG, make_spec_dict
 
 pytestmark = pytest.mark.integration
 
-TRIAL = {
-    "r": 8,
-    "lora_alpha": 16,
-    "target_modules": "qv",
-    "learning_rate": 3e-3,
-    "lora_dropout": 0.0,
-    "weight_decay": 0.0,
-    "warmup_ratio": 0.0,
-    "lr_scheduler_type": "constant",
-}
+TRIAL = TRIAL_CONFIG
 
 
 def spec_for(**train: Any):

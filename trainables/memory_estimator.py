@@ -80,6 +80,21 @@ DEFAULT_FIT_MARGIN = 0.10
 MIB = 1 << 20
 GIB = 1 << 30
 
+# Meta-Llama-3-8B's config.json shape values: the reference model of the hand-computed breakdown
+# in docs/memory.md, which the tests, `estimate` examples and benchmarks all use (no weights needed).
+LLAMA3_8B_CONFIG: dict[str, Any] = {
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+}
+
 # Sibling projections that read the same input tensor, so LoRA on any of them keeps that input once.
 _SHARED_INPUT_GROUPS: tuple[frozenset[str], ...] = (
     frozenset({"q_proj", "k_proj", "v_proj"}),

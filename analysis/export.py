@@ -56,7 +56,7 @@ TRAINING_STATE_FILES = (
     "trainer_state.json",
     "training_args.bin",
     "qlora_sweep_state.json",
-    "README.md",  # peft's generic model card; replaced by ours
+    "README.md",  # peft's generic model card (checkpoints now skip it); replaced by ours
 )
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # Relative tolerance between the merged model's and the unmerged 16-bit model's eval loss.

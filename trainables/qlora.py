@@ -487,6 +487,10 @@ def _build_trainer(
         for param in trainer.model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
+    # peft renders a model card (a Jinja template compiled afresh) into every checkpoint: half of
+    # a checkpoint's time on a small adapter (benchmarks/trainable_throughput.py). `export` writes
+    # its own README, so the checkpoints skip it.
+    trainer.model.create_or_update_model_card = lambda output_dir: None
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints every log line when tqdm is off

@@ -1,0 +1,107 @@
+"""The benchmark scripts still run: each in its tiny `--quick` mode, checked for structure only.
+
+Quick-mode numbers mean nothing (one repetition, a few steps), so nothing here looks at a timing;
+the real figures are in docs/benchmarks.md with the commands that produced them. What is checked
+besides structure are exact properties that must hold at any size: the bare peft + trl loop trains
+the same numbers as the trainable, and the measured quantization-constant bytes equal the estimator's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO, ray_pids, wait_for_no_ray_processes
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def no_ray_left_behind() -> Any:
+    before = ray_pids()
+    yield
+    leftover = wait_for_no_ray_processes(ignore=before)
+    assert not leftover, f"Ray processes left behind: {leftover}"
+
+
+def run_quick(script: str, tmp_path: Path, *extra: str) -> tuple[str, dict[str, Any]]:
+    """Run `python benchmarks/<script>.py --quick --out ...` from the repository root."""
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--quick", "--out", str(out), *extra],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert proc.returncode == 0, f"{script} --quick failed:\n{proc.stderr[-4000:]}"
+    payload = json.loads(out.read_text())
+    assert payload["command"].startswith(f"python benchmarks/{script}.py --quick")
+    assert {"cpu_model", "logical_cpus", "ram_gib", "versions"} <= set(payload["machine"])
+    return proc.stdout, payload
+
+
+def test_orchestration_overhead_quick(tmp_path: Path) -> None:
+    stdout, payload = run_quick("orchestration_overhead", tmp_path)
+    assert "## Orchestration overhead" in stdout and "Target (<= 1 s per trial" in stdout
+    assert set(payload["runs"]) == {"plain", "driver_c1"}
+    for name in ("plain", "driver_c1"):
+        (run,) = payload["runs"][name]
+        assert {"wall_s", "startup_s", "in_trial_s", "train_s", "gaps_s", "teardown_s"} <= set(run)
+    assert {"report_s", "preflight_and_ray_init_s", "ray_up_to_first_trial_s"} <= set(payload["runs"]["driver_c1"][0])
+    overhead = payload["summary"]["overhead"]["driver_c1"]
+    for key in ("total_per_trial_s", "startup_s", "teardown_s", "scheduling_reporting_per_trial_s", "ratio_to_minimum"):
+        assert overhead[key]["n"] == 1
+
+
+def test_trainable_throughput_quick_trains_the_same_numbers_as_the_bare_loop(tmp_path: Path) -> None:
+    stdout, payload = run_quick("trainable_throughput", tmp_path)
+    assert "## Trainable throughput" in stdout
+    summary = payload["summary"]
+    assert set(payload["runs"]) == {"ours", "bare", "ours_no_ckpt"}
+    for name in ("ours_over_bare", "ours_no_ckpt_over_bare"):
+        assert summary[name]["tokens_per_s"]["n"] == 1
+        # Same model, data, seed, arguments and fp32 compute: the training losses are identical.
+        assert summary[name]["loss_diff"]["median"] == 0.0
+    runs = payload["runs"]
+    assert runs["ours"][0]["tokens"] == runs["bare"][0]["tokens"] == runs["ours_no_ckpt"][0]["tokens"]
+
+
+def test_search_efficiency_quick(tmp_path: Path) -> None:
+    png = tmp_path / "curves.png"
+    stdout, payload = run_quick("search_efficiency", tmp_path, "--plot", str(png))
+    assert "## Search efficiency" in stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    methods = {run["method"]: run for run in payload["runs"]}
+    assert set(methods) == {"asha_tpe", "grid"}
+    # The grid runs every point of the (2-point) quick space exactly once.
+    grid = methods["grid"]["trials"]
+    assert sorted(t["target_modules"] for t in grid) == ["all-linear", "qv"]
+    summary = payload["summary"]
+    assert summary["target_loss"] == pytest.approx(summary["reference_loss"] * 1.01)
+    assert set(summary["methods"]) == {"asha_tpe", "grid"} and "asha_tpe_over_grid" in summary["ratios"]
+
+
+def test_scaling_quick(tmp_path: Path) -> None:
+    stdout, payload = run_quick("scaling", tmp_path)
+    assert "## Scaling" in stdout
+    summary = payload["summary"]
+    assert set(payload["runs"]) == {"local_c1", "cluster_c3"}
+    assert summary["local_c1"]["efficiency"]["median"] == 1.0
+    for name in ("local_c1", "cluster_c3"):
+        assert {"trials_per_hour", "trials_per_hour_end_to_end", "efficiency", "trial_s"} <= set(summary[name])
+    assert summary["cluster_c3"]["cluster_start_s"]["n"] == 1
+
+
+def test_memory_effects_quick(tmp_path: Path) -> None:
+    stdout, payload = run_quick("memory_effects", tmp_path)
+    assert "## Memory effects" in stdout and "PREDICTED VRAM" in stdout and "MEASURED host RSS" in stdout
+    assert len(payload["predicted_8b"]["by_rank"]) == 2 * 5 * 2  # targets x ranks x double quant
+    for dq in ("True", "False"):
+        measured = payload["tiny_quant_state"][dq]
+        assert measured["constants_bytes"] == measured["predicted_constants_bytes"]
+    (rss,) = payload["tiny_rss"].values()
+    assert rss["memory_kind"] == "host_rss" and rss["peak_rss_mib"]["n"] == 1
+    assert len(payload["target_quality"]["rows"]) == 1

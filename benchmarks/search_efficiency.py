@@ -16,6 +16,11 @@ driver (`sweeps.driver.run_sweep`):
 * grid:     every point of the grid once, to 80 steps, in an order shuffled by the seed (Optuna's
             GridSampler passed to run_sweep in place of the spec's sampler).
 
+`--space large` is the ASHA paper's regime instead: more configurations than a full-budget search
+can afford. r in {4, 8, 16, 32}, the same targets, 8 learning rates from 3e-4 to 3e-2: 96 points.
+Random search and the grid (a seeded, shuffled subset, no repeats) run 24 full trials; ASHA + TPE
+runs 64 trials, about the same compute once ASHA has stopped most of them early.
+
 A seed sets search.seed (the sampler's seed, and the grid's order); train.seed stays 0, so a
 configuration trains identically whichever method proposes it.
 
@@ -58,6 +63,16 @@ FULL_SPACE: dict[str, Any] = {
     "lora_dropout": 0.0,
 }
 QUICK_SPACE: dict[str, Any] = {**FULL_SPACE, "r": [4], "target_modules": ["qv", "all-linear"], "learning_rate": [1.0e-2]}
+# The ASHA paper's regime: more configurations than full-budget search can afford. 96 points;
+# random search and the grid get 24 full trials, ASHA + TPE 64 trials for about the same compute.
+LARGE_SPACE: dict[str, Any] = {
+    "r": [4, 8, 16, 32],
+    "lora_alpha": {"ratio": [2]},
+    "target_modules": ["qv", "attention", "all-linear"],
+    "learning_rate": [3.0e-4, 6.0e-4, 1.0e-3, 2.0e-3, 3.0e-3, 6.0e-3, 1.0e-2, 3.0e-2],
+    "lora_dropout": 0.0,
+}
+LARGE_TRIALS = {"asha_tpe": 64, "random": 24, "grid": 24}
 
 
 def grid_points(space: dict[str, Any]) -> dict[str, list[Any]]:
@@ -216,6 +231,16 @@ def summarize(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
     if budget:
         at_budget = {"steps": budget, **{m: _common.stats([best_at(by[(m, s)], budget) for s in seeds if (m, s) in by])
                                          for m in methods}}
+    # Per seed: the compute ASHA + TPE needed to find a loss as good as full random search's final
+    # best, against the compute random search needed to find it (Li et al.'s comparison).
+    match_random = None
+    if "random" in per_method and "asha_tpe" in per_method:
+        match_random = []
+        for s in seeds:
+            goal = trajectory(by[("random", s)])[-1][1]
+            a, b = compute_to_target(by[("asha_tpe", s)], goal), compute_to_target(by[("random", s)], goal)
+            match_random.append({"seed": s, "random_best": goal, "asha_tpe_steps": a, "random_steps": b,
+                                 "random_total_steps": trajectory(by[("random", s)])[-1][0]})
     best = min((t for r in runs for t in r["trials"] if t["best_eval_loss"] is not None), key=lambda t: t["best_eval_loss"])
     within = sorted({(t["r"], t["target_modules"], t["learning_rate"]) for r in runs for t in r["trials"]
                      if t["best_eval_loss"] is not None and t["best_eval_loss"] <= target})
@@ -223,10 +248,19 @@ def summarize(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
                       if r["method"] == "grid" for t in r["trials"] if t["best_eval_loss"] is not None}, key=lambda x: x[3])
     return {"reference_loss": reference, "target_loss": target, "best_config": best, "configs_within_target": within,
             "methods": per_method, "ratios": ratios, "looser_targets": looser, "best_at_third_of_random": at_budget,
-            "grid_ranking": ranking}
+            "grid_ranking": ranking, "match_random_best": match_random}
 
 
-def plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
+def space_size(space: dict[str, Any]) -> int:
+    return math.prod(len(v) for v in grid_points(space).values())
+
+
+def trials_by_method(trials: int | dict[str, int], methods: Any) -> dict[str, int]:
+    """Trials per method; runs saved before the large space had one count for every method."""
+    return dict(trials) if isinstance(trials, dict) else {m: trials for m in methods}
+
+
+def plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path, points: int) -> None:
     """Best loss against cumulative steps: median over seeds, min–max band, one line per method."""
     import matplotlib
 
@@ -269,7 +303,7 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Non
     ax.set_xlabel("cumulative training steps (trials in completion order; dots: where each run ended)")
     ax.set_ylabel("best eval loss found so far")
     ax.set_yscale("log")
-    ax.set_title("Smoke task, 30-point space: best loss vs compute (band: min–max over seeds)")
+    ax.set_title(f"Smoke task, {points}-point space: best loss vs compute (band: min–max over seeds)")
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
@@ -283,6 +317,9 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search seeds (default 0 1 2)")
     p.add_argument("--plot", type=Path, default=None, help="write the curves as a PNG here")
     p.add_argument("--storage", default=None, help="keep the experiments here (default: a temporary folder, deleted)")
+    p.add_argument("--space", choices=("small", "large"), default="small",
+                   help="small: 30 points, 30 trials per method (default); large: 96 points, 64 ASHA + TPE trials "
+                        "against 24 full-budget random and grid trials")
     p.add_argument("--from-json", type=Path, default=None,
                    help="analyse (and plot) the runs saved by an earlier --out instead of running sweeps")
     args = p.parse_args()
@@ -291,7 +328,7 @@ def main() -> int:
         args.seeds = saved["seeds"]
         summary = summarize(saved["runs"], args.seeds)
         if args.plot:
-            plot(saved["runs"], summary, args.plot)
+            plot(saved["runs"], summary, args.plot, space_size(saved.get("space", FULL_SPACE)))
         print(render(summary, args, saved["trials_per_method"], saved["max_steps"], saved["machine"]))
         _common.write_json(args.out, {**{k: v for k, v in saved.items() if k not in ("command", "machine", "finished_at")},
                                       "analysed": str(args.from_json), "summary": summary})
@@ -301,7 +338,9 @@ def main() -> int:
         # Random search runs the same code as ASHA + TPE minus the scheduler; the quick run skips it.
         space, steps, asha, args.seeds = QUICK_SPACE, 20, {"max_t": 2, "grace_period": 1, "reduction_factor": 2}, [0]
         methods = ("asha_tpe", "grid")
-    trials = math.prod(len(v) for v in grid_points(space).values())
+    trials = {m: math.prod(len(v) for v in grid_points(space).values()) for m in methods}
+    if args.space == "large" and not args.quick:
+        space, trials = LARGE_SPACE, dict(LARGE_TRIALS)
 
     import ray
 
@@ -316,7 +355,7 @@ def main() -> int:
     try:
         for seed in args.seeds:
             for method in methods:
-                run = run_method(method, seed, space, trials, steps, asha, storage)
+                run = run_method(method, seed, space, trials[method], steps, asha, storage)
                 if run["errors"]:
                     raise RuntimeError(f"{method} seed {seed}: {run['errors']} trials errored")
                 runs.append(run)
@@ -333,19 +372,20 @@ def main() -> int:
 
     summary = summarize(runs, args.seeds)
     if args.plot:
-        plot(runs, summary, args.plot)
+        plot(runs, summary, args.plot, space_size(space))
     print(render(summary, args, trials, steps, _common.machine()))
     _common.write_json(args.out, {"seeds": args.seeds, "space": space, "trials_per_method": trials, "max_steps": steps,
                                   "asha": asha, "summary": summary, "runs": runs})
     return 0
 
 
-def render(summary: dict[str, Any], args: Any, trials: int, steps: int, info: dict[str, Any]) -> str:
+def render(summary: dict[str, Any], args: Any, trials: int | dict[str, int], steps: int, info: dict[str, Any]) -> str:
     s = _common.spread
     m = summary["methods"]
     best = summary["best_config"]
+    counts = ", ".join(f"{name} {n}" for name, n in trials_by_method(trials, m).items() if name in m)
     lines = [
-        f"## Search efficiency: {trials} trials per method, {steps} steps per full trial, seeds {args.seeds}",
+        f"## Search efficiency: trials per method {counts}; {steps} steps per full trial, seeds {args.seeds}",
         "",
         f"Machine: {_common.describe_machine(info)}",
         "",
@@ -381,6 +421,14 @@ def render(summary: dict[str, Any], args: Any, trials: int, steps: int, info: di
         lines += ["", f"Best loss found within {at['steps']} cumulative steps (1/3 of full random search's compute):", ""]
         lines.append(_common.table(["method", "best loss, median (min–max) over seeds"],
                                    [[name, s(at[name], 4)] for name in m]))
+    if summary.get("match_random_best"):
+        lines += ["", "Compute to find a loss as good as full random search's final best, per seed:", ""]
+        rows = [[str(e["seed"]), f"{e['random_best']:.4f}", f"{e['random_steps']} of {e['random_total_steps']}",
+                 "not reached" if e["asha_tpe_steps"] is None else str(e["asha_tpe_steps"]),
+                 "n/a" if e["asha_tpe_steps"] is None else f"{e['asha_tpe_steps'] / e['random_total_steps']:.3f}"]
+                for e in summary["match_random_best"]]
+        lines.append(_common.table(["seed", "random's best", "random: steps to it", "ASHA + TPE: steps to it",
+                                    "ASHA + TPE / random's full budget"], rows))
     lines += ["", _common.table(
         ["method", "distinct configurations", "trials repeating an earlier configuration", "steps spent on repeats"],
         [[name, s(v["distinct_configs"], 0), s(v["repeated_trials"], 0), s(v["steps_on_repeats"], 0)] for name, v in m.items()])]

@@ -27,6 +27,7 @@ from analysis.results import Experiment
 from sweeps import storage
 
 DB_FILE = "optuna.db"  # sweeps/searcher.py's DB_FILE: where the searcher keeps the study
+REPEAT_ATTR = "repeat_of"  # sweeps/searcher.py's REPEAT_ATTR: a trial answered from an identical earlier one
 MIN_TRIALS = 2
 FEW_TRIALS = 10  # below this, say the importances are a rough guide only
 
@@ -110,11 +111,21 @@ def _stored_study(exp: Experiment, notes: list[str]) -> tuple[Any, str]:
             return None, ""
     if isinstance(url, str) and url != "memory" and not url.startswith("sqlite:"):
         try:
-            study = optuna.load_study(study_name=name, storage=url)
+            study = _trained_trials_only(optuna.load_study(study_name=name, storage=url))
             return study, f"the sweep's Optuna study '{name}' in {url.split('@')[-1]}"
         except Exception as exc:  # unreachable database server
             notes.append(f"could not open the Optuna storage ({type(exc).__name__}); rebuilt instead")
     return None, ""
+
+
+def _trained_trials_only(study: Any) -> Any:
+    """An in-memory copy of `study` without the trials answered from an identical earlier one
+    (search.skip_repeats): they would count that trial twice."""
+    import optuna
+
+    memory = optuna.create_study(directions=study.directions)
+    memory.add_trials([t for t in study.get_trials(deepcopy=False) if REPEAT_ATTR not in t.user_attrs])
+    return memory
 
 
 def _load_copy(location: str, name: str | None) -> Any:
@@ -133,11 +144,8 @@ def _load_copy(location: str, name: str | None) -> Any:
             if len(names) != 1:
                 raise LookupError(f"study '{name}' not found; the database holds {names}")
             name = names[0]
-        study = optuna.load_study(study_name=name, storage=url)
-        # Copy into memory so the temporary file can go.
-        memory = optuna.create_study(directions=study.directions)
-        memory.add_trials(study.get_trials(deepcopy=False))
-        return memory
+        # Copied into memory, so the temporary file can go.
+        return _trained_trials_only(optuna.load_study(study_name=name, storage=url))
     finally:
         os.remove(copy)
 

@@ -13,6 +13,10 @@ Two gaps of Ray's searcher are closed here:
   continues them on resume, and they tell their own Optuna trial).
 * A trial whose Optuna trial is already finished (or unknown) must not crash the driver when it
   reports again after a resume; `OptunaStudySearch` skips such reports.
+
+And one waste of compute is avoided: samplers re-propose configurations the study has already
+trained (TPE in a discrete space, often). With search.skip_repeats, such a proposal is answered
+from the finished trial, as Optuna's FAQ suggests, and Optuna is asked again (`OptunaStudySearch`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ DB_FILE = "optuna.db"
 STUDIES_ENV = "QLORA_SWEEP_STUDIES"
 # User attribute linking an Optuna trial to its Tune trial (and trial_<id>/ folder).
 TUNE_TRIAL_ATTR = "ray_trial_id"
+# User attribute of an Optuna trial answered from an earlier finished trial with the same parameters.
+REPEAT_ATTR = "repeat_of"
+# Proposals per Tune trial that may be answered that way before a repeat is trained anyway (the
+# space may be exhausted, or the sampler sure of one point).
+MAX_REPEAT_SKIPS = 10
 _UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
 
 
@@ -157,6 +166,7 @@ def make_searcher(spec: SweepSpec, space: Any, sampler: Any, mode: str) -> Optun
         sampler=sampler,
         storage=open_storage(url) if url and url != "memory" else None,
         study_name=spec.search.optuna_study_name,
+        skip_repeats=spec.search.skip_repeats,
     )
 
 
@@ -164,13 +174,39 @@ class OptunaStudySearch(OptunaSearch):
     """Ray's OptunaSearch, with each Optuna trial tagged with its Tune trial id and reports that
     cannot be recorded (finished or unknown Optuna trial after a resume) skipped, not raised."""
 
+    def __init__(self, *args: Any, skip_repeats: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.skip_repeats = skip_repeats
+        self.repeats_skipped = 0
+
     def suggest(self, trial_id: str) -> dict | None:
         params = super().suggest(trial_id)
+        # getattr: a searcher pickled before skip_repeats existed (resume of an older sweep) lacks it.
+        for _ in range(MAX_REPEAT_SKIPS if getattr(self, "skip_repeats", False) else 0):
+            if params is None or not self._answer_repeat(trial_id):
+                break
+            params = super().suggest(trial_id)  # a fresh Optuna trial for the same Tune trial
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None:
             # Lets `settle_study` (and a person on the dashboard) find the Tune trial of an Optuna trial.
             ot_trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
         return params
+
+    def _answer_repeat(self, trial_id: str) -> bool:
+        """If the proposal for `trial_id` repeats a finished trial, tell it that trial's values and forget it."""
+        import optuna
+
+        proposal = self._ot_trials[trial_id]
+        for earlier in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if earlier.params == proposal.params:
+                proposal.set_user_attr(REPEAT_ATTR, earlier.number)
+                self._ot_study.tell(proposal, earlier.values)
+                del self._ot_trials[trial_id]
+                self.repeats_skipped = getattr(self, "repeats_skipped", 0) + 1
+                print(f"[repeat] {proposal.params} was trained by Optuna trial {earlier.number}: not training it "
+                      "again, asking for another configuration", flush=True)
+                return True
+        return False
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         import optuna

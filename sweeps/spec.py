@@ -267,6 +267,16 @@ class SearchSpec(_Strict):
     optuna_study_name: str | None = Field(
         default=None, description="Name of the study in optuna_storage. Omitted: the experiment folder name."
     )
+    skip_repeats: bool = Field(
+        default=True,
+        description=(
+            "When the sampler proposes exactly the parameters of a trial the study has already finished, answer "
+            "it from that trial (same value, Optuna user attribute repeat_of) and ask again, up to 10 times per "
+            "trial, instead of training the same configuration twice. Training is seeded, so a repeat reproduces a "
+            "known curve; in a discrete space TPE spent 48% of its compute on repeats (docs/benchmarks.md). false: "
+            "train repeats (e.g. to see run-to-run noise on GPUs)."
+        ),
+    )
     objectives: list[str] | None = Field(
         default=None,
         description=(

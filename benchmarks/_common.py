@@ -6,7 +6,6 @@ Import this before ray: it sets the variables that keep a local Ray on 127.0.0.1
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -17,14 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Before anything imports ray: every local Ray service binds to 127.0.0.1 only.
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from sweeps.local_env import use_local_env
+
+use_local_env()  # before anything imports ray: every local Ray service binds to 127.0.0.1 only
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_DATA = REPO / "sweeps" / "data" / "smoke_instructions.jsonl"
@@ -64,13 +58,9 @@ TINY_TRIAL: dict[str, Any] = {
 
 def spec_dict(**overrides: Any) -> dict[str, Any]:
     """TINY_SPEC with sections overridden (a section's keys are merged, not replaced)."""
-    spec = copy.deepcopy(TINY_SPEC)
-    for section, value in overrides.items():
-        if isinstance(value, dict) and isinstance(spec.get(section), dict):
-            spec[section] = {**spec[section], **value}
-        else:
-            spec[section] = value
-    return spec
+    from sweeps.spec import with_sections
+
+    return with_sections(TINY_SPEC, **overrides)
 
 
 def parser(description: str, *, repeats: int) -> argparse.ArgumentParser:

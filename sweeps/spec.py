@@ -7,6 +7,7 @@ path, the bad value, what is allowed and how to fix it.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 from pathlib import Path
@@ -556,6 +557,18 @@ def load_spec(path: str | Path) -> SweepSpec:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(str(path), [f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"])
     return parse_spec(raw, source=str(path), base_dir=path.resolve().parent)
+
+
+def with_sections(raw: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """A copy of the spec mapping `raw` with sections overridden: a mapping's keys are merged into
+    the section's, anything else replaces it (`with_sections(base, train={"max_steps": 20})`)."""
+    spec = copy.deepcopy(raw)
+    for section, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(section), dict):
+            spec[section] = {**spec[section], **value}
+        else:
+            spec[section] = value
+    return spec
 
 
 def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None) -> SweepSpec:

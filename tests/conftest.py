@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import os
 
-# Before anything imports ray: every local Ray service binds to 127.0.0.1 only.
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+from sweeps.local_env import use_local_env
 
-import copy
+use_local_env()  # before anything imports ray: every local Ray service binds to 127.0.0.1 only
+
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,13 +62,9 @@ TRIAL_CONFIG: dict[str, Any] = {
 
 def make_spec_dict(**overrides: Any) -> dict[str, Any]:
     """TINY_SPEC with sections overridden (a section's keys are merged, not replaced)."""
-    spec = copy.deepcopy(TINY_SPEC)
-    for section, value in overrides.items():
-        if isinstance(value, dict) and isinstance(spec.get(section), dict):
-            spec[section] = {**spec[section], **value}
-        else:
-            spec[section] = value
-    return spec
+    from sweeps.spec import with_sections
+
+    return with_sections(TINY_SPEC, **overrides)
 
 
 def write_spec(path: Path, spec: dict[str, Any]) -> Path:

@@ -222,6 +222,8 @@ FORWARDED_ENV = (
     "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
     # Testing hook: fault-inject an OOM into trials predicted above this many MiB (trainables/qlora.py).
     "QLORA_SWEEP_INJECT_OOM_ABOVE_MIB",
+    # Testing hook: a slow end of trial (trainables/qlora.py, slow_teardown_for_testing).
+    "QLORA_SWEEP_SLOW_TEARDOWN_S",
 )
 # Trials run side by side: per-step and per-file progress bars from each would drown the live view.
 # RAY_AIR_NEW_OUTPUT=0 selects Tune's legacy console output, which (unlike the new one) is silent
@@ -236,6 +238,14 @@ QUIET_ENV = {
     # snapshots are frequent is noise here.
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
 }
+
+
+# How long Tune waits for a finished trial's thread before reusing its worker for the next trial
+# (reuse_actors). Ray's default, 2 s, is shorter than a trial's teardown (freeing the model, gc,
+# removing its output folder) on a busy machine; a reuse that times out errors the next trial, and
+# with Ray 2.60 the sweep then stalled with no trial running (seen in benchmarks/search_efficiency.py).
+# Set in the environment, the caller's value is kept.
+WORKER_ENV = {"TUNE_FUNCTION_THREAD_TIMEOUT_S": os.environ.get("TUNE_FUNCTION_THREAD_TIMEOUT_S", "120")}
 
 
 def quiet_driver() -> None:
@@ -259,7 +269,7 @@ SECRET_ENV = (
 def _forwarded_env() -> dict[str, str]:
     """The non-secret variables workers get through runtime_env env_vars."""
     forwarded = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ and name not in SECRET_ENV}
-    return {**QUIET_ENV, **forwarded}
+    return {**QUIET_ENV, **WORKER_ENV, **forwarded}
 
 
 def _runtime_env() -> dict[str, Any]:

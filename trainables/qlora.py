@@ -181,9 +181,9 @@ def train_qlora(config: dict[str, Any], spec: SweepSpec, data: PreparedData | No
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         run_trial(config, spec, report=report, data=data, gpu_fraction=gpu_fraction)
-        return
-    with checkpoint.as_directory() as restored:
-        run_trial(config, spec, report=report, data=data, resume_from=restored, gpu_fraction=gpu_fraction)
+    else:
+        with checkpoint.as_directory() as restored:
+            run_trial(config, spec, report=report, data=data, resume_from=restored, gpu_fraction=gpu_fraction)
 
 
 def run_trial(
@@ -300,6 +300,20 @@ def inject_oom_for_testing(predicted_mib: float | None) -> None:
         )
 
 
+SLOW_TEARDOWN_ENV = "QLORA_SWEEP_SLOW_TEARDOWN_S"
+
+
+def slow_teardown_for_testing() -> None:
+    """Testing hook: sleep $QLORA_SWEEP_SLOW_TEARDOWN_S seconds in a trial's teardown, after its last report.
+
+    Stands in for a slow teardown (freeing a large model, a busy machine), which is what decides
+    whether Tune can reuse the trial's worker in time (sweeps/driver.py, WORKER_ENV).
+    """
+    value = os.environ.get(SLOW_TEARDOWN_ENV)
+    if value:
+        time.sleep(float(value))
+
+
 def _gpu_share(device: str, gpu_fraction: float | None) -> dict[str, Any]:
     """Enforce a packed trial's GPU share on CUDA, and say what was done."""
     if not gpu_fraction:
@@ -387,6 +401,7 @@ def _attempt(
         probe.close()
         free_memory(device)
         shutil.rmtree(output_dir, ignore_errors=True)
+        slow_teardown_for_testing()
     return dict(last), oom, reading
 
 

@@ -95,7 +95,8 @@ def compare_experiments(
 
     experiments = [load_experiment(p) for p in paths]
     labels = sweep_labels([e.path for e in experiments])
-    analyses = {label: analyze(exp, budgets_gib) for label, exp in zip(labels, experiments)}
+    # The comparison shows no importances: skip opening each sweep's Optuna study for them.
+    analyses = {label: analyze(exp, budgets_gib, importance=False) for label, exp in zip(labels, experiments)}
     if out_dir is None:
         first = experiments[0].path.rstrip("/")
         out_dir = storage.join(first.rsplit("/", 1)[0], "compare-" + "-vs-".join(

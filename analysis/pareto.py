@@ -27,11 +27,10 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from trainables.metrics import direction
+from trainables.metrics import DEFAULT_BUDGETS_GIB, direction
 
 QUALITY = "best_eval_loss"
 MEMORY = "peak_memory_mib"
-DEFAULT_BUDGETS_GIB: tuple[float, ...] = (8, 16, 24, 48, 80)
 RANKABLE_STATUSES = ("completed", "early_stopped", "running", "paused")
 MIB_PER_GIB = 1024
 WITHIN_OF_BEST = 0.01

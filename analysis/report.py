@@ -123,10 +123,6 @@ class Analysis:
     def name(self) -> str:
         return str(self.exp.spec.get("name") or self.exp.path.rstrip("/").rsplit("/", 1)[-1])
 
-    @property
-    def experiment_name(self) -> str:
-        return self.exp.path.rstrip("/").rsplit("/", 1)[-1]
-
 
 def analyze(
     exp: Experiment, budgets_gib: Sequence[float] = DEFAULT_BUDGETS_GIB, *, importance: bool = True

@@ -147,7 +147,7 @@ def gpu_gib(value: str) -> float:
 
 
 def add_budget_argument(parser: argparse.ArgumentParser) -> None:
-    from analysis.pareto import DEFAULT_BUDGETS_GIB
+    from trainables.metrics import DEFAULT_BUDGETS_GIB
 
     parser.add_argument(
         "--budget-gib",

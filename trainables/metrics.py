@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+# VRAM budgets (GiB) the report ranks trials under by default ("best under budget"). Here, not in
+# analysis/pareto.py, so the CLI's --budget-gib default is known without importing pandas.
+DEFAULT_BUDGETS_GIB: tuple[float, ...] = (8, 16, 24, 48, 80)
+
 Direction = Literal["lower", "higher"]
 
 

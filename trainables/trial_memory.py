@@ -33,10 +33,6 @@ from trainables.memory_estimator import MIB, MemoryEstimate, estimate_peak_memor
 if TYPE_CHECKING:
     from sweeps.spec import SweepSpec
 
-# The device a prediction is for. Admission and packing predict for "cuda" (the GPU the trial would
-# use); "cpu" describes the CPU setup (fp32, no autocast), for comparisons with CPU calibration.
-DEVICE_KINDS = ("cuda", "cpu")
-
 
 @dataclass(frozen=True)
 class MemoryKnobs:

@@ -262,6 +262,9 @@ def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
                     start_new_session=True,
                     env=ENV,
                 )
+                # Wait for it to serve the study now, so that reading it at the kill below is quick
+                # (a slow first answer there let the running trial finish before the kill landed).
+                _wait_for_study(base, "killed")
             results = read_results(experiment)
             completed = [t for t, rows in results.items() if rows and rows[-1]["step"] == MAX_STEPS]
             running = [t for t, rows in results.items() if rows and rows[-1]["step"] < MAX_STEPS]

@@ -19,7 +19,7 @@ import pandas as pd
 from analysis.pareto import DEFAULT_BUDGETS_GIB, MEMORY, QUALITY
 from analysis.report import Analysis, analyze, fmt_loss, markdown_table, memory_label, summary_lines
 from analysis.results import load_experiment
-from sweeps import storage
+from core import storage
 
 
 @dataclass

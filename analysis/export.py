@@ -45,7 +45,7 @@ import yaml
 
 from analysis.pareto import QUALITY, best_trial, rankable
 from analysis.results import AnalysisInputError, Experiment, load_experiment
-from sweeps import storage
+from core import storage
 
 # The training state Tune's checkpoints carry for resuming; a deployment needs none of it.
 TRAINING_STATE_FILES = (

@@ -24,7 +24,7 @@ import pandas as pd
 
 from analysis.pareto import QUALITY, RANKABLE_STATUSES
 from analysis.results import Experiment
-from sweeps import storage
+from core import storage
 
 DB_FILE = "optuna.db"  # sweeps/searcher.py's DB_FILE: where the searcher keeps the study
 REPEAT_ATTR = "repeat_of"  # sweeps/searcher.py's REPEAT_ATTR: a trial answered from an identical earlier one

@@ -46,7 +46,7 @@ from analysis.pareto import (
     tradeoff_table,
 )
 from analysis.results import STATUSES, AnalysisInputError, Experiment, load_experiment
-from sweeps import storage
+from core import storage
 from trainables.metrics import COLUMNS
 
 IN_PROGRESS_STATUSES = ("running", "pending", "paused")

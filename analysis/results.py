@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from sweeps import storage
+from core import storage
 from trainables.metrics import COLUMNS, TRIAL_COLUMNS
 
 # Tune's trial status -> ours, when the trial's own reports do not say more.

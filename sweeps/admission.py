@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ray.tune.search import Searcher
 
-from sweeps import storage
+from core import storage
 from sweeps.spec import SpecError, SweepSpec
 from trainables.memory_estimator import MemoryEstimate
 from trainables.trial_memory import MemoryKnobs, estimate_for_trial, predicted_mib, targeted_layers

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
-from sweeps import storage
+from core import storage
 from sweeps.spec import SpecError, SweepSpec
 from trainables.metrics import tune_mode
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from sweeps import storage
+from core import storage
 
 if TYPE_CHECKING:
     from sweeps.spec import SweepSpec

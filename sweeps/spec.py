@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     NonNegativeFloat,
-    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -28,222 +24,21 @@ from pydantic import (
     model_validator,
 )
 
+from core.errors import ProblemsError
 from trainables.metrics import OBJECTIVE
+from trainables.params import SpaceSpec
+from trainables.settings import DataSpec, ModelSpec, PathText, Seed, TrainSpec
+from trainables.settings import Strict as _Strict
 
 # search.objectives: metrics with a direction that every trial reports, and the short names accepted.
 OBJECTIVE_METRICS = ("eval_loss", "perplexity", "peak_memory_mib", "tokens_per_s")
 OBJECTIVE_ALIASES = {"peak_memory": "peak_memory_mib"}
 
 
-class SpecError(Exception):
+class SpecError(ProblemsError):
     """A sweep spec is invalid. Holds every problem found, one line each."""
 
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        super().__init__(self.render())
-
-    def render(self) -> str:
-        count = len(self.problems)
-        head = f"{self.source}: {count} problem{'s' if count != 1 else ''} in the sweep spec"
-        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
-
-
-# Seeds feed numpy (Optuna's samplers, transformers' set_seed), which takes 0 <= seed < 2**32.
-Seed = Annotated[int, Field(ge=0, lt=2**32)]
-# Step counts: ASHA computes with them as floats, so an absurd count must stop here, not after launch.
-StepCount = Annotated[int, Field(gt=0, lt=2**31)]
-
-
-def _usable_path(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("contains a NUL character (\\x00), which no path or URI can hold; remove it")
-    longest = max((len(part.encode("utf-8")) for part in value.split("/")), default=0)
-    if longest > 255:
-        raise ValueError(f"has a name of {longest} bytes; file systems allow 255 per folder or file name")
-    if len(value.encode("utf-8")) > 4096:
-        raise ValueError(f"is {len(value.encode('utf-8'))} bytes long; paths are limited to 4096")
-    return value
-
-
-# Paths and URIs, checked here because the operating system refuses a NUL byte or an over-long
-# name with errors (ValueError, ENAMETOOLONG) that would otherwise surface as tracebacks.
-PathText = Annotated[str, AfterValidator(_usable_path)]
-
-
-class _Strict(BaseModel):
-    # allow_inf_nan=False: an inf or NaN number is a typo or a broken generator, never a setting.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-# --- search-space values ---------------------------------------------------------------------
-#
-# Each parameter is written as a scalar (fixed), a list (categorical choice), or a distribution
-# mapping. They are checked by one parser per kind so that a mistake gives one clear message
-# rather than an error per union branch. sweeps/space.py turns them into Optuna suggestions.
-
-DISTRIBUTION_FORMS = "a number, a list of numbers, {loguniform: [low, high]} or {uniform: [low, high]}"
-TARGET_MODULE_EXAMPLES = "a preset (qv, attention, mlp, all-linear) or a list of module names like [q_proj, v_proj]"
-LR_SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
-
-
-def _is_number(v: Any) -> bool:
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an int too large for a float
-        return False
-
-
-def _check_float_param(value: Any, *, low: float, high: float, hint: str) -> Any:
-    """Accept a number, a list of numbers or a {loguniform|uniform: [low, high]} mapping."""
-    if isinstance(value, dict):
-        if len(value) != 1:
-            raise ValueError(f"a distribution has exactly one key; write {DISTRIBUTION_FORMS}")
-        (kind, bounds), = value.items()
-        if kind not in ("loguniform", "uniform"):
-            close = difflib.get_close_matches(str(kind), ["loguniform", "uniform"], n=1)
-            did = f"did you mean '{close[0]}'? " if close else ""
-            raise ValueError(f"unknown distribution '{kind}'. {did}Write {DISTRIBUTION_FORMS}")
-        if not (isinstance(bounds, list) and len(bounds) == 2 and all(_is_number(b) for b in bounds)):
-            raise ValueError(f"{kind} needs two numbers [low, high], got {bounds!r}")
-        lo, hi = float(bounds[0]), float(bounds[1])
-        if lo >= hi:
-            raise ValueError(f"low ({lo:g}) must be below high ({hi:g}); write [{min(lo, hi):g}, {max(lo, hi):g}]")
-        if kind == "loguniform" and lo <= 0:
-            raise ValueError(f"loguniform needs low > 0, got {lo:g}; use uniform for ranges that include 0")
-        values = [lo, hi]
-    elif _is_number(value):
-        values = [float(value)]
-    elif isinstance(value, list) and value and all(_is_number(v) for v in value):
-        values = [float(v) for v in value]
-    else:
-        raise ValueError(f"write {DISTRIBUTION_FORMS}")
-    for v in values:
-        if not low <= v < high:
-            raise ValueError(f"{v:g} is outside [{low:g}, {high:g}); {hint}")
-    return value
-
-
-def _check_int_param(value: Any, *, what: str) -> Any:
-    """Accept a positive integer or a non-empty list of them."""
-    values = value if isinstance(value, list) else [value]
-    ok = bool(values) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
-    if not ok:
-        raise ValueError(f"write a positive whole number or a list of them, e.g. [8, 16, 32] ({what})")
-    return value
-
-
-class SpaceSpec(_Strict):
-    """What Optuna searches. A list is a categorical choice, a scalar is fixed."""
-
-    r: Any = [8, 16, 32]
-    lora_alpha: Any = {"ratio": [1, 2]}
-    target_modules: Any = ["qv", "attention", "all-linear"]
-    learning_rate: Any = {"loguniform": [5.0e-5, 5.0e-4]}
-    lora_dropout: Any = [0.0, 0.05]
-    weight_decay: Any = 0.0
-    warmup_ratio: Any = 0.03
-    lr_scheduler_type: Any = "cosine"
-    batch_size: Any = None
-
-    @field_validator("r", mode="before")
-    @classmethod
-    def _rank(cls, value: Any) -> Any:
-        return _check_int_param(value, what="LoRA rank")
-
-    @field_validator("batch_size", mode="before")
-    @classmethod
-    def _micro_batch(cls, value: Any) -> Any:
-        return None if value is None else _check_int_param(value, what="micro-batch size; omit to use train.batch_size")
-
-    @field_validator("lora_alpha", mode="before")
-    @classmethod
-    def _alpha(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            if set(value) != {"ratio"}:
-                raise ValueError("write a number, a list of numbers, or {ratio: [1, 2]} for alpha = ratio * r")
-            ratios = value["ratio"]
-            ratios = ratios if isinstance(ratios, list) else [ratios]
-            if not ratios or not all(_is_number(v) and v > 0 for v in ratios):
-                raise ValueError(f"ratio needs positive numbers, e.g. {{ratio: [1, 2]}}, got {value['ratio']!r}")
-            return value
-        values = value if isinstance(value, list) else [value]
-        if not values or not all(_is_number(v) and v > 0 for v in values):
-            raise ValueError("write a positive number, a list of them, or {ratio: [1, 2]} for alpha = ratio * r")
-        return value
-
-    @field_validator("learning_rate", mode="before")
-    @classmethod
-    def _lr(cls, value: Any) -> Any:
-        return _check_float_param(value, low=1e-8, high=1.0, hint="typical QLoRA learning rates are 1e-4 to 3e-4")
-
-    @field_validator("lora_dropout", "weight_decay", "warmup_ratio", mode="before")
-    @classmethod
-    def _fraction(cls, value: Any) -> Any:
-        return _check_float_param(value, low=0.0, high=1.0, hint="use a fraction such as 0.05")
-
-    @field_validator("lr_scheduler_type", mode="before")
-    @classmethod
-    def _scheduler(cls, value: Any) -> Any:
-        values = value if isinstance(value, list) else [value]
-        bad = [v for v in values if v not in LR_SCHEDULERS]
-        if not values or bad:
-            raise ValueError(f"allowed values: {', '.join(LR_SCHEDULERS)} (or a list of them)")
-        return value
-
-    @field_validator("target_modules", mode="before")
-    @classmethod
-    def _targets(cls, value: Any) -> Any:
-        choices = [value] if isinstance(value, str) else value
-        if not isinstance(choices, list) or not choices:
-            raise ValueError(f"write {TARGET_MODULE_EXAMPLES}, or a list of such choices")
-        for choice in choices:
-            if isinstance(choice, str) and choice.strip():
-                continue
-            if isinstance(choice, list) and choice and all(isinstance(m, str) and m.strip() for m in choice):
-                continue
-            raise ValueError(f"choice {choice!r} targets nothing; use {TARGET_MODULE_EXAMPLES}")
-        return value
-
-
-# --- the sections ------------------------------------------------------------------------------
-
-
-class ModelSpec(_Strict):
-    """The base model and how it is quantized."""
-
-    path: PathText = Field(description="Hub id, local directory, or builtin:tiny-<family>.")
-    quantization: Literal["nf4", "fp4", "none"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    revision: str | None = None
-    trust_remote_code: bool = False
-
-
-class DataSpec(_Strict):
-    """The training data and how each row becomes a training example."""
-
-    path: PathText = Field(description="Local .jsonl/.json/.csv/.parquet file, or a hub dataset id.")
-    format: Literal["instruction", "text", "chat"] = "instruction"
-    eval_size: Annotated[float, Field(gt=0)] = 0.1
-    max_seq_length: PositiveInt = 256
-    split: str = "train"
-    seed: Seed = 0
-    on_bad_rows: Literal["error", "skip"] = "error"
-    instruction_field: str = "instruction"
-    input_field: str = "input"
-    output_field: str = "output"
-    text_field: str = "text"
-    messages_field: str = "messages"
-
-    @field_validator("eval_size")
-    @classmethod
-    def _fraction_or_count(cls, value: float) -> float:
-        if value >= 1 and value != int(value):
-            raise ValueError(f"{value} is neither a fraction in (0, 1) nor a whole number of rows")
-        return value
+    noun = "the sweep spec"
 
 
 class SearchSpec(_Strict):
@@ -356,58 +151,6 @@ class SchedulerSpec(_Strict):
     """Early stopping. `asha: null` runs every trial to train.max_steps."""
 
     asha: ASHASpec | None = ASHASpec()
-
-
-class TrainSpec(_Strict):
-    """Per-trial training settings shared by every trial."""
-
-    max_steps: StepCount = 80
-    eval_every: StepCount = 10
-    batch_size: PositiveInt = 8
-    eval_batch_size: PositiveInt | None = None
-    grad_accum: PositiveInt = 1
-    gradient_checkpointing: bool = True
-    optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "auto"
-    max_grad_norm: PositiveFloat = 1.0
-    seed: Seed = 0
-    # Save adapter + optimizer state at every evaluation, so a retried or resumed trial continues
-    # from its last evaluation instead of step 0 (and `export` has an adapter to copy).
-    checkpoint: bool = True
-    max_failures: NonNegativeInt = Field(
-        default=2,
-        description=(
-            "How often Tune retries a trial that raised or whose worker/node died, continuing from its latest "
-            "checkpoint (tune.FailureConfig). 0 marks the trial failed at the first error."
-        ),
-    )
-    oom_retry: bool = Field(
-        default=False,
-        description=(
-            "A trial that runs out of GPU memory before its first evaluation tries once more in-process with half "
-            "the micro-batch and twice the gradient accumulation (same effective batch). Off: it ends as status oom "
-            "(never retried as is; the searcher stops proposing configurations at least as large)."
-        ),
-    )
-
-    @model_validator(mode="after")
-    def _rounds(self) -> TrainSpec:
-        if self.eval_every > self.max_steps:
-            raise ValueError(
-                f"eval_every ({self.eval_every}) exceeds max_steps ({self.max_steps}); "
-                "a trial would never be evaluated. Lower eval_every."
-            )
-        if self.max_steps % self.eval_every:
-            raise ValueError(
-                f"max_steps ({self.max_steps}) is not a multiple of eval_every ({self.eval_every}); "
-                f"ASHA counts whole evaluation rounds. Try max_steps: "
-                f"{self.max_steps - self.max_steps % self.eval_every or self.eval_every}"
-            )
-        return self
-
-    @property
-    def rounds(self) -> int:
-        """Evaluation rounds in a full trial: the unit ASHA's max_t and grace_period count in."""
-        return self.max_steps // self.eval_every
 
 
 class ResourcesSpec(_Strict):

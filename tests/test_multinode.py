@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from sweeps import storage
+from core import storage
 from sweeps.spec import parse_spec
 from tests.conftest import make_spec_dict, wait_for_no_ray_processes
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from sweeps import storage
+from core import storage
 from tests.conftest import make_spec_dict, wait_for_no_ray_processes, write_spec
 
 BUCKET = "qlora-sweep-test"

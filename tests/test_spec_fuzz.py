@@ -21,7 +21,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sweeps import storage
+from core import storage
 from sweeps.driver import make_sampler, make_scheduler
 from sweeps.spec import _SECTION_MODELS, SpecError, SweepSpec, load_spec, parse_spec
 from tests.conftest import REPO, SMOKE_DATA, make_spec_dict

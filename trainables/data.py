@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.errors import ProblemsError
+
 if TYPE_CHECKING:
-    from sweeps.spec import DataSpec
+    from trainables.settings import DataSpec
 
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 PROMPT_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -30,21 +32,13 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 MAX_LISTED = 10
 
 
-class DataError(Exception):
-    """The data cannot be used. Holds every problem found, one line each."""
+class DataError(ProblemsError):
+    """The data cannot be used. Holds every problem found (the first MAX_LISTED), one line each."""
+
+    noun = "the data"
 
     def __init__(self, source: str, problems: list[str], total: int | None = None):
-        self.source = source
-        self.problems = problems
-        self.total = total if total is not None else len(problems)
-        super().__init__(self.render())
-
-    def render(self) -> str:
-        lines = [f"{self.source}: {self.total} problem{'s' if self.total != 1 else ''} in the data"]
-        lines += [f"  - {p}" for p in self.problems[:MAX_LISTED]]
-        if self.total > MAX_LISTED:
-            lines.append(f"  ... and {self.total - MAX_LISTED} more")
-        return "\n".join(lines)
+        super().__init__(source, problems[:MAX_LISTED], total if total is not None else len(problems))
 
 
 @dataclass

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from core.status import ALL_STATUSES
+from trainables.params import ALPHA_RATIO_PARAM, KNOBS
+
 # VRAM budgets (GiB) the report ranks trials under by default ("best under budget"). Here, not in
 # analysis/pareto.py, so the CLI's --budget-gib default is known without importing pandas.
 DEFAULT_BUDGETS_GIB: tuple[float, ...] = (8, 16, 24, 48, 80)
@@ -68,44 +71,35 @@ REPORTED_METRICS: tuple[Column, ...] = (
         "float64",
         "MiB",
         "lower",
-        "Peak VRAM (torch.cuda.max_memory_reserved) predicted for this trial on a CUDA GPU "
-        "(trainables/trial_memory.py); on a CPU run still the VRAM prediction.",
+        "Peak VRAM (torch.cuda.max_memory_reserved) predicted before the trial ran, for a CUDA GPU "
+        "(trainables/trial_memory.py); on a CPU run still the VRAM prediction; empty without a prediction.",
     ),
     Column("oom_message", "string", "", None, "First line of the out-of-memory error, on an oom trial's terminal report."),
     Column("oom_batch_size", "Int64", "examples", None, "Micro-batch the trial ran out of memory with."),
 )
 
+REPORTED: dict[str, Column] = {c.name: c for c in REPORTED_METRICS}
+
 # Trial-level columns of trials.csv beyond the search-space config columns.
 TRIAL_COLUMNS: tuple[Column, ...] = (
     Column("trial_id", "string", "", None, "Ray Tune trial id."),
-    Column(
-        "status",
-        "string",
-        "",
-        None,
-        "completed | early_stopped | running | pending | paused | failed | oom | infeasible | diverged.",
-    ),
+    Column("status", "string", "", None, " | ".join(ALL_STATUSES) + " (core/status.py)."),
     Column("best_eval_loss", "float64", "nats/token", "lower", "Lowest eval_loss the trial reached."),
     Column("final_eval_loss", "float64", "nats/token", "lower", "eval_loss at the trial's last evaluation."),
     Column("steps", "Int64", "steps", None, "Optimizer steps the trial ran."),
-    Column("peak_memory_mib", "float64", "MiB", "lower", "Peak memory; see memory_kind."),
-    Column("memory_kind", "string", "", None, "cuda_reserved (VRAM) or host_rss (CPU process RSS)."),
-    Column("trainable_params", "Int64", "params", None, "LoRA parameters being trained."),
-    Column("tokens_per_s", "float64", "tokens/s", "higher", "Mean training throughput."),
+    # The same figures as the trial's reports (the peak is the highest reported, the others the last).
+    REPORTED["peak_memory_mib"],
+    REPORTED["memory_kind"],
+    REPORTED["trainable_params"],
+    REPORTED["tokens_per_s"],
     Column("wall_s", "float64", "s", "lower", "Wall-clock time of the trial."),
     Column("node", "string", "", None, "IP of the node the trial ran on."),
     Column("node_id", "string", "", None, "Ray node id of the node the trial ran on (unique even when IPs repeat)."),
     Column("error", "string", "", None, "First line of the error for failed trials."),
     # Report and export columns (analysis/).
     Column("best_step", "Int64", "steps", None, "Step of the evaluation with the lowest eval_loss."),
-    Column("total_params", "Int64", "params", None, "All parameters of the PEFT model (4-bit weights counted unpacked)."),
-    Column(
-        "predicted_memory_mib",
-        "float64",
-        "MiB",
-        "lower",
-        "Peak VRAM predicted before the trial ran (trainables/memory_estimator.py); empty without a prediction.",
-    ),
+    REPORTED["total_params"],
+    REPORTED["predicted_memory_mib"],
     Column(
         "memory_error_pct",
         "float64",
@@ -139,19 +133,10 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
     Column("oom_retry", "string", "", None, "Set when the trial ran out of memory and retried with half the micro-batch."),
 )
 
-# The search-space columns of trials.csv (one trial's config), with the dtype the loader casts to.
-CONFIG_COLUMNS: tuple[Column, ...] = (
-    Column("r", "Int64", "", None, "LoRA rank."),
-    Column("lora_alpha", "float64", "", None, "LoRA alpha; the adapter output is scaled by alpha / r."),
-    Column("lora_alpha_ratio", "float64", "", None, "alpha / r, when the space draws alpha as a multiple of r."),
-    Column("target_modules", "string", "", None, "Target-module preset (qv, attention, mlp, all-linear) or list."),
-    Column("learning_rate", "float64", "", None, "Peak learning rate."),
-    Column("lora_dropout", "float64", "", None, "Dropout on the LoRA input."),
-    Column("weight_decay", "float64", "", None, "AdamW weight decay."),
-    Column("warmup_ratio", "float64", "", None, "Warmup, as a fraction of max_steps."),
-    Column("lr_scheduler_type", "string", "", None, "Learning-rate schedule."),
-    Column("batch_size", "Int64", "examples", None, "Micro-batch size per optimizer step."),
-)
+# The search-space columns of trials.csv (one trial's config), from the hyperparameter registry.
+CONFIG_COLUMNS: tuple[Column, ...] = tuple(
+    Column(k.name, k.column_dtype, "examples" if k.name == "batch_size" else "", None, k.doc) for k in KNOBS
+) + (Column(ALPHA_RATIO_PARAM, "float64", "", None, "alpha / r, when the space draws alpha as a multiple of r."),)
 
 # The objective the searcher and ASHA optimize in single-objective mode.
 OBJECTIVE = "eval_loss"

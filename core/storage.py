@@ -1,7 +1,8 @@
 """Where experiments live: a local folder or a cloud URI (s3://, gs://), through pyarrow filesystems.
 
 Ray Tune writes experiments through the same pyarrow filesystems, so the report and resume paths
-read exactly what Tune wrote, wherever that is.
+read exactly what Tune wrote, wherever that is. The files an experiment holds are named in
+core/experiment_folder.py.
 """
 
 from __future__ import annotations
@@ -12,11 +13,6 @@ import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
-
-# Files a qlora-sweep experiment folder always holds; used to refuse foreign folders.
-SPEC_FILE = "sweep_spec.yaml"
-# What preflight found in the data (rows read, train/eval counts, skipped bad rows), for the report.
-DATA_REPORT_FILE = "data_report.json"
 
 
 def is_uri(location: str) -> bool:

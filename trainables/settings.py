@@ -1,0 +1,138 @@
+"""The settings one trial trains with: the spec's model, data and train sections.
+
+They live here, at the bottom, because the trainable needs them (a trial's job carries them, see
+trainables/job.py) and must not import the sweep schema above it. sweeps/spec.py composes them
+into the whole sweep spec, which adds the search, scheduler, resources and storage sections.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+# Seeds feed numpy (Optuna's samplers, transformers' set_seed), which takes 0 <= seed < 2**32.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+# Step counts: ASHA computes with them as floats, so an absurd count must stop here, not after launch.
+StepCount = Annotated[int, Field(gt=0, lt=2**31)]
+
+
+def _usable_path(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("contains a NUL character (\\x00), which no path or URI can hold; remove it")
+    longest = max((len(part.encode("utf-8")) for part in value.split("/")), default=0)
+    if longest > 255:
+        raise ValueError(f"has a name of {longest} bytes; file systems allow 255 per folder or file name")
+    if len(value.encode("utf-8")) > 4096:
+        raise ValueError(f"is {len(value.encode('utf-8'))} bytes long; paths are limited to 4096")
+    return value
+
+
+# Paths and URIs, checked here because the operating system refuses a NUL byte or an over-long
+# name with errors (ValueError, ENAMETOOLONG) that would otherwise surface as tracebacks.
+PathText = Annotated[str, AfterValidator(_usable_path)]
+
+
+class Strict(BaseModel):
+    # allow_inf_nan=False: an inf or NaN number is a typo or a broken generator, never a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+
+class ModelSpec(Strict):
+    """The base model and how it is quantized."""
+
+    path: PathText = Field(description="Hub id, local directory, or builtin:tiny-<family>.")
+    quantization: Literal["nf4", "fp4", "none"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class DataSpec(Strict):
+    """The training data and how each row becomes a training example."""
+
+    path: PathText = Field(description="Local .jsonl/.json/.csv/.parquet file, or a hub dataset id.")
+    format: Literal["instruction", "text", "chat"] = "instruction"
+    eval_size: Annotated[float, Field(gt=0)] = 0.1
+    max_seq_length: PositiveInt = 256
+    split: str = "train"
+    seed: Seed = 0
+    on_bad_rows: Literal["error", "skip"] = "error"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    text_field: str = "text"
+    messages_field: str = "messages"
+
+    @field_validator("eval_size")
+    @classmethod
+    def _fraction_or_count(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError(f"{value} is neither a fraction in (0, 1) nor a whole number of rows")
+        return value
+
+
+class TrainSpec(Strict):
+    """Per-trial training settings shared by every trial."""
+
+    max_steps: StepCount = 80
+    eval_every: StepCount = 10
+    batch_size: PositiveInt = 8
+    eval_batch_size: PositiveInt | None = None
+    grad_accum: PositiveInt = 1
+    gradient_checkpointing: bool = True
+    optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "auto"
+    max_grad_norm: PositiveFloat = 1.0
+    seed: Seed = 0
+    # Save adapter + optimizer state at every evaluation, so a retried or resumed trial continues
+    # from its last evaluation instead of step 0 (and `export` has an adapter to copy).
+    checkpoint: bool = True
+    max_failures: NonNegativeInt = Field(
+        default=2,
+        description=(
+            "How often Tune retries a trial that raised or whose worker/node died, continuing from its latest "
+            "checkpoint (tune.FailureConfig). 0 marks the trial failed at the first error."
+        ),
+    )
+    oom_retry: bool = Field(
+        default=False,
+        description=(
+            "A trial that runs out of GPU memory before its first evaluation tries once more in-process with half "
+            "the micro-batch and twice the gradient accumulation (same effective batch). Off: it ends as status oom "
+            "(never retried as is; the searcher stops proposing configurations at least as large)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _rounds(self) -> TrainSpec:
+        if self.eval_every > self.max_steps:
+            raise ValueError(
+                f"eval_every ({self.eval_every}) exceeds max_steps ({self.max_steps}); "
+                "a trial would never be evaluated. Lower eval_every."
+            )
+        if self.max_steps % self.eval_every:
+            raise ValueError(
+                f"max_steps ({self.max_steps}) is not a multiple of eval_every ({self.eval_every}); "
+                f"ASHA counts whole evaluation rounds. Try max_steps: "
+                f"{self.max_steps - self.max_steps % self.eval_every or self.eval_every}"
+            )
+        return self
+
+    @property
+    def rounds(self) -> int:
+        """Evaluation rounds in a full trial: the unit ASHA's max_t and grace_period count in."""
+        return self.max_steps // self.eval_every
+
+

@@ -16,9 +16,11 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.formatting import fmt_loss, markdown_table, memory_label
+from analysis.html import CSS, data_table, figure
 from analysis.pareto import DEFAULT_BUDGETS_GIB, MEMORY, QUALITY
-from analysis.report import Analysis, analyze, fmt_loss, markdown_table, memory_label, summary_lines
 from analysis.results import load_experiment
+from analysis.summary import Analysis, analyze
 from core import storage
 
 
@@ -49,7 +51,8 @@ def _flatten(spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in spec.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and not set(value) <= {"loguniform", "uniform", "ratio"}:
+        # A space value ({loguniform: [...]}, {ratio: [...]}, a list) is one value: space.<knob>.
+        if isinstance(value, dict) and value and prefix != "space.":
             out.update(_flatten(value, name + "."))
         else:
             out[name] = value
@@ -60,11 +63,11 @@ def comparison_table(analyses: dict[str, Analysis]) -> pd.DataFrame:
     """One row per sweep: model, trials, best trial, cheapest within 1%, best under each budget."""
     rows = []
     for label, a in analyses.items():
-        spec = a.exp.spec
+        model = a.exp.saved_spec.model
         row: dict[str, Any] = {
             "sweep": label,
-            "model": spec["model"]["path"],
-            "quantization": spec["model"]["quantization"],
+            "model": model.path,
+            "quantization": model.quantization,
             "trials": sum(a.counts.values()),
             "ranked": len(a.ranked),
             "memory_kind": a.memory_kind,
@@ -90,8 +93,7 @@ def compare_experiments(
     Raises:
         NotAnExperiment: If a path is not a qlora-sweep experiment.
     """
-    from analysis import plots
-    from analysis.html import CSS, data_table, figure
+    from analysis import plots  # matplotlib: loaded only when charts are drawn
 
     experiments = [load_experiment(p) for p in paths]
     labels = sweep_labels([e.path for e in experiments])
@@ -115,7 +117,7 @@ def compare_experiments(
             if png:
                 charts[f"front {label}"] = png
     differences = spec_differences(experiments[0].spec, experiments[1].spec) if len(experiments) == 2 else []
-    lines = [f"{label}: " + " | ".join(summary_lines(a)[:2]) for label, a in analyses.items()]
+    lines = [f"{label}: " + " | ".join(a.summary[:2]) for label, a in analyses.items()]
 
     trials = pd.concat([a.exp.trials.assign(sweep=label) for label, a in analyses.items()], ignore_index=True)
     trials = trials[["sweep", *[c for c in trials.columns if c != "sweep"]]]

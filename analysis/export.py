@@ -13,7 +13,9 @@
 
 The loss check (with --merge) evaluates on the sweep's eval split, re-created with
 trainables.data.prepare_data from the saved spec (same file, same data.seed), with trl's
-SFTTrainer.evaluate and the sweep's settings, so every number is the sweep's own eval_loss:
+SFTTrainer.evaluate and the sweep's settings (the models, the tokenizer and the SFTConfig's precision
+all come from trainables.training_setup.TrainingSetup, as in the trainable), so every number is the
+sweep's own eval_loss:
 
     adapter_4bit    base quantized as in the sweep (e.g. NF4) + adapter, unmerged. This is the
                     model the sweep trained and measured; it should reproduce the sweep's recorded
@@ -45,7 +47,12 @@ import yaml
 
 from analysis.pareto import QUALITY, best_trial, rankable
 from analysis.results import AnalysisInputError, Experiment, load_experiment
-from core import storage
+from analysis.saved_spec import trial_settings
+from core import experiment_folder, storage
+from trainables.qlora import STATE_FILE
+from trainables.settings import DataSpec
+from trainables.training_setup import TrainingSetup, load_tokenizer
+from trainables.workarounds import remove_printer_callback
 
 # The training state Tune's checkpoints carry for resuming; a deployment needs none of it.
 TRAINING_STATE_FILES = (
@@ -55,7 +62,7 @@ TRAINING_STATE_FILES = (
     "rng_state.pth",
     "trainer_state.json",
     "training_args.bin",
-    "qlora_sweep_state.json",
+    STATE_FILE,
     "README.md",  # peft's generic model card (checkpoints now skip it); replaced by ours
 )
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -199,54 +206,33 @@ def export_trial(
 def recorded_loss(exp: Experiment, trial_id: str, checkpoint: str) -> float | None:
     """The eval_loss the sweep reported together with this checkpoint."""
     name = checkpoint.rstrip("/").rsplit("/", 1)[-1]
-    path = storage.join(exp.path, f"trial_{trial_id}", "result.json")
-    if not storage.exists(path):
-        return None
-    for line in storage.read_text(path).splitlines():
-        try:
-            result = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for result in experiment_folder.read_results(exp.path, trial_id):
         if result.get("checkpoint_dir_name") == name and isinstance(result.get("eval_loss"), (int, float)):
             return float(result["eval_loss"])
     return None
 
 
-def evaluate_loss(model: Any, tokenizer: Any, examples: list[dict[str, Any]], spec: Any, batch_size: int, device: str) -> float:
-    """The sweep's eval_loss for `model` on `examples`: trl's SFTTrainer.evaluate with the trial's settings."""
-    import torch
+def evaluate_loss(
+    model: Any, tokenizer: Any, examples: list[dict[str, Any]], setup: TrainingSetup, data: DataSpec, batch_size: int
+) -> float:
+    """The sweep's eval_loss for `model` on `examples`: trl's SFTTrainer.evaluate with the trial's settings.
+
+    Args:
+        setup: The training setup on this device (its precision flags are the trainable's).
+        data: The spec's data section (max_seq_length).
+    """
     from datasets import Dataset
-    from transformers.trainer_callback import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    from trainables.qlora import resolve_compute_dtype
-
-    on_cuda = device.startswith("cuda")
-    compute_dtype = resolve_compute_dtype(spec.model.compute_dtype, device)
     with tempfile.TemporaryDirectory(prefix="qlora-sweep-export-eval-") as scratch:
-        args = SFTConfig(
-            output_dir=scratch,
-            per_device_eval_batch_size=batch_size,
-            max_length=spec.data.max_seq_length,
-            report_to=[],
-            disable_tqdm=True,
-            use_cpu=not on_cuda,
-            # As in the trainable; trl otherwise turns bf16 autocast on, also on CPU.
-            bf16=on_cuda and compute_dtype == torch.bfloat16,
-            fp16=on_cuda and compute_dtype == torch.float16,
-            gradient_checkpointing=False,
-            dataloader_num_workers=0,
-            dataloader_pin_memory=on_cuda,
-            seed=spec.train.seed,
-        )
         trainer = SFTTrainer(
             model=model,
-            args=args,
+            args=setup.eval_config(data, scratch, batch_size),
             train_dataset=Dataset.from_list(examples[:1]),  # required by SFTTrainer; never trained on
             eval_dataset=Dataset.from_list(examples),
             processing_class=tokenizer,
         )
-        trainer.remove_callback(PrinterCallback)
+        remove_printer_callback(trainer)
         return float(trainer.evaluate()["eval_loss"])
 
 
@@ -258,60 +244,47 @@ def merge_and_check(exp: Experiment, row: pd.Series, out: Path, outcome: ExportO
     """
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sweeps.spec import parse_spec
     from trainables.data import prepare_data
     from trainables.memory_probe import free_memory
-    from trainables.qlora import (
-        keep_4bit_layers_trainable_on_cpu,
-        load_quantized_model,
-        quiet_libraries,
-        resolve_compute_dtype,
-    )
-    from trainables.tiny_models import materialize
+    from trainables.qlora import quiet_libraries
+    from trainables.tiny_models import is_builtin, materialize
 
     quiet_libraries()
-    spec = parse_spec(exp.spec, source=storage.join(exp.path, storage.SPEC_FILE))
+    settings = trial_settings(exp.spec)  # paths in a saved spec are absolute
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    dtype = resolve_compute_dtype(spec.model.compute_dtype, device)
-    dtype_name = str(dtype).removeprefix("torch.")
-    base_path = materialize(spec.resolve_path(spec.model.path))
-    load_kwargs = {"revision": spec.model.revision, "trust_remote_code": spec.model.trust_remote_code}
-    tokenizer = AutoTokenizer.from_pretrained(str(out), trust_remote_code=spec.model.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    setup = TrainingSetup.resolve(settings.model, settings.train, device)
+    dtype_name = setup.compute_dtype
+    model_path = settings.model.path
+    base_path = materialize(model_path) if is_builtin(model_path) else model_path
+    local = settings.model.model_copy(update={"revision": None})  # the export's and merge's own folders
+    tokenizer = load_tokenizer(str(out), local)
     # The preflight tokenizer decided which rows were too long, so the split uses the base's tokenizer too.
-    split_tokenizer = AutoTokenizer.from_pretrained(base_path, **load_kwargs)
-    if split_tokenizer.pad_token is None:
-        split_tokenizer.pad_token = split_tokenizer.eos_token
-    data = prepare_data(spec.resolve_path(spec.data.path), spec.data, split_tokenizer)
-    batch_size = int(spec.train.eval_batch_size or (row.get("batch_size") if pd.notna(row.get("batch_size")) else spec.train.batch_size))
-    log(f"[export] eval split re-created: {len(data.eval)} rows (data.seed {spec.data.seed}); device {device}")
+    data = prepare_data(settings.data.path, settings.data, load_tokenizer(base_path, settings.model))
+    train = settings.train
+    batch_size = int(train.eval_batch_size or (row.get("batch_size") if pd.notna(row.get("batch_size")) else train.batch_size))
+    log(f"[export] eval split re-created: {len(data.eval)} rows (data.seed {settings.data.seed}); device {device}")
 
     losses: dict[str, float] = {}
     started = time.time()
-    if spec.model.quantization != "none":
-        quantized = load_quantized_model(spec, base_path, device, dtype)
-        if device == "cpu":
-            keep_4bit_layers_trainable_on_cpu(quantized)  # the eval path the sweep used
+    if setup.quantized:
+        # The base quantized as the sweep trained it, with the CPU eval path the sweep used.
+        quantized = setup.load_model(base_path, settings.model, for_training=False)
         model = PeftModel.from_pretrained(quantized, str(out))
-        losses["adapter_4bit"] = evaluate_loss(model, tokenizer, data.eval, spec, batch_size, device)
+        losses["adapter_4bit"] = evaluate_loss(model, tokenizer, data.eval, setup, settings.data, batch_size)
         del model, quantized
         free_memory(device)
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, device_map={"": device}, **load_kwargs)
+    base = setup.load_model(base_path, settings.model, for_training=False, quantize=False)
     model = PeftModel.from_pretrained(base, str(out))
-    losses["adapter_16bit"] = evaluate_loss(model, tokenizer, data.eval, spec, batch_size, device)
+    losses["adapter_16bit"] = evaluate_loss(model, tokenizer, data.eval, setup, settings.data, batch_size)
     merged = model.merge_and_unload()
     merged_dir = out / "merged"
     merged.save_pretrained(str(merged_dir))
     tokenizer.save_pretrained(str(merged_dir))
     del model, merged, base
     free_memory(device)
-    reloaded = AutoModelForCausalLM.from_pretrained(
-        str(merged_dir), dtype=dtype, device_map={"": device}, trust_remote_code=spec.model.trust_remote_code
-    )
-    losses["merged"] = evaluate_loss(reloaded, tokenizer, data.eval, spec, batch_size, device)
+    reloaded = setup.load_model(str(merged_dir), local, for_training=False, quantize=False)
+    losses["merged"] = evaluate_loss(reloaded, tokenizer, data.eval, setup, settings.data, batch_size)
     del reloaded
     free_memory(device)
     recorded = recorded_loss(exp, outcome.trial_id, outcome.checkpoint)

@@ -10,26 +10,35 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 from html import escape
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
+from analysis.formatting import MEMORY_NOTES, fmt_loss, fmt_value, memory_label, present
+from analysis.memory_report import memory_html
 from analysis.pareto import MEMORY, QUALITY, WITHIN_OF_BEST
+from analysis.summary import (
+    IN_PROGRESS_STATUSES,
+    Analysis,
+    constant_columns,
+    export_command,
+    headline_config,
+    trial_table_columns,
+    varying_config,
+)
+from core.status import TrialStatus
 from trainables.metrics import COLUMNS, MEMORY_KINDS
 
-if TYPE_CHECKING:
-    from analysis.report import Analysis
-
 STATUS_COLOURS = {
-    "completed": "#2e7d32",
-    "early_stopped": "#6d6d6d",
-    "running": "#1565c0",
-    "pending": "#7e57c2",
-    "paused": "#7e57c2",
-    "failed": "#c62828",
-    "oom": "#c62828",
-    "diverged": "#ef6c00",
-    "infeasible": "#8d6e63",
+    TrialStatus.COMPLETED: "#2e7d32",
+    TrialStatus.EARLY_STOPPED: "#6d6d6d",
+    TrialStatus.RUNNING: "#1565c0",
+    TrialStatus.PENDING: "#7e57c2",
+    TrialStatus.PAUSED: "#7e57c2",
+    TrialStatus.FAILED: "#c62828",
+    TrialStatus.OOM: "#c62828",
+    TrialStatus.DIVERGED: "#ef6c00",
+    TrialStatus.INFEASIBLE: "#8d6e63",
 }
 
 CSS = """
@@ -129,8 +138,6 @@ def data_table(
     headers: dict[str, str] | None = None,
 ) -> str:
     """An HTML table; cells formatted like the Markdown report, raw values kept for sorting."""
-    from analysis.report import fmt_value
-
     headers = headers or {}
     head = "".join(
         f'<th class="{"text" if c in TEXT_COLUMNS else ""}" title="{_e(COLUMNS[c].doc if c in COLUMNS else "")}">'
@@ -156,17 +163,13 @@ def data_table(
 
 
 def _config_kv(row: pd.Series, columns: Sequence[str]) -> str:
-    from analysis.report import _present, fmt_value
-
     cells = "".join(
-        f"<tr><td>{_e(c)}</td><td>{_e(fmt_value(c, row[c]))}</td></tr>" for c in columns if c in row and _present(row[c])
+        f"<tr><td>{_e(c)}</td><td>{_e(fmt_value(c, row[c]))}</td></tr>" for c in columns if c in row and present(row[c])
     )
     return f'<table class="kv">{cells}</table>'
 
 
 def _summary_cards(analysis: Analysis) -> str:
-    from analysis.report import export_command, fmt_loss, headline_config, memory_label
-
     kind = analysis.memory_kind
     varying = headline_config(analysis)
     cards = []
@@ -212,8 +215,6 @@ def _summary_cards(analysis: Analysis) -> str:
         + (f'<div class="sub">{len(analysis.not_ranked)} not ranked; see "Trials left out"</div>' if len(analysis.not_ranked) else "")
         + "</div>"
     )
-    from analysis.report import MEMORY_NOTES
-
     cards.append(
         '<div class="card"><h3>How memory was measured</h3>'
         f'<div class="big">{_e(kind or "not yet")}</div>'
@@ -249,55 +250,36 @@ def _budget_section(analysis: Analysis) -> str:
     return f"<h2>Best under each memory budget</h2>{banner}<p>{intro}</p>{table}"
 
 
-def _predictions_section(analysis: Analysis) -> str:
-    trials = analysis.exp.trials
-    have = trials[trials["predicted_memory_mib"].notna()]
-    if have.empty:
+def _provenance_section(analysis: Analysis) -> str:
+    """What produced the experiment (run_plan.json); nothing for experiments from before it existed."""
+    if not analysis.provenance:
         return ""
-    errors = have["memory_error_pct"].dropna()
-    if errors.empty:
-        text = (
-            "The estimator predicts VRAM; this run measured "
-            f"<code>{_e(analysis.memory_kind)}</code>, so no prediction error is computed."
-        )
-    else:
-        text = (
-            f"Mean absolute error {errors.abs().mean():.1f}% over {len(errors)} trials "
-            f"(error = (predicted - measured) / measured; positive means the estimate was too high)."
-        )
-    from analysis.memory_report import memory_html, prediction_rows
-
-    # The error only next to VRAM; next to host RSS it reads "n/a (measured host RSS, not comparable)".
-    table = data_table(prediction_rows(trials), ["trial_id", "status", "predicted_memory_mib", MEMORY, "memory_kind", "error"],
-                       headers={"predicted_memory_mib": "predicted VRAM (MiB)", MEMORY: "measured (MiB)", "error": "error"})
-    return f"<h2>Predicted vs measured memory</h2><p>{text}</p>{table}" + memory_html(analysis, data_table)
+    return '<h2>Provenance</h2><ul class="compact">' + "".join(f"<li>{_e(line)}</li>" for line in analysis.provenance) + "</ul>"
 
 
 def render_html(analysis: Analysis, charts: dict[str, bytes]) -> str:
     """The whole page."""
-    from analysis.report import constant_columns, fmt_value, summary_lines, trial_table_columns, varying_config
-
-    exp, spec = analysis.exp, analysis.exp.spec
+    exp, spec = analysis.exp, analysis.exp.saved_spec
     kind = analysis.memory_kind
     varying, fixed = varying_config(analysis)
     best_id = analysis.best["trial_id"] if analysis.best is not None else None
     front_ids = set(analysis.ranked.loc[analysis.ranked["on_front"], "trial_id"]) if len(analysis.ranked) else set()
-    model = spec["model"]
+    model, search = spec.model, spec.search
     parts = [
         f"<h1>Sweep report: {_e(analysis.name)}</h1>",
         '<div class="meta">',
         f"Experiment <code>{_e(exp.path)}</code><br>",
-        f"Model <code>{_e(model['path'])}</code> ({_e(model['quantization'])}"
-        f"{', double quant' if model.get('double_quant') else ''}) - data <code>{_e(spec['data']['path'])}</code> "
-        f"({_e(spec['data']['format'])}) - "
-        + (f"objectives {_e(', '.join(spec['search']['objectives']))} (multi-objective)" if spec["search"].get("objectives")
-           else f"objective {_e(spec['search']['metric'])} (lower is better)")
+        f"Model <code>{_e(model.path)}</code> ({_e(model.quantization)}"
+        f"{', double quant' if model.double_quant else ''}) - data <code>{_e(spec.data.path)}</code> "
+        f"({_e(spec.data.format)}) - "
+        + (f"objectives {_e(', '.join(search.objectives))} (multi-objective)" if search.objectives
+           else f"objective {_e(search.metric)} (lower is better)")
         + ", up to "
-        f"{_e(spec['train']['max_steps'])} steps per trial<br>Generated {_e(analysis.generated_at)}",
+        f"{_e(spec.train.max_steps)} steps per trial<br>Generated {_e(analysis.generated_at)}",
         "</div>",
     ]
     if analysis.in_progress:
-        running = ", ".join(f"{analysis.counts[s]} {s}" for s in ("running", "pending", "paused") if analysis.counts.get(s))
+        running = ", ".join(f"{analysis.counts[s]} {s.value}" for s in IN_PROGRESS_STATUSES if analysis.counts.get(s))
         parts.append(
             f'<div class="banner"><b>Partial report: the sweep is still running</b> ({_e(running)}). '
             "Run <code>qlora-sweep report</code> again for the latest results.</div>"
@@ -305,7 +287,7 @@ def render_html(analysis: Analysis, charts: dict[str, bytes]) -> str:
     parts.append(_summary_cards(analysis))
     parts.append(
         '<div class="card" style="margin-top:14px"><h3>Summary</h3><ul class="compact">'
-        + "".join(f"<li>{_e(line)}</li>" for line in summary_lines(analysis))
+        + "".join(f"<li>{_e(line)}</li>" for line in analysis.summary)
         + "</ul></div>"
     )
     parts.append(_budget_section(analysis))
@@ -332,7 +314,8 @@ def render_html(analysis: Analysis, charts: dict[str, bytes]) -> str:
                 headers={"memory_saved_pct": "memory saved vs best", "loss_increase_pct": "loss vs best"},
             )
         )
-    parts.append(_predictions_section(analysis))
+    # Predicted vs measured memory, GPU packing, the multi-objective front (analysis/memory_report.py).
+    parts.append(memory_html(exp.trials, spec, analysis.ranked, data_table, exp.plan.memory.not_modelled))
 
     parts.append("<h2>What mattered</h2>")
     imp = analysis.importance
@@ -384,6 +367,7 @@ def render_html(analysis: Analysis, charts: dict[str, bytes]) -> str:
     if len(analysis.not_ranked):
         parts.append("<h2>Trials left out of the ranking</h2>")
         parts.append(data_table(analysis.not_ranked, ["trial_id", "status", "reason"]))
+    parts.append(_provenance_section(analysis))
     if exp.notes:
         parts.append("<h2>Notes from loading</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in exp.notes) + "</ul>")
     legend = "".join(

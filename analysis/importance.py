@@ -3,8 +3,9 @@
 The study the searcher wrote (`<experiment>/optuna.db`, or the spec's search.optuna_storage) is
 used when it can be read; it is opened from a temporary copy, so a report never writes to a running
 sweep's database. Otherwise an in-memory study is rebuilt from the trials table, with the exact
-distributions the sweep sampled from (the sweep's own define-by-run space, sweeps/space.py), and
-each trial's best_eval_loss as its value. The report says which source was used.
+distributions the sweep sampled from (the saved space's `SpaceSpec.distributions`, from the
+hyperparameter registry in trainables/params.py), and each trial's best_eval_loss as its value.
+The report says which source was used.
 
 Importances are Optuna's `get_param_importances` with its default evaluator (PED-ANOVA in
 Optuna 5), normalized to sum to 1. Parameters fixed in the spec are not searched and have none.
@@ -13,7 +14,6 @@ Optuna 5), normalized to sum to 1. Parameters fixed in the spec are not searched
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import tempfile
 import warnings
@@ -22,12 +22,13 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.pareto import QUALITY, RANKABLE_STATUSES
+from analysis.pareto import QUALITY
 from analysis.results import Experiment
-from core import storage
+from core import experiment_folder, storage
+from core.experiment_folder import REPEAT_ATTR  # a study trial answered from an identical earlier one
+from core.numbers import is_finite_number
+from core.status import RANKABLE_STATUSES
 
-DB_FILE = "optuna.db"  # sweeps/searcher.py's DB_FILE: where the searcher keeps the study
-REPEAT_ATTR = "repeat_of"  # sweeps/searcher.py's REPEAT_ATTR: a trial answered from an identical earlier one
 MIN_TRIALS = 2
 FEW_TRIALS = 10  # below this, say the importances are a rough guide only
 
@@ -60,7 +61,7 @@ def param_importances(exp: Experiment) -> Importance:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     notes: list[str] = []
     study, source = _stored_study(exp, notes)
-    metric = (exp.spec.get("search") or {}).get("metric", "eval_loss")
+    metric = exp.saved_spec.search.metric
     target = f"{metric} as the searcher recorded it (each trial's last report)"
     if study is None or _complete(study) < MIN_TRIALS:
         if study is not None:
@@ -95,10 +96,10 @@ def _stored_study(exp: Experiment, notes: list[str]) -> tuple[Any, str]:
     """The study the searcher wrote, opened from a temporary copy; (None, reason) if unavailable."""
     import optuna
 
-    search = exp.spec.get("search") or {}
-    name = search.get("optuna_study_name")
-    url = search.get("optuna_storage")
-    candidates = [storage.join(exp.path, DB_FILE)]
+    search = exp.saved_spec.search
+    name = search.optuna_study_name
+    url = search.optuna_storage
+    candidates = [experiment_folder.file(exp.path, experiment_folder.STUDY_FILE)]
     if isinstance(url, str) and url.startswith("sqlite:///"):
         candidates.append(url.removeprefix("sqlite:///"))
     for location in candidates:
@@ -154,29 +155,23 @@ def _rebuilt_study(exp: Experiment, notes: list[str]) -> tuple[Any, str]:
     """An in-memory study of the rankable trials, with the sweep's own distributions."""
     import optuna
 
-    from sweeps.space import define_by_run
-    from sweeps.spec import SpecError, parse_spec
-
-    try:
-        spec = parse_spec(exp.spec, source="sweep_spec.yaml")
-    except SpecError as exc:
-        notes.append(f"the saved spec does not parse with this version ({exc.problems[0]}); no importances")
+    problems: list[str] = []
+    space = exp.saved_spec.space_spec(problems)
+    if space is None:
+        notes.append(f"{problems[0]}; no importances")
         return None, "none"
-    # Ask a throwaway study for one trial of the sweep's space: its distributions are the sweep's.
-    trial = optuna.create_study().ask()
-    define_by_run(trial, spec.space, spec.train.batch_size)
-    distributions = dict(trial.distributions)
+    distributions = space.distributions(exp.saved_spec.train.batch_size)
     source = "an in-memory Optuna study rebuilt from the trials table (value: best_eval_loss)"
     if not distributions:
         notes.append("every parameter is fixed in the spec; nothing was searched")
         return None, source
     study = optuna.create_study(direction="minimize")
-    rows = exp.trials[exp.trials["status"].isin(RANKABLE_STATUSES)]
+    rows = exp.trials[exp.trials["status"].isin([s.value for s in RANKABLE_STATUSES])]
     skipped = 0
     for row in rows.to_dict("records"):
         value = row.get(QUALITY)
         params = {name: _param_value(row.get(name), dist) for name, dist in distributions.items()}
-        if not _is_number(value) or any(v is None for v in params.values()):
+        if not is_finite_number(value) or any(v is None for v in params.values()):
             skipped += 1
             continue
         study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=float(value)))
@@ -193,14 +188,11 @@ def _param_value(value: Any, distribution: Any) -> Any:
         return None
     if isinstance(distribution, optuna.distributions.CategoricalDistribution):
         for choice in distribution.choices:
-            if choice == value or (_is_number(choice) and _is_number(value) and math.isclose(choice, value)):
+            if choice == value or (is_finite_number(choice) and is_finite_number(value) and math.isclose(choice, value)):
                 return choice
         return None
-    if not _is_number(value):
+    if not is_finite_number(value):
         return None
     value = int(value) if isinstance(distribution, optuna.distributions.IntDistribution) else float(value)
     return value if distribution.low <= value <= distribution.high else None
 
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

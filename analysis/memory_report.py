@@ -16,25 +16,23 @@ Pure functions on the trials table (analysis/results.py), so they can be tested 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from html import escape
 from typing import Any
 
 import pandas as pd
 
 from analysis.pareto import MEMORY, QUALITY, pareto_front
+from analysis.saved_spec import SavedSpec
+from core.numbers import is_finite_number
+from core.status import TrialStatus
 
 NOT_COMPARABLE = "n/a (measured host RSS, not comparable)"
 # search.objectives metric -> the trials-table column that holds it per trial.
 OBJECTIVE_COLUMNS = {"eval_loss": QUALITY, "perplexity": QUALITY, "peak_memory_mib": MEMORY, "tokens_per_s": "tokens_per_s"}
-
-
-def _finite(value: Any) -> bool:
-    try:
-        return value is not None and value is not pd.NA and math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
+PREDICTION_COLUMNS = ["trial_id", "status", "predicted_memory_mib", MEMORY, "memory_kind", "error"]
+SpecLike = SavedSpec | Mapping[str, Any]
 
 
 # --- predicted vs measured ------------------------------------------------------------------------
@@ -48,11 +46,11 @@ def prediction_rows(trials: pd.DataFrame) -> pd.DataFrame:
         (a string: "+4.2%", "n/a (measured host RSS, not comparable)" or "" before any measurement).
     """
     if "predicted_memory_mib" not in trials:
-        return pd.DataFrame(columns=["trial_id", "status", "predicted_memory_mib", MEMORY, "memory_kind", "error"])
-    have = trials[trials["predicted_memory_mib"].notna() & (trials["status"] != "infeasible")]
+        return pd.DataFrame(columns=PREDICTION_COLUMNS)
+    have = trials[trials["predicted_memory_mib"].notna() & (trials["status"] != TrialStatus.INFEASIBLE.value)]
     errors = []
     for row in have.to_dict("records"):
-        if row.get("memory_kind") == "cuda_reserved" and _finite(row.get("memory_error_pct")):
+        if row.get("memory_kind") == "cuda_reserved" and is_finite_number(row.get("memory_error_pct")):
             errors.append(f"{float(row['memory_error_pct']):+.1f}%")
         elif row.get("memory_kind") == "host_rss":
             errors.append(NOT_COMPARABLE)
@@ -61,6 +59,43 @@ def prediction_rows(trials: pd.DataFrame) -> pd.DataFrame:
     out = have[["trial_id", "status", "predicted_memory_mib", MEMORY, "memory_kind"]].copy()
     out["error"] = pd.Series(errors, index=have.index, dtype="string")
     return out.reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """What the report says about predicted vs measured memory (both report.md and report.html).
+
+    Attributes:
+        rows: prediction_rows(trials).
+        text: The paragraph above the table: the mean error where VRAM was measured, else why
+            there is none; and what the estimator does not model (run_plan.json's memory plan).
+    """
+
+    rows: pd.DataFrame
+    text: str
+
+
+def predictions(trials: pd.DataFrame, not_modelled: Sequence[str] = ()) -> Predictions | None:
+    """Predicted vs measured memory, None when no trial that ran has a prediction."""
+    rows = prediction_rows(trials)
+    if rows.empty:
+        return None
+    # memory_error_pct is only ever computed against VRAM (analysis/results.py); the filter says so again.
+    errors = trials.loc[trials["memory_kind"] == "cuda_reserved", "memory_error_pct"].dropna()
+    if len(errors):
+        text = (
+            f"Mean absolute error {errors.abs().mean():.1f}% over {len(errors)} trials (error = (predicted - measured) / "
+            "measured; positive: the estimate was too high)."
+        )
+    else:
+        text = "Predictions are peak VRAM on a CUDA GPU (torch.cuda.max_memory_reserved)." + (
+            " This run measured host RSS, so the error is n/a: the two are not comparable."
+            if not (rows["memory_kind"] == "cuda_reserved").any()
+            else ""
+        )
+    if not_modelled:
+        text += f" Not modelled by the estimator: {'; '.join(not_modelled)}."
+    return Predictions(rows=rows, text=text)
 
 
 # --- packing ----------------------------------------------------------------------------------------
@@ -128,7 +163,7 @@ def packing_summary(trials: pd.DataFrame) -> PackingSummary | None:
     rows = [
         r
         for r in trials.to_dict("records")
-        if _finite(r.get("gpu_fraction")) and _finite(r.get("started_at")) and _finite(r.get("ended_at"))
+        if all(is_finite_number(r.get(c)) for c in ("gpu_fraction", "started_at", "ended_at"))
         and float(r["ended_at"]) > float(r["started_at"])
     ]
     if not rows:
@@ -178,9 +213,9 @@ def packing_lines(summary: PackingSummary) -> list[str]:
 # --- multi-objective --------------------------------------------------------------------------------
 
 
-def objective_columns(spec: dict[str, Any]) -> list[str]:
+def objective_columns(spec: SpecLike) -> list[str]:
     """The trials-table columns of a multi-objective search's objectives ([] in single-objective mode)."""
-    objectives = (spec.get("search") or {}).get("objectives") or []
+    objectives = SavedSpec.from_raw(spec).search.objectives or []
     return [OBJECTIVE_COLUMNS[o] for o in objectives if o in OBJECTIVE_COLUMNS]
 
 
@@ -197,7 +232,7 @@ def objectives_front(ranked: pd.DataFrame, columns: Sequence[str]) -> pd.DataFra
 
 def _mib(value: Any) -> str:
     """MiB with a decimal below 100 (tiny test models predict a few MiB)."""
-    if not _finite(value):
+    if not is_finite_number(value):
         return ""
     return f"{float(value):,.1f}" if abs(float(value)) < 100 else f"{float(value):,.0f}"
 
@@ -206,15 +241,18 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def memory_summary_lines(trials: pd.DataFrame, spec: dict[str, Any]) -> list[str]:
+def memory_summary_lines(trials: pd.DataFrame, spec: SpecLike) -> list[str]:
     """Summary lines: admission and OOMs, packing, predictions; nothing when there is nothing to say."""
     lines = []
     statuses = trials["status"].value_counts() if "status" in trials else pd.Series(dtype="int64")
-    infeasible, oom = int(statuses.get("infeasible", 0)), int(statuses.get("oom", 0))
+    infeasible = int(statuses.get(TrialStatus.INFEASIBLE.value, 0))
+    oom = int(statuses.get(TrialStatus.OOM.value, 0))
     if infeasible or oom:
         parts = []
         if infeasible:
-            reasons = trials.loc[trials["status"] == "infeasible"].get("infeasible_reason", pd.Series(dtype="string"))
+            reasons = trials.loc[trials["status"] == TrialStatus.INFEASIBLE.value].get(
+                "infeasible_reason", pd.Series(dtype="string")
+            )
             dominated = int(reasons.fillna("").astype(str).str.startswith("dominated by OOM").sum())
             parts.append(
                 f"{_count(infeasible, 'configuration')} rejected before launch ({infeasible - dominated} predicted not "
@@ -230,43 +268,37 @@ def memory_summary_lines(trials: pd.DataFrame, spec: dict[str, Any]) -> list[str
     return lines
 
 
-def memory_markdown(trials: pd.DataFrame, spec: dict[str, Any], ranked: pd.DataFrame, table: Any) -> list[str]:
-    """report.md sections; `table(frame, columns)` renders a Markdown table (analysis.report.markdown_table)."""
+def memory_markdown(
+    trials: pd.DataFrame, spec: SpecLike, ranked: pd.DataFrame, table: Callable[..., str], not_modelled: Sequence[str] = ()
+) -> list[str]:
+    """report.md sections; `table(frame, columns)` renders a Markdown table (analysis.formatting.markdown_table)."""
     parts: list[str] = []
-    predictions = prediction_rows(trials)
-    if not predictions.empty:
-        vram = predictions["memory_kind"] == "cuda_reserved"
-        errors = trials.loc[trials["memory_kind"] == "cuda_reserved", "memory_error_pct"].dropna()
-        text = (
-            f"Mean absolute error {errors.abs().mean():.1f}% over {len(errors)} trials (error = (predicted - measured) / "
-            "measured; positive: the estimate was too high)."
-            if len(errors)
-            else "Predictions are peak VRAM on a CUDA GPU (torch.cuda.max_memory_reserved). "
-            + ("This run measured host RSS, so the error is n/a: the two are not comparable." if not vram.any() else "")
-        )
+    predicted = predictions(trials, not_modelled)
+    if predicted is not None:
+        rows = predicted.rows
         shown = pd.DataFrame(
             {
-                "trial_id": predictions["trial_id"],
-                "status": predictions["status"],
-                "predicted VRAM (MiB)": [_mib(v) for v in predictions["predicted_memory_mib"]],
-                "measured (MiB)": [_mib(v) for v in predictions[MEMORY]],
-                "memory_kind": predictions["memory_kind"],
-                "error": predictions["error"],
+                "trial_id": rows["trial_id"],
+                "status": rows["status"],
+                "predicted VRAM (MiB)": [_mib(v) for v in rows["predicted_memory_mib"]],
+                "measured (MiB)": [_mib(v) for v in rows[MEMORY]],
+                "memory_kind": rows["memory_kind"],
+                "error": rows["error"],
             }
         )
-        parts += ["## Memory: predicted vs measured", "", text, "", table(shown), ""]
+        parts += ["## Memory: predicted vs measured", "", predicted.text, "", table(shown), ""]
     summary = packing_summary(trials)
     if summary is not None:
         parts += ["## GPU packing", "", *[f"- {line}" for line in packing_lines(summary)], ""]
-    columns = objective_columns(spec)
+    saved = SavedSpec.from_raw(spec)
+    columns = objective_columns(saved)
     if columns:
-        objectives = (spec.get("search") or {}).get("objectives")
         front = objectives_front(ranked, columns)
         parts += [
             "## Pareto front of the searched objectives (multi-objective mode)",
             "",
-            f"Optuna searched {', '.join(objectives)} together; these trials are not beaten on all of them by any other. "
-            f"ASHA early-stopped on {spec['search']['metric']} only (docs/multi-objective.md).",
+            f"Optuna searched {', '.join(saved.search.objectives or [])} together; these trials are not beaten on all of "
+            f"them by any other. ASHA early-stopped on {saved.search.metric} only (docs/multi-objective.md).",
             "",
             table(front, ["trial_id", *[c for c in ("r", "target_modules", "batch_size") if c in front], *dict.fromkeys(columns)])
             if not front.empty
@@ -276,24 +308,37 @@ def memory_markdown(trials: pd.DataFrame, spec: dict[str, Any], ranked: pd.DataF
     return parts
 
 
-def memory_html(analysis: Any, data_table: Any) -> str:
-    """report.html sections for packing and the multi-objective front; `data_table` is analysis.html's."""
-    from html import escape
-
-    trials, spec = analysis.exp.trials, analysis.exp.spec
+def memory_html(
+    trials: pd.DataFrame,
+    spec: SpecLike,
+    ranked: pd.DataFrame,
+    data_table: Callable[..., str],
+    not_modelled: Sequence[str] = (),
+) -> str:
+    """report.html sections: predictions, packing, the multi-objective front; `data_table` is analysis.html's."""
     parts = []
+    predicted = predictions(trials, not_modelled)
+    if predicted is not None:
+        # The error only next to VRAM; next to host RSS it reads "n/a (measured host RSS, not comparable)".
+        table = data_table(
+            predicted.rows,
+            PREDICTION_COLUMNS,
+            headers={"predicted_memory_mib": "predicted VRAM (MiB)", MEMORY: "measured (MiB)", "error": "error"},
+        )
+        parts.append(f"<h2>Predicted vs measured memory</h2><p>{escape(predicted.text)}</p>{table}")
     summary = packing_summary(trials)
     if summary is not None:
         parts.append("<h2>GPU packing</h2><ul>" + "".join(f"<li>{escape(line)}</li>" for line in packing_lines(summary)) + "</ul>")
-    columns = objective_columns(spec)
+    saved = SavedSpec.from_raw(spec)
+    columns = objective_columns(saved)
     if columns:
-        front = objectives_front(analysis.ranked, columns)
+        front = objectives_front(ranked, columns)
         shown = ["trial_id", *[c for c in ("r", "target_modules", "batch_size") if c in front], *dict.fromkeys(columns)]
         parts.append(
             "<h2>Pareto front of the searched objectives</h2><p>"
             + escape(
-                f"Multi-objective search over {', '.join(spec['search']['objectives'])}: no other trial beats these on all "
-                f"of them. ASHA early-stopped on {spec['search']['metric']} only (docs/multi-objective.md)."
+                f"Multi-objective search over {', '.join(saved.search.objectives or [])}: no other trial beats these on "
+                f"all of them. ASHA early-stopped on {saved.search.metric} only (docs/multi-objective.md)."
             )
             + "</p>"
             + (data_table(front, shown) if not front.empty else "<p>No trial has values for every objective yet.</p>")

@@ -27,11 +27,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from core.numbers import is_finite_number
+from core.status import RANKABLE_STATUSES
 from trainables.metrics import DEFAULT_BUDGETS_GIB, direction
 
 QUALITY = "best_eval_loss"
 MEMORY = "peak_memory_mib"
-RANKABLE_STATUSES = ("completed", "early_stopped", "running", "paused")
 MIB_PER_GIB = 1024
 WITHIN_OF_BEST = 0.01
 # Preferred when several memory kinds occur: VRAM is what budgets are about.
@@ -40,8 +41,8 @@ MEMORY_KIND_PREFERENCE = ("cuda_reserved", "host_rss")
 
 def rankable(trials: pd.DataFrame, memory_kind: str | None = None) -> pd.DataFrame:
     """Trials whose quality and memory can be ranked (see module docstring), optionally of one memory kind."""
-    keep = trials["status"].isin(RANKABLE_STATUSES).fillna(False).astype(bool)
-    keep &= _finite(trials[QUALITY]) & _finite(trials[MEMORY])
+    keep = trials["status"].isin([s.value for s in RANKABLE_STATUSES]).fillna(False).astype(bool)
+    keep &= _finite_mask(trials[QUALITY]) & _finite_mask(trials[MEMORY])
     if memory_kind is not None:
         keep &= (trials["memory_kind"] == memory_kind).fillna(False).astype(bool)
     return trials[keep]
@@ -97,7 +98,7 @@ def _ranked_order(frame: pd.DataFrame, first: str, second: str) -> pd.DataFrame:
 
 def best_trial(frame: pd.DataFrame) -> pd.Series | None:
     """The row with the best quality; ties go to lower memory, then the smaller trial id. None if empty."""
-    candidates = frame[_finite(frame[QUALITY])]
+    candidates = frame[_finite_mask(frame[QUALITY])]
     if candidates.empty:
         return None
     return _ranked_order(candidates, QUALITY, MEMORY).iloc[0]
@@ -147,7 +148,7 @@ def cheapest_within(frame: pd.DataFrame, tolerance: float = WITHIN_OF_BEST) -> p
     bound = loss + sign * tolerance * abs(loss)
     quality = pd.to_numeric(frame[QUALITY], errors="coerce")
     close = frame[(quality <= bound) if sign > 0 else (quality >= bound)]
-    close = close[_finite(close[MEMORY])]
+    close = close[_finite_mask(close[MEMORY])]
     if close.empty:
         return best
     return _ranked_order(close, MEMORY, QUALITY).iloc[0]
@@ -172,6 +173,7 @@ def tradeoff_table(frame: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _finite(series: pd.Series) -> pd.Series:
+def _finite_mask(series: pd.Series) -> pd.Series:
+    """Element-wise core.numbers.is_finite_number for a table column (numeric strings count, as in pandas)."""
     numeric = pd.to_numeric(series, errors="coerce").astype("float64")
-    return pd.Series(np.isfinite(numeric.to_numpy(na_value=np.nan)), index=series.index)
+    return pd.Series([is_finite_number(v) for v in numeric.to_numpy(na_value=np.nan)], index=series.index, dtype=bool)

@@ -19,9 +19,12 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from analysis.pareto import MEMORY, MIB_PER_GIB, QUALITY, pareto_front
+from core.status import TrialStatus
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
-STATUS_MARKERS = {"completed": "o", "early_stopped": "X", "running": "^", "paused": "s"}
+STATUS_MARKERS = {TrialStatus.COMPLETED: "o", TrialStatus.EARLY_STOPPED: "X", TrialStatus.RUNNING: "^", TrialStatus.PAUSED: "s"}
+# A loss curve of a trial in any other status ended early (ASHA, a failure): it ends with an X.
+CURVE_ENDS_NORMALLY = (TrialStatus.COMPLETED, TrialStatus.RUNNING, TrialStatus.PENDING, TrialStatus.PAUSED)
 DPI = 110
 
 MEMORY_AXIS = {
@@ -64,7 +67,7 @@ def _target_legend(ax: Any, colours: dict[str, str], statuses: Sequence[str], lo
     handles += [
         Line2D([], [], marker=STATUS_MARKERS.get(s, "o"), linestyle="", color="#555555", label=s.replace("_", " "))
         for s in statuses
-        if s != "completed"
+        if s != TrialStatus.COMPLETED
     ]
     ax.legend(handles=handles, title="target modules", fontsize=8, title_fontsize=8, loc=loc)
 
@@ -151,7 +154,7 @@ def loss_curves(
         best = trial_id == best_id
         ax.plot(curve["step"], curve["eval_loss"], color=colours.get(label, "#777777"),
                 linewidth=2.6 if best else 1.1, alpha=1.0 if best else 0.75, zorder=3 if best else 2)
-        if status not in ("completed", "running", "pending", "paused"):
+        if status not in CURVE_ENDS_NORMALLY:
             ax.plot(curve["step"].iloc[-1], curve["eval_loss"].iloc[-1], marker="X", color=colours.get(label, "#777777"),
                     markersize=7, markeredgecolor="white", zorder=4)
         if best:

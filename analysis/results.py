@@ -1,30 +1,32 @@
 """Load an experiment folder (local or s3://, gs://) into one tidy pandas table, one row per trial.
 
-Reads only what Tune and qlora-sweep write as text: sweep_spec.yaml, the JSON experiment state,
-and each trial's params.json / result.json / error.txt. Nothing is unpickled, so pointing the
-report at a folder is safe, and it works while the sweep is still running.
+Reads only what Tune and qlora-sweep write as text: sweep_spec.yaml, run_plan.json, the JSON
+experiment state, and each trial's params.json / result.json / error.txt, all through the folder
+format's one owner, core.experiment_folder. Nothing is unpickled, so pointing the report at a
+folder is safe, and it works while the sweep is still running. Statuses are core.status's
+TrialStatus values (kept as plain strings in the table); config columns come from the
+hyperparameter registry (trainables/params.py) via the saved space.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-import yaml
 
+from analysis.saved_spec import SavedSpec
+from core import experiment_folder as folder
 from core import storage
+from core.errors import QloraSweepError
+from core.experiment_folder import is_experiment  # noqa: F401 - re-exported for callers of analysis.results
+from core.numbers import is_finite_number
+from core.run_plan import RunPlan, load_run_plan
+from core.status import ALL_STATUSES, FROM_TUNE, REPORTED_STATUSES, TrialStatus
 from trainables.metrics import COLUMNS, TRIAL_COLUMNS
 
-# Tune's trial status -> ours, when the trial's own reports do not say more.
-_TUNE_STATUS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "ERROR": "failed"}
-TERMINAL_TRIAL_STATUSES = ("oom", "diverged", "infeasible")
-STATUSES = ("completed", "early_stopped", "running", "pending", "paused", "failed", "oom", "infeasible", "diverged")
 
-
-class AnalysisInputError(Exception):
+class AnalysisInputError(QloraSweepError):
     """Bad input to report/compare/export (a folder, a trial id, an option); the message says the fix."""
 
 
@@ -38,10 +40,16 @@ class Experiment:
 
     Attributes:
         path: The experiment folder or URI.
-        spec: The sweep spec as it ran (sweep_spec.yaml).
+        spec: The sweep spec as it ran (sweep_spec.yaml), as a plain dict.
         trials: One row per trial; columns from trainables.metrics.TRIAL_COLUMNS plus the config.
         curves: One row per evaluation of every trial (trial_id, training_iteration, step, eval_loss, ...).
+        config_columns: The trial-config columns, from the hyperparameter registry (trainables/params.py).
         notes: Things the loader could not read, to show in the report instead of dropping silently.
+        saved_spec: The typed, lenient view of `spec` that analysis reads (analysis.saved_spec).
+        plan: The run plan preflight saved (run_plan.json: provenance, model, memory plan); an empty
+            RunPlan for experiments from before the file existed.
+        data_report: The driver's data_report.json (rows read, skipped rows); None if absent,
+            {"unreadable": True} if it cannot be read.
     """
 
     path: str
@@ -50,14 +58,13 @@ class Experiment:
     curves: pd.DataFrame
     config_columns: list[str]
     notes: list[str] = field(default_factory=list)
+    saved_spec: SavedSpec = field(default_factory=SavedSpec)
+    plan: RunPlan = field(default_factory=RunPlan)
+    data_report: dict[str, Any] | None = None
 
     @property
     def max_steps(self) -> int:
-        return int(self.spec["train"]["max_steps"])
-
-
-def is_experiment(path: str) -> bool:
-    return storage.exists(storage.join(path, storage.SPEC_FILE))
+        return self.saved_spec.train.max_steps
 
 
 def load_experiment(path: str) -> Experiment:
@@ -65,98 +72,77 @@ def load_experiment(path: str) -> Experiment:
 
     Raises:
         NotAnExperiment: If `path` holds no sweep_spec.yaml (i.e. was not written by qlora-sweep).
+        AnalysisInputError: If its sweep_spec.yaml is not YAML.
     """
     path = storage.absolute(path)
-    spec_path = storage.join(path, storage.SPEC_FILE)
-    if not storage.exists(spec_path):
+    if not folder.is_experiment(path):
         raise NotAnExperiment(
-            f"{path} is not a qlora-sweep experiment folder (no {storage.SPEC_FILE}). "
+            f"{path} is not a qlora-sweep experiment folder (no {folder.SPEC_FILE}). "
             "Pass the folder that `qlora-sweep run` printed, e.g. results/smoke-20260101-120000"
         )
-    spec = yaml.safe_load(storage.read_text(spec_path))
+    try:
+        spec = folder.read_spec(path)
+    except ValueError as exc:
+        raise AnalysisInputError(f"{path}: {exc}; the experiment cannot be read") from None
     notes: list[str] = []
-    tune_states = _tune_states(path, notes)
+    saved = SavedSpec.from_raw(spec, notes)
+    tune_states = folder.tune_states(path, notes)
     rows, curves = [], []
-    trial_dirs = [d for d in storage.list_dirs(path) if d.startswith("trial_")]
     seen: set[str] = set()
-    for dirname in trial_dirs:
-        row, curve = _load_trial(path, dirname, spec, tune_states, notes)
-        if row is not None:
-            rows.append(row)
-            curves.extend(curve)
-            seen.add(row["trial_id"])
+    for dirname in folder.trial_dirnames(path):
+        trial_id = dirname.removeprefix(folder.TRIAL_PREFIX)
+        row, curve = _load_trial(path, trial_id, saved, tune_states, notes)
+        rows.append(row)
+        curves.extend(curve)
+        seen.add(trial_id)
     for trial_id, state in tune_states.items():
         if trial_id not in seen:  # suggested but never started: no folder yet
-            rows.append({"trial_id": trial_id, "status": _TUNE_STATUS.get(state["status"], "pending"), **state["config"]})
-    rows.extend(_infeasible_rows(path, notes))
-    from sweeps.space import SEARCHED
-
-    config_columns = ["r", "lora_alpha"] + (["lora_alpha_ratio"] if isinstance(spec["space"].get("lora_alpha"), dict) else [])
-    config_columns += [c for c in SEARCHED if c not in ("r", "lora_alpha")]
+            status = FROM_TUNE.get(state["status"], TrialStatus.PENDING)
+            rows.append({"trial_id": trial_id, "status": status.value, **state["config"]})
+    rows += [
+        {**row, "status": TrialStatus.INFEASIBLE.value}  # rejected before launch by memory admission
+        for row in folder.read_jsonl(path, folder.INFEASIBLE_FILE, notes)
+    ]
+    config_columns = saved.config_columns(notes)
     trials = _typed_table(rows, config_columns)
     curves_df = pd.DataFrame(curves) if curves else pd.DataFrame(columns=["trial_id", "training_iteration", "step", "eval_loss"])
-    return Experiment(path=path, spec=spec, trials=trials, curves=curves_df, config_columns=config_columns, notes=notes)
+    return Experiment(
+        path=path,
+        spec=spec,
+        trials=trials,
+        curves=curves_df,
+        config_columns=config_columns,
+        notes=notes,
+        saved_spec=saved,
+        plan=load_run_plan(path, notes),
+        data_report=_data_report(path),
+    )
 
 
-def _tune_states(path: str, notes: list[str]) -> dict[str, dict[str, Any]]:
-    """trial_id -> {status, logdir, error_file, config} from the newest experiment_state JSON."""
-    files = [f for f in storage.list_files(path) if f.startswith("experiment_state-") and f.endswith(".json")]
-    if not files:
-        return {}
+def _data_report(path: str) -> dict[str, Any] | None:
+    """The driver's data_report.json, None if absent (experiments from before it existed)."""
     try:
-        state = json.loads(storage.read_text(storage.join(path, sorted(files)[-1])))
-    except (json.JSONDecodeError, OSError) as exc:
-        notes.append(f"could not read Tune's experiment state ({exc}); statuses are inferred from results")
-        return {}
-    out = {}
-    for trial_json, runtime_json in state.get("trial_data", []):
-        trial, runtime = json.loads(trial_json), json.loads(runtime_json)
-        config = trial.get("config") if isinstance(trial.get("config"), dict) else {}
-        out[trial["trial_id"]] = {
-            "status": trial.get("status", ""),
-            "logdir": trial.get("relative_logdir"),
-            "error_file": runtime.get("error_filename"),
-            "num_failures": runtime.get("num_failures", 0),
-            "config": {k: v for k, v in config.items() if not isinstance(v, (dict, list))},
-        }
-    return out
-
-
-def _read_results(path: str, notes: list[str], dirname: str) -> list[dict[str, Any]]:
-    results_path = storage.join(path, dirname, "result.json")
-    if not storage.exists(results_path):
-        return []
-    out = []
-    for line in storage.read_text(results_path).splitlines():
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            notes.append(f"{dirname}/result.json has a truncated line (the trial was killed while writing); it was skipped")
-    return out
+        value = folder.read_json(path, folder.DATA_REPORT_FILE)
+    except (OSError, ValueError):
+        return {"unreadable": True}
+    if value is None:
+        return None
+    return value if isinstance(value, dict) else {"unreadable": True}
 
 
 def _load_trial(
-    path: str, dirname: str, spec: dict[str, Any], tune_states: dict[str, dict[str, Any]], notes: list[str]
-) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    trial_id = dirname.removeprefix("trial_")
-    params_path = storage.join(path, dirname, "params.json")
-    params = json.loads(storage.read_text(params_path)) if storage.exists(params_path) else {}
-    results = _read_results(path, notes, dirname)
+    path: str, trial_id: str, spec: SavedSpec, tune_states: dict[str, dict[str, Any]], notes: list[str]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    params = folder.read_params(path, trial_id)
+    results = folder.read_results(path, trial_id, notes)
     state = tune_states.get(trial_id, {})
-    error, failed_at = None, None
-    error_path = storage.join(path, dirname, "error.txt")
-    if storage.exists(error_path):
-        text = storage.read_text(error_path).strip().splitlines()
-        error = next((line for line in reversed(text) if line.strip()), "error")
-        failed_at = next((m.group(1) for line in reversed(text) if (m := _FAILURE_LINE.match(line))), None)
+    error, failed_at = folder.read_error(path, trial_id)
     evals = [r for r in results if "eval_loss" in r]
     last = results[-1] if results else {}
-    finite = [r["eval_loss"] for r in evals if _finite(r["eval_loss"])]
+    finite = [r["eval_loss"] for r in evals if is_finite_number(r["eval_loss"])]
     row: dict[str, Any] = {
         "trial_id": trial_id,
-        "status": _status(state.get("status"), last, error, spec, failed_at),
+        "status": _status(state.get("status"), last, error, spec, failed_at).value,
         **{k: v for k, v in params.items() if not isinstance(v, (dict, list))},
         "best_eval_loss": min(finite) if finite else None,
         "final_eval_loss": last.get("eval_loss") if evals else None,
@@ -172,15 +158,15 @@ def _load_trial(
         "device": last.get("device"),
         "iterations": last.get("training_iteration"),
         "error": error or last.get("oom_message"),
-        "trial_dir": storage.join(path, dirname),
+        "trial_dir": folder.trial_dir(path, trial_id),
         "best_step": _best(evals).get("step"),
         "predicted_memory_mib": _predicted_memory(results, params),
-        "checkpoint_path": _best_checkpoint(path, dirname, results),
+        "checkpoint_path": _best_checkpoint(path, trial_id, results),
         # Memory admission, packing and OOM handling (sweeps/admission.py, trainables/qlora.py).
         "gpu_fraction": last.get("gpu_fraction"),
         "gpu_ids": last.get("gpu_ids"),
         "started_at": last.get("started_at"),
-        "ended_at": (last["started_at"] + last["elapsed_s"]) if _finite(last.get("started_at")) and _finite(last.get("elapsed_s")) else None,
+        "ended_at": (last["started_at"] + last["elapsed_s"]) if is_finite_number(last.get("started_at")) and is_finite_number(last.get("elapsed_s")) else None,
         "micro_batch_size": last.get("micro_batch_size"),
         "oom_retry": last.get("oom_retry"),
     }
@@ -202,7 +188,7 @@ def _load_trial(
 
 def _best(evals: list[dict[str, Any]]) -> dict[str, Any]:
     """The report with the lowest finite eval_loss ({} if none); the earliest wins a tie."""
-    finite = [r for r in evals if _finite(r.get("eval_loss"))]
+    finite = [r for r in evals if is_finite_number(r.get("eval_loss"))]
     return min(finite, key=lambda r: r["eval_loss"]) if finite else {}
 
 
@@ -210,83 +196,57 @@ def _predicted_memory(results: list[dict[str, Any]], params: dict[str, Any]) -> 
     """The memory estimator's prediction, wherever the driver or trainable recorded it."""
     for source in (*reversed(results), params):
         value = source.get("predicted_memory_mib")
-        if _finite(value):
+        if is_finite_number(value):
             return float(value)
     return None
 
 
-def _best_checkpoint(path: str, dirname: str, results: list[dict[str, Any]]) -> str | None:
+def _best_checkpoint(path: str, trial_id: str, results: list[dict[str, Any]]) -> str | None:
     """The kept checkpoint folder with the lowest eval_loss.
 
     Tune keeps only some checkpoints (the best by eval_loss and the latest), and a report may run
     while Tune is still rotating them, so a result's checkpoint_dir_name is used only if the folder
     still exists.
     """
-    named = [r for r in results if r.get("checkpoint_dir_name") and _finite(r.get("eval_loss"))]
+    named = [r for r in results if r.get("checkpoint_dir_name") and is_finite_number(r.get("eval_loss"))]
     if not named:
         return None
-    kept = set(storage.list_dirs(storage.join(path, dirname)))
+    trial_dir = folder.trial_dir(path, trial_id)
+    kept = set(storage.list_dirs(trial_dir))
     for r in sorted(named, key=lambda r: (r["eval_loss"], -(r.get("training_iteration") or 0))):
         if r["checkpoint_dir_name"] in kept:
-            return storage.join(path, dirname, r["checkpoint_dir_name"])
+            return storage.join(trial_dir, r["checkpoint_dir_name"])
     return None
-
-
-def _infeasible_rows(path: str, notes: list[str]) -> list[dict[str, Any]]:
-    """Configurations rejected before launch (memory admission), written by the driver."""
-    location = storage.join(path, "infeasible.jsonl")
-    if not storage.exists(location):
-        return []
-    rows = []
-    for line in storage.read_text(location).splitlines():
-        if line.strip():
-            try:
-                rows.append({**json.loads(line), "status": "infeasible"})
-            except json.JSONDecodeError:
-                notes.append("infeasible.jsonl has an unreadable line; it was skipped")
-    return rows
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and value == value and value not in (float("inf"), float("-inf"))
-
-
-# Tune's error.txt heads each failure with "Failure # N (occurred at YYYY-mm-dd_HH-MM-SS)".
-_FAILURE_LINE = re.compile(r"^Failure # \d+ \(occurred at (\S+)\)")
 
 
 def _status(
     tune_status: str | None,
     last: dict[str, Any],
     error: str | None,
-    spec: dict[str, Any],
+    spec: SavedSpec,
     failed_at: str | None = None,
-) -> str:
+) -> TrialStatus:
     reported = last.get("trial_status")
-    if reported in TERMINAL_TRIAL_STATUSES:
-        return reported
+    if isinstance(reported, str) and reported in REPORTED_STATUSES:
+        return TrialStatus(reported)
     if tune_status == "ERROR":
-        return "failed"
+        return TrialStatus.FAILED
     # error.txt stays after a failure that Tune retried (train.max_failures). And when a trial's
     # node dies, Tune (2.60) never saves its ERROR status: the saved state still says RUNNING. So
     # an error counts unless the trial terminated normally or reported again after it (Tune's
     # "date" uses the same format as error.txt, so the strings compare in time order).
     retried = tune_status == "TERMINATED" or (failed_at is not None and (last.get("date") or "") > failed_at)
     if error and not retried:
-        return "failed"
+        return TrialStatus.FAILED
     if tune_status in ("RUNNING", "PENDING", "PAUSED"):
-        return _TUNE_STATUS[tune_status]
+        return FROM_TUNE[tune_status]
     if not last:
-        return "pending" if tune_status is None else "failed"
-    max_steps = int(spec["train"]["max_steps"])
-    rounds = max_steps // int(spec["train"]["eval_every"])
-    asha = (spec.get("scheduler") or {}).get("asha") or {}
-    max_rounds = asha.get("max_t") or rounds
-    if (last.get("step") or 0) >= max_steps or (last.get("training_iteration") or 0) >= max_rounds:
-        return "completed"
+        return TrialStatus.PENDING if tune_status is None else TrialStatus.FAILED
+    if (last.get("step") or 0) >= spec.train.max_steps or (last.get("training_iteration") or 0) >= spec.max_rounds:
+        return TrialStatus.COMPLETED
     if tune_status == "TERMINATED" or last.get("done"):
-        return "early_stopped"
-    return "running"
+        return TrialStatus.EARLY_STOPPED
+    return TrialStatus.RUNNING
 
 
 def _typed_table(rows: list[dict[str, Any]], config_columns: list[str]) -> pd.DataFrame:
@@ -313,5 +273,5 @@ def _typed_table(rows: list[dict[str, Any]], config_columns: list[str]) -> pd.Da
 
 def _status_order(series: pd.Series) -> pd.Series:
     if series.name == "status":
-        return series.map({s: i for i, s in enumerate(STATUSES)}).fillna(len(STATUSES))
+        return series.map({s.value: i for i, s in enumerate(ALL_STATUSES)}).fillna(len(ALL_STATUSES))
     return series

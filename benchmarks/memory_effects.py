@@ -75,6 +75,7 @@ def sweep_spec(double_quant: bool = True, seq_len: int = 512, batch_size: int = 
 
 def predict_8b() -> dict[str, Any]:
     from trainables.memory_estimator import quantized_weight_parts
+    from trainables.training_setup import TrainingSetup
     from trainables.trial_memory import MemoryKnobs, estimate_for_trial
 
     config = llama3_8b()
@@ -83,7 +84,8 @@ def predict_8b() -> dict[str, Any]:
         for r in RANKS:
             for dq in (True, False):
                 spec = sweep_spec(double_quant=dq)
-                est = estimate_for_trial(config, spec, MemoryKnobs(r=r, target_modules=targets, batch_size=1, seq_len=512))
+                setup = TrainingSetup.resolve(spec.model, spec.train, "cuda", bf16_supported=True)
+                est = estimate_for_trial(config, setup, MemoryKnobs(r=r, target_modules=targets, batch_size=1, seq_len=512))
                 out["by_rank"].append({
                     "r": r, "target_modules": targets, "double_quant": dq,
                     "reserved_gib": est.total_gib, "with_context_gib": est.total_with_context_gib,
@@ -109,12 +111,13 @@ def tiny_quant_state() -> dict[str, Any]:
     from transformers import AutoConfig
 
     from trainables.memory_estimator import quantized_weight_parts
-    from trainables.qlora import load_quantized_model
+    from trainables.training_setup import TrainingSetup
 
     path = _common.warm_model_cache()
     out = {}
     for dq in (True, False):
-        model = load_quantized_model(sweep_spec(double_quant=dq), path, "cpu", torch.float32)
+        spec = sweep_spec(double_quant=dq)
+        model = TrainingSetup.resolve(spec.model, spec.train, "cpu").load_model(path, spec.model, for_training=False)
         layers, constants, weights = 0, 0, 0
         for param in model.parameters():
             state = getattr(param, "quant_state", None)
@@ -135,11 +138,12 @@ def tiny_quant_state() -> dict[str, Any]:
 
 def rss_child(r: int, targets: str, double_quant: bool) -> dict[str, Any]:
     """One real 20-step tiny trial in this (fresh) process; its peak RSS as the trial reports it."""
+    from sweeps.plan import trial_job
     from trainables.qlora import run_trial
 
     spec = sweep_spec(double_quant=double_quant, seq_len=64, batch_size=8)
     trial = {**_common.TINY_TRIAL, "r": r, "lora_alpha": 2.0 * r, "target_modules": targets}
-    last = run_trial(trial, spec, report=lambda metrics, checkpoint_dir=None: None)
+    last = run_trial(trial, trial_job(spec), report=lambda metrics, checkpoint_dir=None: None)
     return {"peak_memory_mib": last["peak_memory_mib"], "memory_kind": last["memory_kind"],
             "trainable_params": last["trainable_params"], "predicted_vram_mib": last["predicted_memory_mib"]}
 
@@ -169,13 +173,14 @@ def measure_rss(repeats: int, cases: tuple[tuple[str, int, str, bool], ...]) -> 
 
 def target_quality(lrs: list[float], seeds: list[int], steps: int) -> dict[str, Any]:
     """Eval loss after `steps` steps, q,v vs all-linear, for every (learning rate, seed): real trials."""
-    from transformers import AutoTokenizer
-
+    from sweeps.plan import trial_job
     from trainables.data import prepare_data
     from trainables.qlora import run_trial
+    from trainables.settings import ModelSpec
+    from trainables.training_setup import load_tokenizer
 
     path = _common.warm_model_cache()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path, ModelSpec(path=path))
     rows = []
     for lr in lrs:
         for seed in seeds:
@@ -184,7 +189,7 @@ def target_quality(lrs: list[float], seeds: list[int], steps: int) -> dict[str, 
             losses = {}
             for targets in ("qv", "all-linear"):
                 trial = {**_common.TINY_TRIAL, "r": 8, "lora_alpha": 16.0, "target_modules": targets, "learning_rate": lr}
-                last = run_trial(trial, spec, report=lambda metrics, checkpoint_dir=None: None, data=data)
+                last = run_trial(trial, trial_job(spec), report=lambda metrics, checkpoint_dir=None: None, data=data)
                 losses[targets] = float(last["eval_loss"])
             rows.append({"learning_rate": lr, "seed": seed, **losses})
             print(f"lr={lr:g} seed={seed}: qv {losses['qv']:.4f}, all-linear {losses['all-linear']:.4f}",

@@ -60,19 +60,19 @@ def _trial_spec(trials: int, concurrent: int, steps: int) -> Any:
 def run_plain(trials: int, steps: int, spawned_at: float) -> dict[str, Any]:
     """K trainings back to back in this process, with the data prepared once (as the driver does)."""
     main_at = time.time()
-    from transformers import AutoTokenizer
-
+    from sweeps.plan import trial_job
     from trainables.data import prepare_data
     from trainables.qlora import run_trial
+    from trainables.training_setup import load_tokenizer
 
     spec = _trial_spec(trials, 1, steps)
     model_path = _common.warm_model_cache()
     imported_at = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    data = prepare_data(str(_common.SMOKE_DATA), spec.data, tokenizer)
+    data = prepare_data(str(_common.SMOKE_DATA), spec.data, load_tokenizer(model_path, spec.model))
+    job = trial_job(spec)
     spans = []
     for _ in range(trials):
-        last = run_trial(dict(_common.TINY_TRIAL), spec, report=lambda metrics, checkpoint_dir=None: None, data=data)
+        last = run_trial(dict(_common.TINY_TRIAL), job, report=lambda metrics, checkpoint_dir=None: None, data=data)
         # The trial's own clock, exactly as a Tune trial reports it (started_at is taken inside run_trial).
         spans.append((float(last["started_at"]), float(last["started_at"]) + float(last["elapsed_s"]), float(last["train_s"])))
     return {"spawned_at": spawned_at, "main_at": main_at, "imported_at": imported_at, "spans": spans}
@@ -91,16 +91,14 @@ def run_loads(loads: int) -> dict[str, Any]:
 def _time_model_load(spec: Any, model_path: str) -> float:
     """One model load as a trial does it: 4-bit NF4 load + prepare_model_for_kbit_training + CPU fix."""
     import torch
-    from peft import prepare_model_for_kbit_training
 
     from trainables.memory_probe import free_memory
-    from trainables.qlora import keep_4bit_layers_trainable_on_cpu, load_quantized_model
+    from trainables.training_setup import TrainingSetup
 
     torch.set_num_threads(1)  # as in a trial (cpus_per_trial 1)
+    setup = TrainingSetup.resolve(spec.model, spec.train, "cpu")
     start = time.time()
-    model = load_quantized_model(spec, model_path, "cpu", torch.float32)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.train.gradient_checkpointing)
-    keep_4bit_layers_trainable_on_cpu(model)
+    model = setup.load_model(model_path, spec.model)
     took = time.time() - start
     del model
     free_memory("cpu")

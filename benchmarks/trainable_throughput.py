@@ -11,9 +11,10 @@ process, one CPU thread each (a trial's cpus_per_trial), interleaved A, B, C, A,
 * ours:         `trainables.qlora.run_trial` with a no-op report: memory probe, an evaluation and an
                 adapter + optimizer checkpoint every train.eval_every steps, metrics per evaluation.
 * ours, no ckpt: the same with train.checkpoint false (what per-evaluation checkpointing costs).
-* bare:         the QLoRA recipe written out plainly below (BitsAndBytesConfig NF4 + double quant,
-                prepare_model_for_kbit_training, LoraConfig, SFTConfig with the same arguments,
-                SFTTrainer) with no evaluation, no checkpoints and no callbacks of ours.
+* bare:         the plain QLoRA recipe (BitsAndBytesConfig NF4 + double quant,
+                prepare_model_for_kbit_training, LoraConfig, SFTConfig, SFTTrainer) built from the
+                same `TrainingSetup` as ours (trainables/training_setup.py), so the arguments cannot
+                differ, with no evaluation, no checkpoints and no callbacks of ours.
 
 Throughput is measured two ways, with one clock for every variant: training tokens/s, tokens over
 the wall time of `Trainer.train` minus the time spent in `SFTTrainer.evaluate` (so our checkpoints,
@@ -41,18 +42,16 @@ TARGET_RATIO = 0.95  # issue 7: our tokens/s at least 95% of the bare loop's
 
 def load_inputs(steps: int, eval_every: int) -> tuple[Any, Any, Any, str]:
     """Specs for ours with and without checkpoints, the prepared data, and the model folder."""
-    from transformers import AutoTokenizer
-
     from sweeps.spec import parse_spec
     from trainables.data import prepare_data
+    from trainables.training_setup import load_tokenizer
 
     model_path = _common.warm_model_cache()
     spec = parse_spec(_common.spec_dict(name="throughput", train={"max_steps": steps, "eval_every": eval_every}))
     no_ckpt = parse_spec(
         _common.spec_dict(name="throughput", train={"max_steps": steps, "eval_every": eval_every, "checkpoint": False})
     )
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    data = prepare_data(str(_common.SMOKE_DATA), spec.data, tokenizer)
+    data = prepare_data(str(_common.SMOKE_DATA), spec.data, load_tokenizer(model_path, spec.model))
     return spec, no_ckpt, data, model_path
 
 
@@ -97,13 +96,15 @@ class TrainerClock:
 
 
 def run_ours(spec: Any, data: Any) -> dict[str, Any]:
+    from sweeps.plan import trial_job
     from trainables.qlora import run_trial
 
     reports: list[dict[str, Any]] = []
     start = time.perf_counter()
     with TrainerClock() as clock:
         last = run_trial(
-            dict(_common.TINY_TRIAL), spec, report=lambda metrics, checkpoint_dir=None: reports.append(metrics), data=data
+            dict(_common.TINY_TRIAL), trial_job(spec), report=lambda metrics, checkpoint_dir=None: reports.append(metrics),
+            data=data,
         )
     wall = time.perf_counter() - start
     return {
@@ -119,84 +120,44 @@ def run_ours(spec: Any, data: Any) -> dict[str, Any]:
     }
 
 
-def run_bare(model_path: str, data: Any, steps: int, eval_every: int) -> dict[str, Any]:
-    """The plain QLoRA recipe (as in the QLoRA paper's example), same arguments as the trainable.
+def run_bare(spec: Any, model_path: str, data: Any) -> dict[str, Any]:
+    """The plain QLoRA recipe (as in the QLoRA paper's example), with the trainable's own TrainingSetup.
 
-    `eval_every` only decides how many trailing per-step losses to average, to compare with the
-    training loss our trainable reports for its last evaluation round.
+    `spec.train.eval_every` only decides how many trailing per-step losses to average, to compare
+    with the training loss our trainable reports for its last evaluation round.
     """
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from transformers.trainer_callback import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    t = _common.TINY_TRIAL
+    from trainables.params import TrialConfig
+    from trainables.training_setup import TrainingSetup, load_tokenizer
+    from trainables.workarounds import keep_adapters_in_compute_dtype, remove_printer_callback
+
+    trial = TrialConfig.from_tune(_common.TINY_TRIAL, spec.train.batch_size)
+    eval_every = spec.train.eval_every
     start = time.perf_counter()
     torch.set_num_threads(1)  # one CPU per trial, as the sweep gives it
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path,
-        dtype=torch.float32,  # fp32 compute on CPU
-        device_map={"": "cpu"},
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-            bnb_4bit_quant_storage=torch.uint8,
-        ),
-    )
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    setup = TrainingSetup.resolve(spec.model, spec.train, "cpu")  # fp32 compute, adamw_torch
+    tokenizer = load_tokenizer(model_path, spec.model)
+    # NF4 + double quant, prepare_model_for_kbit_training (and the CPU repack fix, a no-op without evaluation).
+    model = setup.load_model(model_path, spec.model)
     output_dir = tempfile.mkdtemp(prefix="bench-bare-")
     try:
-        args = SFTConfig(
-            output_dir=output_dir,
-            max_steps=steps,
-            per_device_train_batch_size=t["batch_size"],
-            gradient_accumulation_steps=1,
-            learning_rate=t["learning_rate"],
-            weight_decay=t["weight_decay"],
-            warmup_steps=t["warmup_ratio"],
-            lr_scheduler_type=t["lr_scheduler_type"],
-            optim="adamw_torch",
-            max_grad_norm=1.0,
-            gradient_checkpointing=True,
-            eval_strategy="no",
-            save_strategy="no",
-            logging_steps=1,
-            logging_nan_inf_filter=False,
-            report_to=[],
-            disable_tqdm=True,
-            max_length=64,
-            use_cpu=True,
-            bf16=False,  # SFTConfig defaults to bf16 autocast; fp32 compute as in the trainable on CPU
-            fp16=False,
-            seed=0,
-            data_seed=0,
-            include_num_input_tokens_seen="non_padding",
-            dataloader_num_workers=0,
-            dataloader_pin_memory=False,
-        )
         trainer = SFTTrainer(
             model=model,
-            args=args,
+            args=setup.sft_config(
+                trial, spec.train, spec.data, output_dir, spec.train.grad_accum, eval_strategy="no", save_strategy="no"
+            ),
             train_dataset=Dataset.from_list(data.train),
             processing_class=tokenizer,
-            peft_config=LoraConfig(
-                r=t["r"], lora_alpha=t["lora_alpha"], target_modules=["q_proj", "v_proj"],
-                lora_dropout=t["lora_dropout"], bias="none", task_type="CAUSAL_LM",
-            ),
+            peft_config=setup.lora_config(trial, model.config.model_type),
         )
         # trl casts 4-bit models' adapters to bf16; with fp32 compute the trainable keeps them fp32,
         # so the numerics are identical.
-        for param in trainer.model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
-        trainer.remove_callback(PrinterCallback)  # else every log line is printed
+        if setup.quantized and setup.compute_dtype == "float32":
+            keep_adapters_in_compute_dtype(trainer.model)
+        remove_printer_callback(trainer)  # else every log line is printed
         with TrainerClock() as clock:
             trainer.train()
         wall = time.perf_counter() - start
@@ -223,7 +184,7 @@ def run_variant(name: str, spec: Any, no_ckpt: Any, data: Any, model_path: str) 
         return run_ours(spec, data)
     if name == "ours_no_ckpt":
         return run_ours(no_ckpt, data)
-    return run_bare(model_path, data, spec.train.max_steps, spec.train.eval_every)
+    return run_bare(spec, model_path, data)
 
 
 def profile_variants(spec: Any, no_ckpt: Any, data: Any, model_path: str, top: int = 25) -> dict[str, str]:

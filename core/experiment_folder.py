@@ -22,6 +22,8 @@ import json
 import re
 from typing import Any
 
+import yaml
+
 from core import storage
 
 SPEC_FILE = "sweep_spec.yaml"
@@ -36,6 +38,8 @@ PARAMS_FILE = "params.json"
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.txt"
 _STATE_PREFIX, _STATE_SUFFIX = "experiment_state-", ".json"
+# Optuna user attribute of a study trial answered from an identical earlier one (search.skip_repeats).
+REPEAT_ATTR = "repeat_of"
 # Tune's error.txt heads each failure with "Failure # N (occurred at YYYY-mm-dd_HH-MM-SS)".
 FAILURE_LINE = re.compile(r"^Failure # \d+ \(occurred at (\S+)\)")
 
@@ -48,6 +52,36 @@ def is_experiment(path: str) -> bool:
 def file(path: str, name: str) -> str:
     """The location of one of the experiment's own files (SPEC_FILE, PLAN_FILE, ...)."""
     return storage.join(path, name)
+
+
+def read_spec(path: str) -> dict[str, Any]:
+    """The spec as it ran (SPEC_FILE), as a plain dict ({} when it holds no mapping).
+
+    Raises:
+        FileNotFoundError: If the folder has no SPEC_FILE (see `is_experiment`).
+        ValueError: If the file is not YAML.
+    """
+    location = file(path, SPEC_FILE)
+    if not storage.exists(location):
+        raise FileNotFoundError(location)
+    try:
+        value = yaml.safe_load(storage.read_text(location))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{SPEC_FILE} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return value if isinstance(value, dict) else {}
+
+
+def read_json(path: str, name: str) -> Any:
+    """One of the experiment's own JSON files (DATA_REPORT_FILE, ...), parsed; None when it is absent.
+
+    Raises:
+        ValueError: If it is not JSON (json.JSONDecodeError).
+        OSError: If it cannot be read.
+    """
+    location = file(path, name)
+    if not storage.exists(location):
+        return None
+    return json.loads(storage.read_text(location))
 
 
 def trial_dirname(trial_id: str) -> str:

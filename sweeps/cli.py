@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from core.errors import QloraSweepError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-EXIT_BAD_INPUT = 2
 
 DESCRIPTION = """\
 Find the best QLoRA fine-tuning setup for a model under a GPU-memory budget.
@@ -278,19 +279,16 @@ def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def handle_errors(func: Callable[[], int]) -> int:
-    """Turn expected failures into one clear message and exit status 2, without a traceback."""
-    from analysis.results import AnalysisInputError
-    from sweeps.spec import SpecError
-    from trainables.data import DataError
+    """Turn expected failures into one clear message and their exit status (2), without a traceback.
 
+    Every error the user can fix derives from core.errors.QloraSweepError: the spec's SpecError,
+    the data's DataError, analysis' AnalysisInputError (and NotAnExperiment).
+    """
     try:
         return func()
-    except (SpecError, DataError) as exc:
+    except QloraSweepError as exc:
         print(f"error: {exc.render()}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except AnalysisInputError as exc:  # includes NotAnExperiment
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exc.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted. Finished trials are saved; continue with `qlora-sweep resume EXPERIMENT_DIR`.", file=sys.stderr)
         return 130

@@ -1,8 +1,11 @@
 """The Tune driver: preflight checks, Ray connection, the Tuner (Optuna + ASHA), and the report.
 
 `qlora-sweep run SPEC` and `python sweeps/sweep.py --config SPEC` (what `ray submit` runs) both
-call `run_sweep`. Everything that can be wrong with the input is checked in `preflight` before
-Ray starts, so bad input costs no GPU time and leaves no half-written experiment behind.
+call `run_sweep`; `resume` calls `resume_sweep`. Both check everything that can be wrong with the
+input in `preflight` before Ray starts, so bad input costs no GPU time and leaves no half-written
+experiment behind, and then share one path (`_sweep`): connect to Ray, make the memory plan and the
+run plan (sweeps/plan.py, saved as run_plan.json), fit the Tuner with the sweep's TrialJob bound to
+the trainable, settle the Optuna study, write the report.
 """
 
 from __future__ import annotations
@@ -11,18 +14,24 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
-from core import storage
+from core import experiment_folder, storage
+from core.run_plan import write_run_plan
+from sweeps.local_env import QUIET_ENV
+from sweeps.memory_plan import MemoryPlan, detect_gpu_size, gpu_names, memory_plan
+from sweeps.plan import make_run_plan, trial_job, trial_model_path
 from sweeps.spec import SpecError, SweepSpec
+from trainables.job import TrialJob
 from trainables.metrics import tune_mode
+from trainables.params import Fixed
+from trainables.trial_memory import not_modelled
 
 if TYPE_CHECKING:
-    from sweeps.admission import MemoryPlan
     from trainables.data import PreparedData
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -57,8 +66,8 @@ def preflight(spec: SweepSpec, *, check_storage: bool = True, offline: bool = Fa
         SpecError: With every problem found: model config, target modules, data rows, storage.
     """
     from trainables.data import DataError, is_local_data, prepare_data
-    from trainables.targets import check_targets, choice_label
-    from trainables.tiny_models import is_builtin, materialize
+    from trainables.targets import check_targets
+    from trainables.tiny_models import is_builtin
 
     problems: list[str] = []
     skipped: list[str] = []
@@ -67,18 +76,14 @@ def preflight(spec: SweepSpec, *, check_storage: bool = True, offline: bool = Fa
     if offline and hub_model:
         skipped.append(f"model config, tokenizer and target modules of hub model '{spec.model.path}'")
     else:
-        try:
-            model_path = materialize(spec.resolve_path(spec.model.path))
-        except ValueError as exc:
-            problems.append(f"model.path: {exc}")
-    if not problems and not skipped:
-        config, tokenizer, problem = _load_config_and_tokenizer(spec, model_path)
+        model_path, config, problem = read_model_config(spec)
+        if problem is None:
+            tokenizer, problem = _load_tokenizer(spec, model_path)
         if problem:
             problems.append(problem)
     if config is not None:
-        choices = spec.space.target_modules
-        for choice in [choices] if isinstance(choices, str) else choices:
-            problem = check_targets(choice_label(choice), config)
+        for label in spec.space.target_labels():
+            problem = check_targets(label, config)
             if problem:
                 problems.append(f"space.target_modules: {problem}")
     if tokenizer is not None and spec.data.format == "chat" and not getattr(tokenizer, "chat_template", None):
@@ -117,32 +122,62 @@ def preflight(spec: SweepSpec, *, check_storage: bool = True, offline: bool = Fa
     )
 
 
-def _load_config_and_tokenizer(spec: SweepSpec, model_path: str) -> tuple[Any, Any, str | None]:
-    from transformers import AutoConfig, AutoTokenizer
+def read_model_config(spec: SweepSpec) -> tuple[str, Any, str | None]:
+    """The one loader of the base model's config (preflight's and `estimate`'s).
 
-    kwargs = {"revision": spec.model.revision, "trust_remote_code": spec.model.trust_remote_code}
+    Builtin tiny models are built locally first; only config.json is read (no weights).
+
+    Returns:
+        (model path, config, None), or (model path as far as resolved, None, the problem).
+    """
+    from transformers import AutoConfig
+
+    from trainables.tiny_models import materialize
+
     try:
-        config = AutoConfig.from_pretrained(model_path, **kwargs)
+        model_path = materialize(spec.resolve_path(spec.model.path))
+    except ValueError as exc:
+        return spec.model.path, None, f"model.path: {exc}"
+    try:
+        config = AutoConfig.from_pretrained(
+            model_path, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code
+        )
     except Exception as exc:  # missing folder, offline hub, gated model, remote code refused
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "custom code" in first and not spec.model.trust_remote_code:
-            return None, None, (
+            return model_path, None, (
                 f"model.path: '{spec.model.path}' needs its own Python code to load ({first.split('. ')[0]}), "
                 "and model.trust_remote_code is false, so it was not run. Read that code; only if you trust it, "
                 "set model.trust_remote_code: true"
             )
-        return None, None, (
+        return model_path, None, (
             f"model.path: cannot read the model config of '{spec.model.path}' ({first}). "
-            "Use a local folder with config.json, a reachable hub id, or builtin:tiny-llama"
+            "Use a local folder with config.json (weights are not needed to plan), a reachable hub id, "
+            "or builtin:tiny-llama"
         )
+    return model_path, config, None
+
+
+def load_model_config(spec: SweepSpec) -> tuple[str, Any]:
+    """(model path, config) through `read_model_config`.
+
+    Raises:
+        SpecError: Naming model.path, if the config cannot be read.
+    """
+    model_path, config, problem = read_model_config(spec)
+    if problem:
+        raise SpecError("model.path", [problem])
+    return model_path, config
+
+
+def _load_tokenizer(spec: SweepSpec, model_path: str) -> tuple[Any, str | None]:
+    from trainables.training_setup import load_tokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, **kwargs)
+        return load_tokenizer(model_path, spec.model), None
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return config, None, f"model.path: cannot load the tokenizer of '{spec.model.path}' ({first})"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return config, tokenizer, None
+        return None, f"model.path: cannot load the tokenizer of '{spec.model.path}' ({first})"
 
 
 # --- Ray --------------------------------------------------------------------------------------
@@ -213,31 +248,16 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> tuple[str, 
 
 
 # Environment variables forwarded to every trial worker, never written to params.json or results:
-# secrets stay in the environment.
+# secrets stay in the environment. (Test fault injection does not travel here: tests name their
+# plug-ins in train.callbacks, see tests/fault_plugins.py.)
 FORWARDED_ENV = (
     "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HOME", "HF_HUB_OFFLINE", "QLORA_SWEEP_CACHE",
     # S3 storage: cloud nodes use instance profiles and set none of these, but an S3-compatible
     # endpoint (MinIO, moto) or explicit keys must reach the workers, which write results directly.
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
-    # Testing hook: fault-inject an OOM into trials predicted above this many MiB (trainables/qlora.py).
-    "QLORA_SWEEP_INJECT_OOM_ABOVE_MIB",
-    # Testing hook: a slow end of trial (trainables/qlora.py, slow_teardown_for_testing).
-    "QLORA_SWEEP_SLOW_TEARDOWN_S",
 )
-# Trials run side by side: per-step and per-file progress bars from each would drown the live view.
-# RAY_AIR_NEW_OUTPUT=0 selects Tune's legacy console output, which (unlike the new one) is silent
-# at verbose=0, leaving the console to SweepProgress.
-QUIET_ENV = {
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TQDM_DISABLE": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "RAY_AIR_NEW_OUTPUT": "0",
-    # Every trial checkpoint forces an experiment-state snapshot (CheckpointConfig(num_to_keep=1)).
-    # That is what resume needs (trial statuses never lag the checkpoints), so Tune's warning that
-    # snapshots are frequent is noise here.
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-}
+# QUIET_ENV (sweeps/local_env.py): no progress bars from trials side by side, Tune's quiet console.
 
 
 # How long Tune waits for a finished trial's thread before reusing its worker for the next trial
@@ -341,32 +361,36 @@ def make_scheduler(spec: SweepSpec) -> Any:
 
 
 def build_tuner(
-    checked: Preflight, experiment_name: str, storage_path: str, plan: MemoryPlan | None = None, sampler: Any = None
+    checked: Preflight,
+    job: TrialJob,
+    experiment_name: str,
+    storage_path: str,
+    plan: MemoryPlan | None = None,
+    sampler: Any = None,
 ) -> Any:
-    """The Tuner of a sweep. `sampler` (an Optuna sampler) replaces the one search.sampler names."""
+    """The Tuner of a new sweep. `sampler` (an Optuna sampler) replaces the one search.sampler names."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
     from sweeps.admission import AdmissionSearch
-
     from sweeps.progress import SweepProgress
-    from sweeps.searcher import make_searcher
-    from sweeps.space import space_function
+    from sweeps.searcher import make_searcher, search_space
 
     spec = checked.spec
     # Tune, ASHA and checkpoint ranking take one metric. In multi-objective mode (search.objectives)
     # only the searcher gets the list (make_searcher); ASHA stops on search.metric (docs/multi-objective.md).
     metric = spec.search.metric
     mode = tune_mode(metric)
-    # The study lives in search.optuna_storage (resolved by run_sweep), where optuna-dashboard reads it.
-    searcher = make_searcher(spec, space_function(spec), sampler or make_sampler(spec), mode)
+    # The study lives in search.optuna_storage (resolved by `_with_study`), where optuna-dashboard reads it.
+    searcher = make_searcher(spec, search_space(spec), sampler or make_sampler(spec), mode)
     if plan is not None:
         # Rejects proposals predicted not to fit, or as large as one that ran out of memory, before launch.
         searcher = AdmissionSearch(searcher, plan, storage.join(storage_path, experiment_name))
-    trainable = make_trainable(checked, plan)
-    progress = SweepProgress(spec.search.num_samples, spec.max_rounds, metric)
+    # Start lines show what the space searches (every knob with more than one value).
+    searched = [knob.name for knob, kind in spec.space.kinds(spec.train.batch_size) if not isinstance(kind, Fixed)]
+    progress = SweepProgress(spec.search.num_samples, spec.max_rounds, metric, config_keys=searched)
     return tune.Tuner(
-        trainable,
+        make_trainable(checked, job, plan),
         tune_config=tune.TuneConfig(
             metric=metric,
             mode=mode,
@@ -395,10 +419,10 @@ def build_tuner(
     )
 
 
-def make_trainable(checked: Preflight, plan: MemoryPlan | None = None) -> Any:
-    """The trial function with the spec and prepared data bound (data goes through the object store,
-    so call this after connecting to Ray) and the resources each trial asks for: with
-    resources.pack, a GPU share computed from each trial's predicted memory (sweeps/admission.py)."""
+def make_trainable(checked: Preflight, job: TrialJob, plan: MemoryPlan | None = None) -> Any:
+    """The trial function with the sweep's TrialJob and the prepared data bound (data goes through
+    the object store, so call this after connecting to Ray) and the resources each trial asks for:
+    with resources.pack, a GPU share computed from each trial's predicted memory (sweeps/admission.py)."""
     from functools import partial
 
     from ray import tune
@@ -410,12 +434,12 @@ def make_trainable(checked: Preflight, plan: MemoryPlan | None = None) -> Any:
     resources: Any = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial, **spec.resources.custom}
     if spec.resources.pack and plan is not None:
         resources = partial(trial_resources, plan=plan)
-    return tune.with_resources(tune.with_parameters(train_qlora, spec=spec, data=checked.data), resources)
+    return tune.with_resources(tune.with_parameters(train_qlora, job=job, data=checked.data), resources)
 
 
 def trial_dirname(trial: Any) -> str:
     """Short trial folder names; the config lives in params.json, not in the folder name."""
-    return f"trial_{trial.trial_id}"
+    return experiment_folder.trial_dirname(trial.trial_id)
 
 
 # --- the whole run ----------------------------------------------------------------------------
@@ -437,7 +461,7 @@ def saved_spec(checked: Preflight, storage_path: str) -> dict[str, Any]:
     """The spec as it ran, with paths made absolute so report/resume work from any folder."""
     spec = checked.spec
     raw = spec.model_dump(mode="json")
-    raw["model"]["path"] = spec.model.path if spec.model.path.startswith("builtin:") else checked.model_path
+    raw["model"]["path"] = trial_model_path(spec, checked.model_path)
     raw["data"]["path"] = spec.resolve_path(spec.data.path)
     raw["storage"] = storage_path
     return raw
@@ -462,6 +486,17 @@ def data_report(checked: Preflight) -> dict[str, Any]:
         "skipped_rows": len(data.skipped),
         "skipped": data.skipped[:MAX_SKIPPED_KEPT],
     }
+
+
+@dataclass(frozen=True)
+class _Experiment:
+    """Where a sweep's results go, and whether it starts or continues."""
+
+    directory: str
+    name: str
+    storage_path: str
+    resuming: bool = False
+    restart_errored: bool = False
 
 
 def run_sweep(
@@ -489,7 +524,7 @@ def run_sweep(
     storage_path = storage.absolute(spec.storage)
     experiment_name = name or default_experiment_name(spec)
     experiment_dir = storage.join(storage_path, experiment_name)
-    if storage.exists(storage.join(experiment_dir, storage.SPEC_FILE)):
+    if experiment_folder.is_experiment(experiment_dir):
         raise SpecError(
             "--name",
             [
@@ -502,34 +537,7 @@ def run_sweep(
         f"[qlora-sweep] data: {len(checked.data.train)} train / {len(checked.data.eval)} eval rows"
         + (f", {len(checked.data.skipped)} bad rows skipped" if checked.data.skipped else "")
     )
-    if spec.resources.gpu_memory_gib:
-        _memory_plan(checked, None, log)  # the spec names the GPU: refuse an infeasible space before Ray starts
-    mode, dashboard = connect_ray(address)
-    try:
-        _check_cluster_resources(spec, mode)
-        where = "started a local Ray cluster" if mode == "local" else "joined the Ray cluster"
-        log(f"[qlora-sweep] {where}; dashboard: {'http://' + dashboard if dashboard else 'not running'}")
-        plan = _memory_plan(checked, mode, log)
-        storage.write_text(
-            storage.join(experiment_dir, storage.SPEC_FILE),
-            yaml.safe_dump(saved_spec(checked, storage_path), sort_keys=False),
-        )
-        storage.write_text(
-            storage.join(experiment_dir, storage.DATA_REPORT_FILE), json.dumps(data_report(checked), indent=2)
-        )
-        log(f"[qlora-sweep] experiment: {experiment_dir}")
-        if not storage.is_uri(experiment_dir):
-            log(f"[qlora-sweep] live curves: tensorboard --logdir {experiment_dir}")
-        _log_study(checked.spec, log)
-        tuner = build_tuner(checked, experiment_name, storage_path, plan, sampler)
-        results = tuner.fit()
-        _settle_study(checked.spec, experiment_dir, log, finished=True)
-        return _finish(experiment_dir, len(results), results.num_errors, log)
-    finally:
-        if mode == "local":
-            import ray
-
-            ray.shutdown()  # a cluster we started ends with the sweep: no Ray processes left behind
+    return _sweep(checked, _Experiment(experiment_dir, experiment_name, storage_path), address, log, sampler)
 
 
 def resume_sweep(
@@ -555,26 +563,27 @@ def resume_sweep(
         NotAnExperiment: If `path` was not written by qlora-sweep.
         SpecError: Before Ray starts, if the saved spec, model, data, storage or study is unusable.
     """
-    from analysis.results import NotAnExperiment, is_experiment
+    from analysis.results import NotAnExperiment
     from sweeps.spec import parse_spec
 
     quiet_driver()
     experiment_dir = storage.absolute(path)
     if not storage.exists(experiment_dir):
         raise NotAnExperiment(f"cannot resume {experiment_dir}: no such folder. Pass the folder that `run` printed")
-    if not is_experiment(experiment_dir):
+    if not experiment_folder.is_experiment(experiment_dir):
         raise NotAnExperiment(
-            f"refusing to resume {experiment_dir}: it is not a qlora-sweep experiment folder (no {storage.SPEC_FILE}). "
-            "Resuming unpickles the folder's tuner.pkl and searcher state, which can run arbitrary code, so only "
-            "folders written by `qlora-sweep run` are accepted. Pass the folder that `run` printed"
+            f"refusing to resume {experiment_dir}: it is not a qlora-sweep experiment folder "
+            f"(no {experiment_folder.SPEC_FILE}). Resuming unpickles the folder's {experiment_folder.TUNER_FILE} and "
+            "searcher state, which can run arbitrary code, so only folders written by `qlora-sweep run` are accepted. "
+            "Pass the folder that `run` printed"
         )
-    if not storage.exists(storage.join(experiment_dir, "tuner.pkl")):
+    if not storage.exists(experiment_folder.file(experiment_dir, experiment_folder.TUNER_FILE)):
         raise SpecError(
             "resume",
-            [f"{experiment_dir} has no tuner.pkl: the sweep stopped before Ray Tune started, so there is nothing "
-             "to resume. Start it again with `qlora-sweep run SPEC --name NEW_NAME`"],
+            [f"{experiment_dir} has no {experiment_folder.TUNER_FILE}: the sweep stopped before Ray Tune started, so "
+             "there is nothing to resume. Start it again with `qlora-sweep run SPEC --name NEW_NAME`"],
         )
-    spec_file = storage.join(experiment_dir, storage.SPEC_FILE)
+    spec_file = experiment_folder.file(experiment_dir, experiment_folder.SPEC_FILE)
     raw = yaml.safe_load(storage.read_text(spec_file))
     if isinstance(raw, dict) and isinstance(raw.get("search"), dict):
         # Experiments saved before studies had a database kept theirs in Ray's searcher state.
@@ -583,31 +592,97 @@ def resume_sweep(
     spec = parse_spec(raw, source=spec_file).model_copy(update={"storage": storage_path})
     log(f"[qlora-sweep] resuming '{experiment_name}': checking model, target modules, data, storage, study")
     checked = _with_study(preflight(spec), experiment_dir, experiment_name, resuming=True)
+    experiment = _Experiment(experiment_dir, experiment_name, storage_path, resuming=True, restart_errored=restart_errored)
+    return _sweep(checked, experiment, address, log)
+
+
+def _sweep(
+    checked: Preflight,
+    experiment: _Experiment,
+    address: str | None,
+    log: Callable[[str], None],
+    sampler: Any = None,
+) -> SweepOutcome:
+    """What `run` and `resume` share once preflight passed: connect, plan, fit, settle, finish.
+
+    A new sweep writes sweep_spec.yaml, data_report.json and run_plan.json and builds its Tuner; a
+    resumed one keeps the files it has (writing run_plan.json only if it has none, i.e. it was made
+    before run plans existed) and restores its Tuner from the folder.
+    """
+    spec = checked.spec
+    # With the GPU named in the spec, an infeasible space is refused before Ray starts; the cluster
+    # cannot change that plan, so it is made once.
+    plan = _memory_plan(checked, None, local=False) if spec.resources.gpu_memory_gib else None
     mode, dashboard = connect_ray(address)
     try:
-        _check_cluster_resources(checked.spec, mode)
+        import ray
+
+        _check_cluster_resources(spec, mode)
         where = "started a local Ray cluster" if mode == "local" else "joined the Ray cluster"
         log(f"[qlora-sweep] {where}; dashboard: {'http://' + dashboard if dashboard else 'not running'}")
-        # The restored searcher keeps its own plan (pickled in tuner.pkl); this one sizes packed trials.
-        plan = _memory_plan(checked, mode, log)
-        _log_study(checked.spec, log)
-        _settle_study(checked.spec, experiment_dir, log, finished=False)
-        from ray import tune
+        cluster = ray.cluster_resources()
+        local = mode == "local"
+        if plan is None:
+            # On resume the restored searcher keeps its own plan (pickled in tuner.pkl); this one
+            # sizes packed trials.
+            plan = _memory_plan(checked, cluster, local=local)
+        _log_memory_plan(checked, plan, log)
+        _write_experiment_files(checked, experiment, plan, gpu_names=gpu_names(spec, cluster, local))
+        log(f"[qlora-sweep] experiment: {experiment.directory}")
+        if not storage.is_uri(experiment.directory):
+            log(f"[qlora-sweep] live curves: tensorboard --logdir {experiment.directory}")
+        _log_study(spec, log)
+        job = trial_job(checked.spec, model_path=checked.model_path, model_config=checked.model_config)
+        if experiment.resuming:
+            from ray import tune
 
-        tuner = tune.Tuner.restore(
-            experiment_dir,
-            trainable=make_trainable(checked, plan),
-            resume_unfinished=True,
-            restart_errored=restart_errored,
-        )
+            _settle_study(spec, experiment.directory, log, finished=False)
+            tuner = tune.Tuner.restore(
+                experiment.directory,
+                trainable=make_trainable(checked, job, plan),
+                resume_unfinished=True,
+                restart_errored=experiment.restart_errored,
+            )
+        else:
+            tuner = build_tuner(checked, job, experiment.name, experiment.storage_path, plan, sampler)
         results = tuner.fit()
-        _settle_study(checked.spec, experiment_dir, log, finished=True)
-        return _finish(experiment_dir, len(results), results.num_errors, log)
+        _settle_study(spec, experiment.directory, log, finished=True)
+        return _finish(experiment.directory, len(results), results.num_errors, log)
     finally:
         if mode == "local":
             import ray
 
-            ray.shutdown()
+            ray.shutdown()  # a cluster we started ends with the sweep: no Ray processes left behind
+
+
+def _write_experiment_files(
+    checked: Preflight, experiment: _Experiment, plan: MemoryPlan | None, gpu_names: list[str]
+) -> None:
+    """sweep_spec.yaml, data_report.json and run_plan.json (core/experiment_folder.py names them)."""
+    folder = experiment.directory
+    plan_file = experiment_folder.file(folder, experiment_folder.PLAN_FILE)
+    if not experiment.resuming:
+        storage.write_text(
+            experiment_folder.file(folder, experiment_folder.SPEC_FILE),
+            yaml.safe_dump(saved_spec(checked, experiment.storage_path), sort_keys=False),
+        )
+        storage.write_text(
+            experiment_folder.file(folder, experiment_folder.DATA_REPORT_FILE),
+            json.dumps(data_report(checked), indent=2),
+        )
+    elif storage.exists(plan_file):
+        return  # the plan of the run that started the experiment stays
+    run_plan = make_run_plan(
+        checked.spec,
+        model_path=checked.model_path,
+        model_config=checked.model_config,
+        experiment_name=experiment.name,
+        experiment_dir=folder,
+        storage_path=experiment.storage_path,
+        memory=plan,
+        gpu_names=gpu_names,
+    )
+    write_run_plan(folder, run_plan)
 
 
 def _split_experiment(experiment_dir: str) -> tuple[str, str]:
@@ -621,8 +696,6 @@ def _split_experiment(experiment_dir: str) -> tuple[str, str]:
 
 def _with_study(checked: Preflight, experiment_dir: str, experiment_name: str, *, resuming: bool) -> Preflight:
     """Resolve where the Optuna study lives and check it is usable, before Ray starts."""
-    from dataclasses import replace
-
     from sweeps.searcher import check_study, resolve_study
 
     spec = resolve_study(checked.spec, experiment_dir, experiment_name)
@@ -664,37 +737,43 @@ def _finish(experiment_dir: str, num_trials: int, num_errors: int, log: Callable
     return SweepOutcome(experiment_dir, report.report_dir, num_trials, num_errors)
 
 
-def _memory_plan(checked: Preflight, mode: str | None, log: Callable[[str], None]) -> MemoryPlan | None:
+def _memory_plan(checked: Preflight, cluster_resources: dict[str, float] | None, *, local: bool) -> MemoryPlan | None:
     """Predictions, the GPU size (spec or cluster) and the pre-launch checks of admission and packing.
 
     Args:
-        mode: "local" or "joined" once connected to Ray; None before (only the spec's GPU size is known).
+        cluster_resources: `ray.cluster_resources()` once connected; None before (only the spec's
+            GPU size is known then).
+        local: Whether the cluster was started on this machine.
+
+    Returns:
+        The plan; None when the model config was not read.
 
     Raises:
         SpecError: If packing cannot be sized, or no configuration of the space is predicted to fit.
     """
-    from sweeps.admission import detect_gpu_size, memory_plan
-
-    spec = checked.spec
     if checked.model_config is None:
         return None
-    if mode is None:
-        return memory_plan(spec, checked.model_config, detect_gpu_size(spec, None, local=False))
-    import ray
+    spec = checked.spec
+    return memory_plan(spec, checked.model_config, detect_gpu_size(spec, cluster_resources, local=local))
 
-    gpu = detect_gpu_size(spec, ray.cluster_resources(), local=mode == "local")
-    plan = memory_plan(spec, checked.model_config, gpu)
+
+def _log_memory_plan(checked: Preflight, plan: MemoryPlan | None, log: Callable[[str], None]) -> None:
+    if plan is None:
+        return
+    spec = checked.spec
     if not plan.predictable:
         log(f"[qlora-sweep] memory: the estimator does not model '{checked.model_type}': no predictions, no admission")
-    elif gpu is None:
+    elif plan.gpu is None:
         log("[qlora-sweep] memory: GPU size unknown (resources.gpu_memory_gib): no admission; OOM-aware search is on")
     else:
         log(
-            f"[qlora-sweep] memory: admitting configurations predicted to fit {gpu.gib:g} GiB ({gpu.source}) "
+            f"[qlora-sweep] memory: admitting configurations predicted to fit {plan.gpu.gib:g} GiB ({plan.gpu.source}) "
             f"with a {spec.resources.memory_margin:.0%} margin"
             + ("; packing trials onto GPUs by predicted memory" if spec.resources.pack else "")
         )
-    return plan
+    if plan.predictable:
+        for line in not_modelled(spec.space):
+            log(f"[qlora-sweep] memory: not modelled: {line}")
 
 
 def _check_cluster_resources(spec: SweepSpec, mode: str) -> None:

@@ -1,22 +1,28 @@
 """`qlora-sweep estimate SPEC`: a sweep's peak GPU memory, predicted before any GPU is involved.
 
-The corners of the search space (smallest and largest rank x every target-module choice x smallest
-and largest micro-batch, at data.max_seq_length, with dropout on if the space allows it) are
-predicted with `trainables.trial_memory.estimate_for_trial`, the estimator set up as the trainable
-trains on a CUDA GPU, and checked against a list of GPU sizes with the rule admission uses
-(`sweeps.admission.MemoryPlan`). Only the model's config is read: no weights, no GPU.
+The corners of the search space (each memory knob of the registry, trainables/params.py, by its
+`corner` rule: smallest and largest rank x every target-module choice x smallest and largest
+micro-batch, with dropout on and DoRA on if the space allows them; at data.max_seq_length) are
+predicted with `trainables.trial_memory.estimate_for_trial` and the training setup resolved for a
+CUDA GPU, and checked against a list of GPU sizes with the rule admission uses
+(`sweeps.memory_plan.MemoryPlan`). Only the model's config is read, with the loader preflight uses:
+no weights, no GPU, no Ray.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from sweeps.admission import MemoryPlan, float_bounds, int_choices, space_target_labels
+from sweeps.driver import load_model_config
+from sweeps.memory_plan import MemoryPlan
 from sweeps.spec import SpecError, SweepSpec
+from trainables import params
 from trainables.memory_estimator import MIB, MemoryEstimate
-from trainables.trial_memory import MemoryKnobs, compute_dtype_name, estimate_for_trial
+from trainables.training_setup import TrainingSetup
+from trainables.trial_memory import MemoryKnobs, estimate_for_trial, not_modelled
 
 DEFAULT_GPU_SIZES_GIB: tuple[float, ...] = (8, 16, 24, 40, 48, 80)
 
@@ -44,53 +50,18 @@ class CornerEstimate:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "r": self.knobs.r,
-            "target_modules": self.knobs.target_modules,
-            "batch_size": self.knobs.batch_size,
-            "seq_len": self.knobs.seq_len,
-            "lora_dropout": self.knobs.lora_dropout,
+            **dataclasses.asdict(self.knobs),
             **self.estimate.as_dict(),
             "needed_gib": round(self.needed_gib, 4),
             "fits": {f"{gib:g}": ok for gib, ok in self.fits.items()},
+            "not_modelled": not_modelled(self.knobs),
         }
 
 
-def load_model_config(spec: SweepSpec) -> Any:
-    """The base model's transformers config (builtin tiny models are built locally first).
-
-    Raises:
-        SpecError: Naming model.path, if the config cannot be read.
-    """
-    from transformers import AutoConfig
-
-    from trainables.tiny_models import materialize
-
-    try:
-        path = materialize(spec.resolve_path(spec.model.path))
-    except ValueError as exc:
-        raise SpecError("model.path", [f"model.path: {exc}"]) from None
-    try:
-        return AutoConfig.from_pretrained(path, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code)
-    except Exception as exc:  # missing folder, no config.json, offline hub, gated model
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SpecError(
-            "model.path",
-            [f"model.path: cannot read the model config of '{spec.model.path}' ({first}). Use a local folder with "
-             "config.json (weights are not needed), a reachable hub id, or builtin:tiny-llama"],
-        ) from None
-
-
 def corner_configurations(spec: SweepSpec) -> list[MemoryKnobs]:
-    """min/max rank x each target-module choice x min/max micro-batch, at data.max_seq_length."""
-    ranks = sorted(set(int_choices(spec.space.r)))
-    batches = sorted(set(int_choices(spec.space.batch_size if spec.space.batch_size is not None else spec.train.batch_size)))
-    dropout = max(float_bounds(spec.space.lora_dropout))  # dropout on costs memory: predict the upper case
-    corners = []
-    for r in dict.fromkeys([ranks[0], ranks[-1]]):
-        for label in space_target_labels(spec):
-            for batch in dict.fromkeys([batches[0], batches[-1]]):
-                corners.append(MemoryKnobs(r, label, batch, spec.data.max_seq_length, dropout))
-    return corners
+    """The configurations `estimate` predicts (`params.memory_corners`), at data.max_seq_length."""
+    corners = params.memory_corners(spec.space, spec.train.batch_size)
+    return [MemoryKnobs(**row, seq_len=spec.data.max_seq_length) for row in corners.corners]
 
 
 def estimate_corners(
@@ -105,7 +76,7 @@ def estimate_corners(
     out = []
     for knobs in corner_configurations(spec):
         try:
-            estimate = estimate_for_trial(model_config, spec, knobs, "cuda")
+            estimate = estimate_for_trial(model_config, plan.setup, knobs)
         except ValueError as exc:
             raise SpecError(
                 "estimate",
@@ -119,22 +90,21 @@ def estimate_corners(
 
 def render_table(spec: SweepSpec, corners: list[CornerEstimate], model_type: str) -> str:
     """The breakdown as a plain-text table (MiB per part), then which GPU sizes each corner fits."""
-    from trainables.qlora import resolve_optimizer
-
+    setup = TrainingSetup.resolve(spec.model, spec.train, "cuda")
     sizes = list(corners[0].fits) if corners else []
     margin = spec.resources.memory_margin
+    dora = any(c.knobs.use_dora for c in corners)  # a column only when the space turns DoRA on
     lines = [
         f"model: {spec.model.path} ({model_type}), {spec.model.quantization}"
         f"{' + double quant' if spec.model.double_quant and spec.model.quantization != 'none' else ''}, "
-        f"compute {compute_dtype_name(spec.model.compute_dtype, 'cuda')} on CUDA, optimizer "
-        f"{resolve_optimizer(spec.train.optimizer, 'cuda')}, gradient checkpointing "
-        f"{'on' if spec.train.gradient_checkpointing else 'off'}, seq_len {spec.data.max_seq_length}",
+        f"compute {setup.compute_dtype} on CUDA, optimizer {setup.optimizer}, gradient checkpointing "
+        f"{'on' if setup.gradient_checkpointing else 'off'}, seq_len {spec.data.max_seq_length}",
         "predicted for a CUDA GPU as trainables/qlora.py trains (trainables/trial_memory.py); MiB per part.",
         "reserved = torch.cuda.max_memory_reserved (the measured peak_memory_mib); +ctx adds paged optimizer "
         f"states and the CUDA context; 'fits' compares +ctx x {1 + margin:g} (resources.memory_margin) with each GPU.",
         "",
     ]
-    headers = ["r", "targets", "batch", *[h for h, _ in PART_COLUMNS], "reserved", "+ctx", "GiB", "fits"]
+    headers = ["r", "targets", "batch", *(["dora"] if dora else []), *[h for h, _ in PART_COLUMNS], "reserved", "+ctx", "GiB", "fits"]
     rows = []
     for c in corners:
         parts = [sum(getattr(c.estimate, name) for name in names) / MIB for _, names in PART_COLUMNS]
@@ -144,6 +114,7 @@ def render_table(spec: SweepSpec, corners: list[CornerEstimate], model_type: str
                 str(c.knobs.r),
                 c.knobs.target_modules,
                 str(c.knobs.batch_size),
+                *(["on" if c.knobs.use_dora else "off"] if dora else []),
                 *[f"{p:,.1f}" for p in parts],
                 f"{c.estimate.reserved_bytes / MIB:,.1f}",
                 f"{(c.estimate.total_with_context_gib * 1024):,.1f}",
@@ -169,6 +140,7 @@ def render_table(spec: SweepSpec, corners: list[CornerEstimate], model_type: str
             f"resources.gpu_memory_gib = {target:g}: {ok}/{len(corners)} corners would be admitted"
             + ("; the others would be recorded as infeasible, never launched" if ok < len(corners) else "")
         )
+    lines += [f"not modelled: {line}" for line in not_modelled(spec.space)]
     return "\n".join(lines)
 
 
@@ -178,7 +150,7 @@ def run_estimate(spec: SweepSpec, gpu_sizes_gib: list[float], as_json: bool) -> 
     Raises:
         SpecError: If the model config cannot be read or its memory cannot be predicted.
     """
-    config = load_model_config(spec)
+    _, config = load_model_config(spec)
     corners = estimate_corners(spec, config, gpu_sizes_gib)
     if as_json:
         return json.dumps([c.as_dict() for c in corners], indent=2)

@@ -1,14 +1,40 @@
 """The run plan: what preflight resolved, made once and handed to every consumer.
 
-`trial_job` is the slice a trial worker receives (trainables/job.py).
+* `trial_job` is the slice a trial worker receives (trainables/job.py): the model path, the model
+  config read once, the data section with its path absolute, the train section and the resources.
+* `make_run_plan` is what the experiment keeps (core/run_plan.py, saved as run_plan.json next to
+  sweep_spec.yaml): where results and the study live, a summary of the model, the memory plan, the
+  training setup per device kind, and the provenance (versions, commit, Python, GPUs).
+
+Nothing here needs Ray.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import TYPE_CHECKING, Any
 
+from core import provenance
+from core.run_plan import PLAN_FORMAT_VERSION, MemorySummary, ModelSummary, RunPlan
 from sweeps.spec import SweepSpec
 from trainables.job import TrialJob
+from trainables.tiny_models import is_builtin
+from trainables.training_setup import TrainingSetup
+from trainables.trial_memory import not_modelled
+
+if TYPE_CHECKING:
+    from sweeps.memory_plan import MemoryPlan
+
+# What a trial's device kind is called in run_plan.json's training_setup.
+DEVICE_KINDS = ("cuda", "cpu")
+
+
+def trial_model_path(spec: SweepSpec, resolved: str | None = None) -> str:
+    """Where trials load the model from: a builtin: name stays a name (each worker builds it on
+    its own disk, so multi-node trials need no shared folder); anything else is preflight's path."""
+    if is_builtin(spec.model.path):
+        return spec.model.path
+    return resolved or spec.resolve_path(spec.model.path)
 
 
 def trial_job(spec: SweepSpec, *, model_path: str | None = None, model_config: Any = None) -> TrialJob:
@@ -16,14 +42,14 @@ def trial_job(spec: SweepSpec, *, model_path: str | None = None, model_config: A
 
     Args:
         spec: The validated spec.
-        model_path: Where trials load the model from (preflight's resolved path); default: the
-            spec's model.path resolved against the spec file's folder.
+        model_path: Where preflight found the model (its resolved path); default: the spec's
+            model.path resolved against the spec file's folder. Builtin models stay builtin: names.
         model_config: The base model's transformers config (or config.json dict), if read.
     """
     config = model_config.to_dict() if hasattr(model_config, "to_dict") else model_config
     return TrialJob(
         model=spec.model,
-        model_path=model_path or spec.resolve_path(spec.model.path),
+        model_path=trial_model_path(spec, model_path),
         base_config=dict(config) if config is not None else None,
         data=spec.data.model_copy(update={"path": spec.resolve_path(spec.data.path)}),
         train=spec.train,
@@ -31,3 +57,114 @@ def trial_job(spec: SweepSpec, *, model_path: str | None = None, model_config: A
         gpus_per_trial=spec.resources.gpus_per_trial,
         pack=spec.resources.pack,
     )
+
+
+def model_summary(spec: SweepSpec, model_path: str | None, model_config: Any) -> ModelSummary:
+    """The base model as preflight read it (sizes from its config; no weights are loaded)."""
+    config: dict[str, Any] = {}
+    if model_config is not None:
+        config = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    return ModelSummary(
+        path=spec.model.path,
+        resolved_path=trial_model_path(spec, model_path),
+        model_type=config.get("model_type"),
+        revision=spec.model.revision,
+        num_layers=_first_int(config, "num_hidden_layers", "n_layer", "num_layers"),
+        hidden_size=_first_int(config, "hidden_size", "n_embd", "d_model"),
+        vocab_size=_first_int(config, "vocab_size"),
+        parameters=_parameter_count(model_config),
+    )
+
+
+def _first_int(config: dict[str, Any], *names: str) -> int | None:
+    for name in names:
+        value = config.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _parameter_count(model_config: Any) -> int | None:
+    """Parameters of the base model, from its shape on the meta device (None if it cannot be built)."""
+    if model_config is None:
+        return None
+    from trainables.memory_estimator import model_shape
+
+    try:
+        shape = model_shape(model_config)
+    except (ValueError, TypeError):
+        return None
+    return sum(layer.numel for layer in shape.linears) + shape.other_params
+
+
+def training_setups(spec: SweepSpec) -> dict[str, dict[str, Any]]:
+    """The resolved training setup per device kind: trials train with "cuda" when they get a GPU,
+    "cpu" otherwise (compute dtype auto on CUDA assumes bf16 unless this machine's GPU says not)."""
+    return {device: TrainingSetup.resolve(spec.model, spec.train, device).describe() for device in DEVICE_KINDS}
+
+
+def memory_summary(spec: SweepSpec, memory: MemoryPlan | None) -> MemorySummary:
+    gpu = memory.gpu if memory is not None else None
+    return MemorySummary(
+        gpu_gib=gpu.gib if gpu is not None else None,
+        gpu_source=gpu.source if gpu is not None else None,
+        predictable=memory.predictable if memory is not None else None,
+        not_modelled=not_modelled(spec.space),
+    )
+
+
+def make_run_plan(
+    spec: SweepSpec,
+    *,
+    model_path: str | None,
+    model_config: Any,
+    experiment_name: str,
+    experiment_dir: str,
+    storage_path: str,
+    memory: MemoryPlan | None,
+    gpu_names: list[str] | None = None,
+) -> RunPlan:
+    """The run plan of one sweep, as preflight and the Ray connection resolved it.
+
+    Args:
+        spec: The checked spec, its study resolved (search.optuna_storage / optuna_study_name).
+        model_path: Where preflight found the model.
+        model_config: The base model's config, if read.
+        experiment_name, experiment_dir, storage_path: Where results go.
+        memory: The memory plan (None when the model config was not read).
+        gpu_names: The GPUs trials run on (sweeps.memory_plan.gpu_names), for provenance.
+    """
+    return RunPlan(
+        format_version=PLAN_FORMAT_VERSION,
+        experiment_name=experiment_name,
+        experiment_dir=redact_location(experiment_dir),
+        storage_path=redact_location(storage_path),
+        study_url=redact_url(spec.search.optuna_storage),
+        study_name=spec.search.optuna_study_name,
+        model=model_summary(spec, model_path, model_config),
+        memory=memory_summary(spec, memory),
+        training_setup=training_setups(spec),
+        provenance=provenance.collect(gpu_names),
+    )
+
+
+def redact_url(url: str | None) -> str | None:
+    """A SQLAlchemy URL with its password hidden ("memory" and None pass through)."""
+    if not url or url == "memory":
+        return url
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+# Credentials a storage URI can carry: user:secret@ and pyarrow's S3 query options.
+_URI_PASSWORD = re.compile(r"(://[^/:@?]+):[^/@?]+@")
+_URI_SECRET_QUERY = re.compile(r"((?:^|[?&])(?:secret_key|access_key|session_token)=)[^&]*")
+
+
+def redact_location(location: str) -> str:
+    """A storage path or URI with any credentials in it replaced by ***."""
+    if "://" not in location:
+        return location
+    base, sep, query = location.partition("?")
+    return _URI_PASSWORD.sub(r"\1:***@", base) + sep + _URI_SECRET_QUERY.sub(r"\1***", query)

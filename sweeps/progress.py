@@ -6,12 +6,19 @@ dashboard (and TensorBoard on the experiment folder) remain there for the full d
 
 from __future__ import annotations
 
-import math
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from ray.tune import Callback
+
+from core.numbers import is_finite_number
+from core.status import TrialStatus
+from trainables.params import KNOBS
+
+# How a trial ended that counts as failed in the status line.
+_FAILED = (TrialStatus.FAILED, TrialStatus.OOM, TrialStatus.DIVERGED)
 
 
 def _fmt(value: Any) -> str:
@@ -29,6 +36,8 @@ class SweepProgress(Callback):
         metric: The objective (lower is better).
         status_every_s: Seconds between status lines.
         out: Where lines go (print to stdout by default).
+        config_keys: The trial-config keys a start line shows (the driver passes the knobs the
+            space searches); default: every knob of the registry (trainables/params.py).
     """
 
     def __init__(
@@ -38,8 +47,10 @@ class SweepProgress(Callback):
         metric: str,
         status_every_s: float = 30.0,
         out: Callable[[str], None] | None = None,
+        config_keys: Sequence[str] | None = None,
     ):
         self.num_samples = num_samples
+        self.config_keys = tuple(config_keys) if config_keys is not None else tuple(k.name for k in KNOBS)
         self.max_rounds = max_rounds
         self.metric = metric
         self.status_every_s = status_every_s
@@ -51,8 +62,7 @@ class SweepProgress(Callback):
 
     def _config(self, trial: Any) -> str:
         config = trial.config
-        keys = ("r", "lora_alpha", "target_modules", "learning_rate", "lora_dropout")
-        return " ".join(f"{k}={_fmt(config[k])}" for k in keys if k in config)
+        return " ".join(f"{k}={_fmt(config[k])}" for k in self.config_keys if k in config)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.started += 1
@@ -60,7 +70,7 @@ class SweepProgress(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         value = result.get(self.metric)
-        if isinstance(value, (int, float)) and math.isfinite(value) and (self.best is None or value < self.best[0]):
+        if is_finite_number(value) and (self.best is None or value < self.best[0]):
             self.best = (value, trial.trial_id)
         best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best n/a"
         memory = result.get("peak_memory_mib")
@@ -76,16 +86,16 @@ class SweepProgress(Callback):
         rounds = last.get("training_iteration", 0)
         status = last.get("trial_status")
         if status:
-            how = status
+            how = str(status)
         elif rounds >= self.max_rounds:
-            how = "completed"
+            how = str(TrialStatus.COMPLETED)
         else:
             how = f"stopped early by ASHA after round {rounds}"
         self.ended[trial.trial_id] = how
         self.out(f"[trial {trial.trial_id}] {how}: {self.metric} {_fmt(last.get(self.metric))} at step {last.get('step')}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.ended[trial.trial_id] = "failed"
+        self.ended[trial.trial_id] = str(TrialStatus.FAILED)
         error = getattr(trial, "error_file", None) or getattr(trial, "error_filename", None) or ""
         self.out(f"[trial {trial.trial_id}] FAILED; see {error or 'its error.txt in the experiment folder'}")
 
@@ -100,7 +110,7 @@ class SweepProgress(Callback):
         running = sum(1 for t in trials if t.status == "RUNNING")
         done = len(self.ended)
         early = sum(1 for how in self.ended.values() if how.startswith("stopped early"))
-        failed = sum(1 for how in self.ended.values() if how in ("failed", "oom", "diverged"))
+        failed = sum(1 for how in self.ended.values() if how in _FAILED)
         best = f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else "no evaluation yet"
         return (
             f"[status] {done}/{self.num_samples} done ({early} stopped early, {failed} failed), "

@@ -21,20 +21,21 @@ from the finished trial, as Optuna's FAQ suggests, and Optuna is asked again (`O
 
 from __future__ import annotations
 
-import json
-import math
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from core import storage
+from core import experiment_folder, storage
+from core.numbers import is_finite_number
+from core.status import TrialStatus
 
 if TYPE_CHECKING:
     from sweeps.spec import SweepSpec
 
-DB_FILE = "optuna.db"
 # Where cloud-storage sweeps keep their sqlite study on the driver machine (a database cannot
 # live in an object store); the file is copied into the experiment when the sweep ends.
 STUDIES_ENV = "QLORA_SWEEP_STUDIES"
@@ -63,7 +64,7 @@ def resolve_study(spec: SweepSpec, experiment_dir: str, experiment_name: str) ->
         if storage.is_uri(experiment_dir):
             url = f"sqlite:///{studies_root() / experiment_name}.db"
         else:
-            url = f"sqlite:///{Path(experiment_dir, DB_FILE)}"
+            url = f"sqlite:///{Path(experiment_dir, experiment_folder.STUDY_FILE)}"
     elif url != "memory":
         url = _absolute_sqlite(url, spec.base_dir)
     name = search.optuna_study_name or experiment_name
@@ -150,6 +151,12 @@ def check_study(spec: SweepSpec, *, resuming: bool) -> str | None:
     return None
 
 
+def search_space(spec: SweepSpec) -> Callable[[Any], dict[str, Any]]:
+    """The define-by-run function `OptunaSearch(space=...)` calls: the spec's typed space
+    (trainables/params.py) with train.batch_size bound. Picklable, as Tune pickles the searcher."""
+    return partial(spec.space.define_by_run, default_batch_size=spec.train.batch_size)
+
+
 def make_searcher(spec: SweepSpec, space: Any, sampler: Any, mode: str) -> OptunaStudySearch:
     """The sweep's searcher, its study in search.optuna_storage (resolved; see `resolve_study`)."""
     from trainables.metrics import tune_mode
@@ -225,16 +232,16 @@ class OptunaStudySearch(OptunaSearch):
             # Tune hands the result that ends a trial (stop criterion) only to on_trial_complete;
             # report it too, so the dashboard's intermediate-value curves reach the last round.
             self.on_trial_result(trial_id, result)
-        if result and isinstance(self.metric, list) and any(_missing(result.get(m)) for m in self.metric):
+        if result and isinstance(self.metric, list) and any(not is_finite_number(result.get(m)) for m in self.metric):
             # Multi-objective: Optuna cannot complete a trial with a missing value (Ray would only log
             # the error and leave it RUNNING); without all values it ends PRUNED, or FAIL on error.
             result = None
-        if result and isinstance(self.metric, str) and _missing(result.get(self.metric)) and self.metric in result:
+        if result and isinstance(self.metric, str) and not is_finite_number(result.get(self.metric)) and self.metric in result:
             # A diverged trial (NaN loss). Optuna refuses NaN as a value, so this too ends PRUNED:
             # TPE ranks a pruned trial whose last intermediate value is NaN below every other trial,
             # and so learns to avoid its region (a FAIL would be ignored).
             if trial_id not in self._completed_trials:
-                self._ot_trials[trial_id].set_user_attr("trial_status", str(result.get("trial_status") or "diverged"))
+                self._ot_trials[trial_id].set_user_attr("trial_status", str(result.get("trial_status") or TrialStatus.DIVERGED))
             result = None
         super().on_trial_complete(trial_id, result=result, error=error)
 
@@ -256,37 +263,14 @@ class OptunaStudySearch(OptunaSearch):
             ot_trial.set_user_attr(TUNE_TRIAL_ATTR, tune_trial_id)
 
 
-def _missing(value: Any) -> bool:
-    return not isinstance(value, (int, float)) or not math.isfinite(value)
-
-
 # --- settling stale RUNNING trials -------------------------------------------------------------
 
 
-def tune_trial_statuses(experiment_dir: str) -> dict[str, str]:
-    """trial_id -> Tune status, from the newest experiment_state JSON (read as JSON, never unpickled)."""
-    files = [f for f in storage.list_files(experiment_dir) if f.startswith("experiment_state-") and f.endswith(".json")]
-    if not files:
-        return {}
-    state = json.loads(storage.read_text(storage.join(experiment_dir, sorted(files)[-1])))
-    statuses = {}
-    for trial_json, _runtime in state.get("trial_data", []):
-        trial = json.loads(trial_json)
-        statuses[trial["trial_id"]] = trial.get("status", "")
-    return statuses
-
-
 def _last_value(experiment_dir: str, trial_id: str, metric: str) -> float | None:
-    path = storage.join(experiment_dir, f"trial_{trial_id}", "result.json")
-    if not storage.exists(path):
-        return None
-    value = None
-    for line in storage.read_text(path).splitlines():
-        try:
-            value = json.loads(line).get(metric, value)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    """The last value of `metric` a trial reported, if it is a finite number (from its result.json)."""
+    values = [r.get(metric) for r in experiment_folder.read_results(experiment_dir, trial_id)]
+    finite = [v for v in values if v is not None]
+    return float(finite[-1]) if finite and is_finite_number(finite[-1]) else None
 
 
 def settle_study(spec: SweepSpec, experiment_dir: str) -> list[str]:
@@ -307,7 +291,8 @@ def settle_study(spec: SweepSpec, experiment_dir: str) -> list[str]:
     if url is None or url == "memory":
         return []
     study = optuna.load_study(study_name=name, storage=open_storage(url))
-    statuses = tune_trial_statuses(experiment_dir)
+    # Tune's saved statuses, read as JSON (never unpickled).
+    statuses = {trial_id: state["status"] for trial_id, state in experiment_folder.tune_states(experiment_dir).items()}
     settled = []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         tune_id = trial.user_attrs.get(TUNE_TRIAL_ATTR)
@@ -333,6 +318,6 @@ def publish_study(spec: SweepSpec, experiment_dir: str) -> str | None:
     db = sqlite_path(spec.search.optuna_storage)
     if db is None or not storage.is_uri(experiment_dir) or not db.exists():
         return None
-    target = storage.join(experiment_dir, DB_FILE)
+    target = experiment_folder.file(experiment_dir, experiment_folder.STUDY_FILE)
     storage.write_bytes(target, db.read_bytes())
     return target

@@ -3,6 +3,11 @@
 Every section has sensible defaults, so a sweep file says only what differs. Unknown keys are
 errors (``extra="forbid"``), and `load_spec` reports every problem at once, each naming the key
 path, the bad value, what is allowed and how to fix it.
+
+The sections a trial needs live below the sweep layer and are composed here: `model`, `data` and
+`train` (trainables/settings.py) and `space`, the hyperparameter registry's typed SpaceSpec
+(trainables/params.py, which parses each value into its kind and words the space's messages).
+This module adds the search, scheduler, resources and storage sections and the error rendering.
 """
 
 from __future__ import annotations

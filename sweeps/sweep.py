@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 # Run as a script, Python puts this file's folder first on sys.path; drop it so that sibling
-# modules (spec.py, storage.py, ...) are imported as the `sweeps` package, not as top-level names.
+# modules (spec.py, driver.py, ...) are imported as the `sweeps` package, not as top-level names.
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 

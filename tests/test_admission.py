@@ -7,6 +7,7 @@ real estimator on a Llama config built in the test (no weights).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from pathlib import Path
@@ -15,22 +16,14 @@ import optuna
 import pytest
 from transformers import LlamaConfig
 
-from sweeps.admission import (
-    MEMORY_CONSTRAINT,
-    OOM_CONSTRAINT,
-    AdmissionSearch,
-    GpuSize,
-    MemoryPlan,
-    detect_gpu_size,
-    memory_plan,
-    trial_resources,
-)
+from sweeps.admission import MEMORY_CONSTRAINT, OOM_CONSTRAINT, AdmissionSearch, trial_resources
+from sweeps.memory_plan import GpuSize, MemoryPlan, detect_gpu_size, memory_plan
 from sweeps.driver import make_sampler
-from sweeps.searcher import make_searcher
-from sweeps.space import space_function
+from sweeps.searcher import make_searcher, search_space
 from sweeps.spec import SpecError, parse_spec
 from tests.conftest import make_spec_dict
-from trainables.trial_memory import MemoryKnobs, estimate_for_trial, estimator_arguments
+from trainables.training_setup import TrainingSetup
+from trainables.trial_memory import MemoryKnobs, estimate_for_trial
 
 # A small Llama (weights are never built: the estimator reads shapes on the meta device).
 CONFIG = LlamaConfig(
@@ -59,6 +52,15 @@ def spec_for(sampler: str = "random", objectives: list[str] | None = None, **res
     )
 
 
+def knobs(r: int, targets: str, batch: int, seq: int = SEQ, dropout: float = 0.0, dora: bool = False) -> MemoryKnobs:
+    return MemoryKnobs(r=r, target_modules=targets, batch_size=batch, seq_len=seq, lora_dropout=dropout, use_dora=dora)
+
+
+def knobs_of(spec, config: dict) -> MemoryKnobs:
+    """The memory knobs of a trial config as Tune passes it."""
+    return MemoryKnobs.from_config(config, spec.train.batch_size, spec.data.max_seq_length)
+
+
 def needed(spec, knobs: MemoryKnobs) -> float:
     plan = MemoryPlan(spec, CONFIG, None)
     return plan.needed_gib(plan.estimate(knobs))
@@ -66,15 +68,15 @@ def needed(spec, knobs: MemoryKnobs) -> float:
 
 def midpoint_gpu(spec) -> GpuSize:
     """A GPU between the space's smallest and largest prediction, so both outcomes happen."""
-    low = needed(spec, MemoryKnobs(4, "qv", 2, SEQ))
-    high = needed(spec, MemoryKnobs(64, "all-linear", 64, SEQ))
+    low = needed(spec, knobs(4, "qv", 2))
+    high = needed(spec, knobs(64, "all-linear", 64))
     assert low < high
     return GpuSize((low + high) / 2, "test")
 
 
 def searcher_for(spec, plan: MemoryPlan, folder: Path) -> tuple[AdmissionSearch, list[str]]:
     lines: list[str] = []
-    inner = make_searcher(spec, space_function(spec), make_sampler(spec), "min")
+    inner = make_searcher(spec, search_space(spec), make_sampler(spec), "min")
     return AdmissionSearch(inner, plan, str(folder), out=lines.append), lines
 
 
@@ -90,20 +92,25 @@ def finish(search: AdmissionSearch, trial_id: str, loss: float, memory: float = 
 # --- the one mapping -----------------------------------------------------------------------------
 
 
+def estimator_arguments(spec, trial: MemoryKnobs, device: str, bf16_supported: bool = True) -> dict:
+    setup = TrainingSetup.resolve(spec.model, spec.train, device, bf16_supported=bf16_supported)
+    return setup.estimator_arguments(trial, CONFIG.model_type)
+
+
 def test_estimator_arguments_follow_the_trainable_setup_per_device() -> None:
     spec = spec_for()
-    knobs = MemoryKnobs(8, "qv", 4, SEQ, 0.05)
-    cuda = estimator_arguments(CONFIG, spec, knobs, "cuda")
+    trial = knobs(8, "qv", 4, dropout=0.05)
+    cuda = estimator_arguments(spec, trial, "cuda")
     assert cuda["compute_dtype"] == "bfloat16" and cuda["autocast"] and cuda["lora_dtype"] == "bfloat16"
     assert cuda["optimizer"] == "paged_adamw_32bit" and cuda["upcast_non_quantized"] and cuda["fused_lm_head"]
     assert cuda["target_modules"] == ["q_proj", "v_proj"] and cuda["batch_size"] == 4 and cuda["seq_len"] == SEQ
-    old_gpu = estimator_arguments(CONFIG, spec, knobs, "cuda", bf16_supported=False)
+    old_gpu = estimator_arguments(spec, trial, "cuda", bf16_supported=False)
     assert old_gpu["compute_dtype"] == "float16" and old_gpu["lora_dtype"] == "bfloat16"  # TRL's cast
-    cpu = estimator_arguments(CONFIG, spec, knobs, "cpu")
+    cpu = estimator_arguments(spec, trial, "cpu")
     assert cpu["compute_dtype"] == "float32" and not cpu["autocast"] and cpu["lora_dtype"] == "float32"
     assert cpu["optimizer"] == "adamw_torch"
     baseline = spec.model_copy(update={"model": spec.model.model_copy(update={"quantization": "none"})})
-    plain = estimator_arguments(CONFIG, baseline, knobs, "cuda")
+    plain = estimator_arguments(baseline, trial, "cuda")
     assert plain["lora_dtype"] == "float32" and not plain["upcast_non_quantized"]  # PEFT's fp32 adapters
 
 
@@ -113,25 +120,28 @@ def test_estimator_arguments_follow_the_trainable_setup_per_device() -> None:
 @pytest.mark.parametrize(
     ("small", "large", "expected"),
     [
-        (MemoryKnobs(8, "qv", 4, SEQ), MemoryKnobs(8, "attention", 4, SEQ), True),
-        (MemoryKnobs(8, "attention", 4, SEQ), MemoryKnobs(8, "all-linear", 4, SEQ), True),
-        (MemoryKnobs(8, "mlp", 4, SEQ), MemoryKnobs(8, "all-linear", 4, SEQ), True),
-        (MemoryKnobs(8, "mlp", 4, SEQ), MemoryKnobs(8, "attention", 4, SEQ), False),  # neither contains the other
-        (MemoryKnobs(8, "attention", 4, SEQ), MemoryKnobs(8, "qv", 4, SEQ), False),
-        (MemoryKnobs(8, "q_proj+v_proj", 4, SEQ), MemoryKnobs(8, "qv", 4, SEQ), True),  # a list vs its preset
-        (MemoryKnobs(8, "q_proj", 4, SEQ), MemoryKnobs(16, "q_proj+k_proj", 8, 2 * SEQ), True),
-        (MemoryKnobs(16, "qv", 4, SEQ), MemoryKnobs(8, "all-linear", 64, SEQ), False),  # smaller rank
-        (MemoryKnobs(8, "qv", 8, SEQ), MemoryKnobs(8, "all-linear", 4, SEQ), False),  # smaller micro-batch
-        (MemoryKnobs(8, "qv", 4, SEQ), MemoryKnobs(8, "qv", 4, SEQ // 2), False),  # shorter sequences
-        (MemoryKnobs(8, "qv", 4, SEQ, 0.05), MemoryKnobs(8, "qv", 4, SEQ, 0.0), False),  # dropout masks gone
-        (MemoryKnobs(8, "qv", 4, SEQ, 0.05), MemoryKnobs(8, "qv", 4, SEQ, 0.1), True),
+        (knobs(8, "qv", 4), knobs(8, "attention", 4), True),
+        (knobs(8, "attention", 4), knobs(8, "all-linear", 4), True),
+        (knobs(8, "mlp", 4), knobs(8, "all-linear", 4), True),
+        (knobs(8, "mlp", 4), knobs(8, "attention", 4), False),  # neither contains the other
+        (knobs(8, "attention", 4), knobs(8, "qv", 4), False),
+        (knobs(8, "q_proj+v_proj", 4), knobs(8, "qv", 4), True),  # a list vs its preset
+        (knobs(8, "q_proj", 4), knobs(16, "q_proj+k_proj", 8, 2 * SEQ), True),
+        (knobs(16, "qv", 4), knobs(8, "all-linear", 64), False),  # smaller rank
+        (knobs(8, "qv", 8), knobs(8, "all-linear", 4), False),  # smaller micro-batch
+        (knobs(8, "qv", 4), knobs(8, "qv", 4, SEQ // 2), False),  # shorter sequences
+        (knobs(8, "qv", 4, dropout=0.05), knobs(8, "qv", 4, dropout=0.0), False),  # dropout masks gone
+        (knobs(8, "qv", 4, dropout=0.05), knobs(8, "qv", 4, dropout=0.1), True),
+        # use_dora is a memory knob of the registry (a "flag"): DoRA on is at least as large as off.
+        (knobs(8, "qv", 4), knobs(8, "qv", 4, dora=True), True),
+        (knobs(8, "qv", 4, dora=True), knobs(8, "all-linear", 4), False),  # DoRA's vectors gone
     ],
 )
 def test_at_least_as_large_in_every_memory_dimension(small: MemoryKnobs, large: MemoryKnobs, expected: bool) -> None:
     plan = MemoryPlan(spec_for(), CONFIG, None)
     assert plan.at_least_as_large(small, large) is expected
     if expected:  # what the ordering promises: the estimator agrees memory does not shrink
-        assert estimate_for_trial(CONFIG, plan.spec, large).reserved_bytes >= estimate_for_trial(CONFIG, plan.spec, small).reserved_bytes
+        assert estimate_for_trial(CONFIG, plan.setup, large).reserved_bytes >= estimate_for_trial(CONFIG, plan.setup, small).reserved_bytes
 
 
 # --- admission ---------------------------------------------------------------------------------------
@@ -148,13 +158,12 @@ def test_proposals_predicted_not_to_fit_are_recorded_and_replaced(tmp_path: Path
         admitted.append(config)
         finish(search, f"t{i}", loss=1.0 + i / 10)
     for config in admitted:
-        assert needed(spec, MemoryKnobs.from_config(config, spec)) <= gpu.gib, config
+        assert needed(spec, knobs_of(spec, config)) <= gpu.gib, config
     rejected = rows(tmp_path)
     assert rejected, "with half the space too large, some proposals must have been rejected"
     assert search.rejected["memory"] == len(rejected) == len(lines)
     for row in rejected:
-        knobs = MemoryKnobs.from_config(row, spec)
-        assert needed(spec, knobs) > gpu.gib
+        assert needed(spec, knobs_of(spec, row)) > gpu.gib
         assert row["predicted_memory_mib"] > 0 and row["trial_id"].startswith("t")
         assert row["infeasible_reason"].startswith("predicted not to fit:") and f"> {gpu.gib:g} GiB GPU" in row["infeasible_reason"]
     assert len({row["trial_id"] for row in rejected}) == len(rejected)
@@ -187,7 +196,7 @@ def test_tpe_learns_from_infeasible_proposals(tmp_path: Path) -> None:
 
 def test_a_space_where_nothing_fits_stops_before_launch() -> None:
     spec = spec_for()
-    smallest = needed(spec, MemoryKnobs(4, "qv", 2, SEQ))
+    smallest = needed(spec, knobs(4, "qv", 2))
     with pytest.raises(SpecError, match=r"every configuration of the space is predicted not to fit: the smallest \(r=4, target_modules=qv, batch_size=2"):
         memory_plan(spec, CONFIG, GpuSize(smallest * 0.9, "test"))
     memory_plan(spec, CONFIG, GpuSize(smallest * 1.01, "test"))  # the smallest fits: fine
@@ -217,7 +226,7 @@ def test_proposals_at_least_as_large_as_an_oom_config_are_rejected(tmp_path: Pat
             break
         finish(search, f"pre{i}", loss=1.0)
     assert oom_id is not None
-    oom = MemoryKnobs.from_config({**config, "batch_size": 2}, spec)
+    oom = knobs_of(spec, {**config, "batch_size": 2})
     result = {"trial_status": "oom", "eval_loss": float("nan"), "peak_memory_mib": 5.0, "training_iteration": 1, "oom_batch_size": 2}
     search.on_trial_result(oom_id, result)
     search.on_trial_complete(oom_id, result)
@@ -225,12 +234,12 @@ def test_proposals_at_least_as_large_as_an_oom_config_are_rejected(tmp_path: Pat
     plan = search.plan
     for i in range(25):
         config = search.suggest(f"t{i}")
-        assert not plan.at_least_as_large(oom, MemoryKnobs.from_config(config, spec)), (oom, config)
+        assert not plan.at_least_as_large(oom, knobs_of(spec, config)), (oom, config)
         finish(search, f"t{i}", loss=1.0)
     dominated = rows(tmp_path)
     assert dominated and search.rejected == {"memory": 0, "oom_dominated": len(dominated)}
     for row in dominated:
-        assert plan.at_least_as_large(oom, MemoryKnobs.from_config(row, spec))
+        assert plan.at_least_as_large(oom, knobs_of(spec, row))
         assert row["infeasible_reason"].startswith(f"dominated by OOM config {oom_id} (")
     study = search.searcher._ot_study
     oom_trial = next(t for t in study.trials if t.user_attrs.get("ray_trial_id") == oom_id)
@@ -242,9 +251,9 @@ def test_an_oom_after_a_retry_counts_with_the_micro_batch_that_failed(tmp_path: 
     spec = spec_for()
     search, _ = searcher_for(spec, MemoryPlan(spec, CONFIG, None), tmp_path)
     config = search.suggest("t0")
-    knobs = MemoryKnobs.from_config(config, spec)
+    proposed = knobs_of(spec, config)
     search.on_trial_complete("t0", {"trial_status": "oom", "eval_loss": float("nan"), "oom_batch_size": 1})
-    assert search.ooms["t0"] == MemoryKnobs(knobs.r, knobs.target_modules, 1, knobs.seq_len, knobs.lora_dropout)
+    assert search.ooms["t0"] == dataclasses.replace(proposed, batch_size=1)
 
 
 def test_admission_state_survives_tunes_save_and_restore(tmp_path: Path) -> None:
@@ -290,7 +299,7 @@ def test_admission_state_survives_tunes_save_and_restore(tmp_path: Path) -> None
     # And the restored wrapper still filters what the OOM dominates.
     for i in range(30, 38):
         config = restored.searcher.suggest(f"t{i}")
-        assert not again.plan.at_least_as_large(search.ooms["t0"], MemoryKnobs.from_config(config, spec))
+        assert not again.plan.at_least_as_large(search.ooms["t0"], knobs_of(spec, config))
         restored.searcher.on_trial_complete(f"t{i}", {"eval_loss": 1.0, "training_iteration": 1})
 
 
@@ -335,7 +344,7 @@ def test_packed_trials_ask_for_the_gpu_share_their_prediction_needs() -> None:
     large = {"r": 64, "target_modules": "all-linear", "batch_size": 64, "lora_dropout": 0.0}
     shares = {}
     for name, config in (("small", small), ("large", large)):
-        estimate = estimate_for_trial(CONFIG, spec, MemoryKnobs.from_config(config, spec))
+        estimate = estimate_for_trial(CONFIG, plan.setup, knobs_of(spec, config))
         want = estimate.total_with_context_gib * 1.2 / 8
         request = trial_resources(config, plan=plan).required_resources
         assert request["CPU"] == 1.0 and want <= request["GPU"] < want + 0.01, (request, want)

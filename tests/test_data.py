@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sweeps.spec import DataSpec
 from trainables import smoke_task
 from trainables.data import DataError, format_example, prepare_data
+from trainables.settings import DataSpec, ModelSpec
 from tests.conftest import REPO
 
 
@@ -90,11 +90,10 @@ def test_an_empty_eval_split_is_an_error(tmp_path: Path) -> None:
 
 
 def test_rows_longer_than_max_seq_length_are_caught_with_the_tokenizer(tmp_path: Path) -> None:
-    from transformers import AutoTokenizer
-
     from trainables.tiny_models import materialize
+    from trainables.training_setup import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(materialize("builtin:tiny-llama"))
+    tokenizer = load_tokenizer(materialize("builtin:tiny-llama"), ModelSpec(path="builtin:tiny-llama"))
     long = {"instruction": "Sort these letters. " * 30, "output": "a b c"}
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 10 + [long])
     with pytest.raises(DataError, match=r"d\.jsonl row 11: \d+ tokens exceeds data\.max_seq_length \(64\)"):

@@ -18,15 +18,13 @@ TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_stat
 
 def sweep_eval_split(experiment: Path):
     """The sweep's spec and eval split, re-created here the way preflight made them."""
-    from transformers import AutoTokenizer
-
     from sweeps.spec import parse_spec
     from trainables.data import prepare_data
     from trainables.tiny_models import materialize
+    from trainables.training_setup import load_tokenizer
 
     spec = parse_spec(yaml.safe_load((experiment / "sweep_spec.yaml").read_text()))
-    tokenizer = AutoTokenizer.from_pretrained(materialize(spec.model.path))
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    tokenizer = load_tokenizer(materialize(spec.model.path), spec.model)
     return spec, prepare_data(spec.resolve_path(spec.data.path), spec.data, tokenizer).eval
 
 
@@ -34,13 +32,12 @@ def sweep_eval_split(experiment: Path):
 def test_exported_adapter_loads_with_peft_and_reproduces_the_sweeps_eval_loss(
     recorded_sweep: RecordedSweep, tmp_path: Path, capsys
 ) -> None:
-    import torch
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     from analysis.export import evaluate_loss
-    from trainables.qlora import keep_4bit_layers_trainable_on_cpu, load_quantized_model
     from trainables.tiny_models import materialize
+    from trainables.training_setup import TrainingSetup
 
     out = tmp_path / "adapter"
     assert main(["export", str(recorded_sweep.path), "--out", str(out)]) == 0
@@ -55,10 +52,10 @@ def test_exported_adapter_loads_with_peft_and_reproduces_the_sweeps_eval_loss(
     assert info["trial_id"] == best["trial_id"] and info["checkpoint"] == best["checkpoint_path"]
 
     spec, eval_rows = sweep_eval_split(recorded_sweep.path)
-    base = load_quantized_model(spec, materialize(spec.model.path), "cpu", torch.float32)
-    keep_4bit_layers_trainable_on_cpu(base)
+    setup = TrainingSetup.resolve(spec.model, spec.train, "cpu")
+    base = setup.load_model(materialize(spec.model.path), spec.model, for_training=False)  # + the CPU workaround
     model = PeftModel.from_pretrained(base, str(out))
-    loss = evaluate_loss(model, AutoTokenizer.from_pretrained(str(out)), eval_rows, spec, int(best["batch_size"]), "cpu")
+    loss = evaluate_loss(model, AutoTokenizer.from_pretrained(str(out)), eval_rows, setup, spec.data, int(best["batch_size"]))
     # The same model, data and evaluation as the sweep: on CPU the recorded number comes back exactly.
     assert loss == pytest.approx(best["best_eval_loss"], rel=1e-5, abs=1e-7)
     readme = (out / "README.md").read_text()

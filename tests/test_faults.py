@@ -23,6 +23,7 @@ import pytest
 
 from tests.cli_runs import CliRun, private_ray_tmp, processes_of, run_cli
 from tests.conftest import SMOKE_DATA, make_spec_dict, write_spec
+from tests.fault_plugins import SLOW_TEARDOWN, SLOW_TEARDOWN_ENV
 
 GOOD_ROWS = SMOKE_DATA.read_text(encoding="utf-8").splitlines()
 
@@ -350,14 +351,17 @@ SLOW_TEARDOWN_S = "4"  # above Ray's default 2 s wait for a finished trial's thr
 
 
 def reuse_spec(tmp_path: Path) -> Path:
-    """Three short trials one after another, so each next trial reuses the previous one's worker."""
+    """Three short trials one after another, so each next trial reuses the previous one's worker.
+
+    Each trial's teardown is slowed by tests/fault_plugins.py's `slow_teardown` (train.callbacks),
+    by $QLORA_SWEEP_TEST_SLOW_TEARDOWN_S seconds when the run's environment sets it."""
     return write_spec(
         tmp_path / "reuse.yaml",
         make_spec_dict(
             name="reuse",
             space={"r": 8, "lora_alpha": 16, "target_modules": "qv", "learning_rate": [1e-3, 3e-3, 1e-2]},
             search={"num_samples": 3, "max_concurrent": 1, "seed": 0, "sampler": "random"},
-            train={"max_steps": 10, "eval_every": 10, "batch_size": 8},
+            train={"max_steps": 10, "eval_every": 10, "batch_size": 8, "callbacks": [SLOW_TEARDOWN]},
         ),
     )
 
@@ -367,7 +371,7 @@ def test_a_slow_trial_teardown_does_not_stall_the_sweep(tmp_path: Path, ray_tmp:
     reuses the worker only once that thread ends. sweeps/driver.py's WORKER_ENV lets it wait."""
     run = run_cli(
         ["run", str(reuse_spec(tmp_path)), "--storage", str(tmp_path / "results"), "--name", "reuse"], ray_tmp,
-        timeout=300, QLORA_SWEEP_SLOW_TEARDOWN_S=SLOW_TEARDOWN_S,
+        timeout=300, **{SLOW_TEARDOWN_ENV: SLOW_TEARDOWN_S},
     )
     assert run.returncode == 0, run.output[-4000:]
     assert REUSE_ERROR not in run.output
@@ -387,7 +391,7 @@ def test_with_rays_default_wait_the_same_sweep_fails_to_reuse_and_stalls(tmp_pat
 
     from tests.cli_runs import QLORA_SWEEP, cli_env
 
-    env = cli_env(ray_tmp, QLORA_SWEEP_SLOW_TEARDOWN_S=SLOW_TEARDOWN_S, TUNE_FUNCTION_THREAD_TIMEOUT_S="2")
+    env = cli_env(ray_tmp, **{SLOW_TEARDOWN_ENV: SLOW_TEARDOWN_S}, TUNE_FUNCTION_THREAD_TIMEOUT_S="2")
     proc = subprocess.Popen(
         [QLORA_SWEEP, "run", str(reuse_spec(tmp_path)), "--storage", str(tmp_path / "results")],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,

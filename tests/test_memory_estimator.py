@@ -374,6 +374,64 @@ def test_lora_params_match_peft(family: str, r: int, targets: object) -> None:
     assert count_lora_params(config, r, targets) == model.get_nb_trainable_parameters()[0]
 
 
+@pytest.mark.parametrize(
+    "family, r, targets",
+    [("llama", 8, "all-linear"), ("qwen2", 4, ["k_proj", "gate_proj"]), ("gpt2", 8, "all-linear"), ("gpt2", 4, ["c_attn"])],
+)
+def test_dora_params_match_peft(family: str, r: int, targets: object) -> None:
+    """DoRA adds one magnitude per output feature of every adapted layer (peft's lora_magnitude_vector)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = tiny(family)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=r, target_modules=targets, use_dora=True))
+    trainable = model.get_nb_trainable_parameters()[0]
+    magnitudes = sum(p.numel() for n, p in model.named_parameters() if "lora_magnitude_vector" in n)
+    assert magnitudes > 0
+    assert count_lora_params(config, r, targets, use_dora=True) == trainable
+    assert count_lora_params(config, r, targets, use_dora=True) - count_lora_params(config, r, targets) == magnitudes
+    assert estimate(config, r=r, target_modules=targets, use_dora=True).lora_params == trainable
+
+
+@pytest.mark.integration
+def test_dora_on_the_builtin_tiny_model_in_nf4_matches_peft_count_and_bytes() -> None:
+    """The trainable's own setup on CPU (NF4, prepare_model_for_kbit_training) with peft DoRA on bitsandbytes
+    4-bit layers: the predicted trainable parameters and their bytes match the real model's."""
+    import bitsandbytes as bnb
+    from peft import get_peft_model
+    from transformers import AutoConfig
+
+    from trainables.params import TrialConfig
+    from trainables.settings import ModelSpec, TrainSpec
+    from trainables.tiny_models import materialize
+    from trainables.training_setup import TrainingSetup
+    from trainables.trial_memory import MemoryKnobs, estimate_for_trial
+
+    path = materialize("builtin:tiny-llama")
+    model_spec, train = ModelSpec(path="builtin:tiny-llama"), TrainSpec()
+    setup = TrainingSetup.resolve(model_spec, train, "cpu")
+    trial = TrialConfig.from_tune(
+        {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "learning_rate": 1e-3, "lora_dropout": 0.0,
+         "weight_decay": 0.0, "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "use_dora": True}, 4,
+    )
+    base = setup.load_model(path, model_spec)
+    assert isinstance(base.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    model = get_peft_model(base, setup.lora_config(trial, "llama"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    config = AutoConfig.from_pretrained(path)
+    knobs = MemoryKnobs(r=8, target_modules="all-linear", batch_size=4, seq_len=64, use_dora=True)
+    est = estimate_for_trial(config, setup, knobs)
+    assert est.lora_params == sum(p.numel() for p in trainable) == model.get_nb_trainable_parameters()[0]
+    assert est.lora_weights_bytes == sum(p.numel() * p.element_size() for p in trainable)
+    magnitudes = [p for n, p in model.named_parameters() if "lora_magnitude_vector" in n]
+    assert magnitudes and {p.dtype for p in magnitudes} == {torch.float32}
+    without = estimate_for_trial(config, setup, MemoryKnobs(r=8, target_modules="all-linear", batch_size=4, seq_len=64))
+    extra = sum(p.numel() for p in magnitudes)
+    assert est.lora_params - without.lora_params == extra
+    # adamw_torch on CPU: two fp32 moments per magnitude, as for the fp32 adapters.
+    assert est.optimizer_state_bytes - without.optimizer_state_bytes == 8 * extra
+
+
 def test_tied_lm_head_is_counted_once() -> None:
     untied, tied = model_shape(tiny("llama")), model_shape(tiny("llama", tied=True))
     assert untied.other_params - tied.other_params == 256 * 64

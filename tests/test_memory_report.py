@@ -7,14 +7,18 @@ import math
 import pandas as pd
 import pytest
 
+from analysis.formatting import markdown_table
 from analysis.memory_report import (
     NOT_COMPARABLE,
+    memory_html,
+    memory_markdown,
     memory_summary_lines,
     objective_columns,
     objectives_front,
     packing_lines,
     packing_summary,
     prediction_rows,
+    predictions,
 )
 
 NAN = math.nan
@@ -93,3 +97,35 @@ def test_summary_counts_rejections_by_reason() -> None:
         "1 trial ran out of memory"
     ]
     assert memory_summary_lines(trials[trials["status"] == "completed"], {}) == []
+
+
+def _predicted(kinds: list[str], errors: list[float]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "trial_id": [f"t{i}" for i in range(len(kinds))],
+            "status": ["completed"] * len(kinds),
+            "predicted_memory_mib": [100.0] * len(kinds),
+            "peak_memory_mib": [110.0] * len(kinds),
+            "memory_kind": kinds,
+            "memory_error_pct": errors,
+        }
+    )
+
+
+def test_markdown_and_html_say_the_same_about_predictions() -> None:
+    vram = _predicted(["cuda_reserved", "cuda_reserved"], [-10.0, 20.0])
+    summary = predictions(vram, ["DoRA's magnitude vectors and extra activations"])
+    assert summary is not None and summary.text.startswith("Mean absolute error 15.0% over 2 trials")
+    assert summary.text.endswith("Not modelled by the estimator: DoRA's magnitude vectors and extra activations.")
+    md = "\n".join(memory_markdown(vram, {}, vram.iloc[0:0], markdown_table, ["DoRA's magnitude vectors and extra activations"]))
+    html = memory_html(vram, {}, vram.iloc[0:0], lambda frame, columns, **_: "<table></table>",
+                       ["DoRA's magnitude vectors and extra activations"])
+    assert summary.text in md and summary.text.replace("'", "&#x27;") in html
+
+    cpu = _predicted(["host_rss"], [NAN])
+    text = predictions(cpu).text
+    assert "This run measured host RSS, so the error is n/a" in text and "Mean absolute error" not in text
+    # Only VRAM errors count, even if a table carried an error next to host RSS.
+    mixed = _predicted(["cuda_reserved", "host_rss"], [-10.0, 50.0])
+    assert predictions(mixed).text.startswith("Mean absolute error 10.0% over 1 trials")
+    assert predictions(_predicted([], [])) is None

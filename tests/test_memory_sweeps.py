@@ -1,8 +1,9 @@
 """Memory-aware sweeps end to end: OOM handling in the trainable, OOM-aware search and admission,
 GPU packing, and multi-objective search, with real Ray and real tiny QLoRA training on CPU.
 
-OOMs are fault-injected with the trainable's testing hook ($QLORA_SWEEP_INJECT_OOM_ABOVE_MIB: a
-trial whose predicted memory is above it raises torch.OutOfMemoryError right before training), and
+OOMs are fault-injected through the trainable's callback seam (train.callbacks with
+tests/fault_plugins.py's `oom_above`: a trial whose predicted memory is above
+$QLORA_SWEEP_TEST_OOM_ABOVE_MIB raises torch.OutOfMemoryError at its first training step), and
 thresholds are derived from the estimator's own predictions, so no figure is hard-coded.
 """
 
@@ -17,13 +18,15 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from sweeps.plan import trial_job
 from sweeps.spec import parse_spec
 from tests.conftest import TRIAL_CONFIG, make_spec_dict, ray_pids, wait_for_no_ray_processes
+from tests.fault_plugins import OOM_ABOVE, OOM_ABOVE_ENV
 
 pytestmark = pytest.mark.integration
 
 TRIAL = TRIAL_CONFIG
-INJECT = "QLORA_SWEEP_INJECT_OOM_ABOVE_MIB"
+INJECT = OOM_ABOVE_ENV
 
 
 def tiny_config() -> Any:
@@ -35,9 +38,12 @@ def tiny_config() -> Any:
 
 
 def predicted(spec, config: dict[str, Any]) -> float:
+    from trainables.training_setup import TrainingSetup
     from trainables.trial_memory import MemoryKnobs, estimate_for_trial, predicted_mib
 
-    return predicted_mib(estimate_for_trial(tiny_config(), spec, MemoryKnobs.from_config(config, spec)))
+    setup = TrainingSetup.resolve(spec.model, spec.train, "cuda", bf16_supported=True)
+    knobs = MemoryKnobs.from_config(config, spec.train.batch_size, spec.data.max_seq_length)
+    return predicted_mib(estimate_for_trial(tiny_config(), setup, knobs))
 
 
 def between(low: float, high: float) -> str:
@@ -63,11 +69,11 @@ def result_lines(trial_dir: Path) -> list[dict[str, Any]]:
 def test_an_oom_trial_reports_oom_and_returns_and_the_next_trial_trains(inject_oom) -> None:
     from trainables.qlora import run_trial
 
-    spec = parse_spec(make_spec_dict(train={"max_steps": 20, "eval_every": 10, "batch_size": 8}))
+    spec = parse_spec(make_spec_dict(train={"max_steps": 20, "eval_every": 10, "batch_size": 8, "callbacks": [OOM_ABOVE]}))
     small = {**TRIAL, "batch_size": 2}
     inject_oom(between(predicted(spec, small), predicted(spec, TRIAL)))
     reports: list[dict[str, Any]] = []
-    last = run_trial(TRIAL, spec, report=lambda m, c=None: reports.append(m))  # returns: no exception for Tune to retry
+    last = run_trial(TRIAL, trial_job(spec), report=lambda m, c=None: reports.append(m))  # returns: no exception for Tune to retry
     assert [r["trial_status"] for r in reports] == ["oom"] and last is not None
     oom = reports[0]
     assert oom["oom_message"].startswith(f"injected by {INJECT}=") and oom["oom_batch_size"] == 8
@@ -76,7 +82,7 @@ def test_an_oom_trial_reports_oom_and_returns_and_the_next_trial_trains(inject_o
 
     # The same process trains the next trial normally: nothing of the OOM trial is left in the way.
     reports.clear()
-    last = run_trial(small, spec, report=lambda m, c=None: reports.append(m))
+    last = run_trial(small, trial_job(spec), report=lambda m, c=None: reports.append(m))
     assert [r["step"] for r in reports] == [10, 20] and "trial_status" not in last
     assert last["predicted_memory_mib"] == predicted(spec, small) and last["micro_batch_size"] == 2
 
@@ -84,10 +90,12 @@ def test_an_oom_trial_reports_oom_and_returns_and_the_next_trial_trains(inject_o
 def test_oom_retry_halves_the_micro_batch_and_keeps_the_effective_batch(inject_oom) -> None:
     from trainables.qlora import run_trial
 
-    spec = parse_spec(make_spec_dict(train={"max_steps": 20, "eval_every": 10, "batch_size": 8, "grad_accum": 1, "oom_retry": True}))
+    spec = parse_spec(make_spec_dict(train={
+        "max_steps": 20, "eval_every": 10, "batch_size": 8, "grad_accum": 1, "oom_retry": True, "callbacks": [OOM_ABOVE],
+    }))
     inject_oom(between(predicted(spec, {**TRIAL, "batch_size": 4}), predicted(spec, TRIAL)))
     reports: list[dict[str, Any]] = []
-    last = run_trial(TRIAL, spec, report=lambda m, c=None: reports.append(m))
+    last = run_trial(TRIAL, trial_job(spec), report=lambda m, c=None: reports.append(m))
     assert [r["step"] for r in reports] == [10, 20] and "trial_status" not in last
     assert last["micro_batch_size"] == 4 and last["grad_accum"] == 2  # 8 x 1 = 4 x 2 examples per step
     assert last["oom_retry"].startswith("micro-batch 8 -> 4, grad_accum 1 -> 2 after: injected by")
@@ -101,19 +109,22 @@ def test_oom_aware_sweep_never_trains_what_an_oom_dominates(tmp_path: Path, inje
     """Admission (GPU size in the spec) and injected OOMs in one small sweep on one worker process."""
     from analysis.report import write_report
     from analysis.results import load_experiment
-    from sweeps.admission import MemoryPlan
+    from sweeps.memory_plan import MemoryPlan
     from sweeps.driver import run_sweep
     from trainables.trial_memory import MemoryKnobs
 
     raw = make_spec_dict(
         space={"r": [4, 16], "target_modules": ["qv", "attention", "all-linear"], "batch_size": [2, 4, 8]},
         search={"num_samples": 5, "max_concurrent": 1, "seed": 1},
-        train={"max_steps": 20, "eval_every": 10, "max_failures": 2},
+        train={"max_steps": 20, "eval_every": 10, "max_failures": 2, "callbacks": [OOM_ABOVE]},
     )
     base = parse_spec(raw)
     config = tiny_config()
     plan = MemoryPlan(base, config, None)
-    knobs = [MemoryKnobs(r, t, b, 64) for r in (4, 16) for t in ("qv", "attention", "all-linear") for b in (2, 4, 8)]
+    knobs = [
+        MemoryKnobs(r=r, target_modules=t, batch_size=b, seq_len=64)
+        for r in (4, 16) for t in ("qv", "attention", "all-linear") for b in (2, 4, 8)
+    ]
     mib = {k: predicted(base, {"r": k.r, "target_modules": k.target_modules, "batch_size": k.batch_size}) for k in knobs}
     need = {k: plan.needed_gib(plan.estimate(k)) for k in knobs}
     # Micro-batch 2 trains, 4 runs out of memory (injected), 8 is predicted not to fit the GPU.
@@ -132,7 +143,10 @@ def test_oom_aware_sweep_never_trains_what_an_oom_dominates(tmp_path: Path, inje
     assert statuses.get("oom", 0) >= 1 and statuses.get("completed", 0) >= 1, statuses
 
     def knobs_of(row: pd.Series) -> MemoryKnobs:
-        return MemoryKnobs(int(row["r"]), str(row["target_modules"]), int(row["batch_size"]), 64, float(row["lora_dropout"]))
+        return MemoryKnobs(
+            r=int(row["r"]), target_modules=str(row["target_modules"]), batch_size=int(row["batch_size"]), seq_len=64,
+            lora_dropout=float(row["lora_dropout"]),
+        )
 
     ooms = launched[launched["status"] == "oom"]
     for trial_id, row in launched.iterrows():
@@ -181,7 +195,8 @@ def test_packing_shares_one_logical_gpu_between_trials(tmp_path: Path) -> None:
     from analysis.memory_report import packing_summary
     from analysis.report import write_report
     from analysis.results import load_experiment
-    from sweeps.admission import GpuSize, memory_plan, trial_resources
+    from sweeps.admission import trial_resources
+    from sweeps.memory_plan import GpuSize, memory_plan
     from sweeps.driver import run_sweep
 
     spec = parse_spec(
@@ -244,11 +259,26 @@ def test_multi_objective_sweep_finds_a_pareto_front(tmp_path: Path) -> None:
 
 
 def test_injected_oom_threshold_must_be_a_number(monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainables.qlora import inject_oom_for_testing
+    from tests.fault_plugins import oom_above
+    from trainables.params import TrialConfig
+    from trainables.qlora import TrialContext
+    from trainables.training_setup import TrainingSetup
+
+    spec = parse_spec(make_spec_dict(train={"callbacks": [OOM_ABOVE]}))
+
+    def context(predicted_mib: float) -> TrialContext:
+        return TrialContext(
+            trial=TrialConfig.from_tune(TRIAL, spec.train.batch_size), job=trial_job(spec),
+            setup=TrainingSetup.resolve(spec.model, spec.train, "cpu"), predicted_memory_mib=predicted_mib,
+            attempt=1, grad_accum=1,
+        )
 
     monkeypatch.setenv(INJECT, "lots")
     with pytest.raises(ValueError, match=rf"{INJECT}='lots' is not a number of MiB"):
-        inject_oom_for_testing(10.0)
+        oom_above(context(10.0))
+    monkeypatch.setenv(INJECT, "20")
+    assert oom_above(context(10.0)) is None  # below the threshold: no callback
+    assert oom_above(context(30.0)) is not None
     monkeypatch.delenv(INJECT)
-    inject_oom_for_testing(1e9)  # unset: never raises
+    assert oom_above(context(1e9)) is None  # unset: never injects
     assert os.environ.get(INJECT) is None

@@ -119,7 +119,7 @@ def test_a_gpu_trial_on_a_node_without_cuda_sees_cuda_visible_devices_and_picks_
         import torch
 
         return (ray.get_runtime_context().get_node_id(), os.environ.get("CUDA_VISIBLE_DEVICES"),
-                torch.cuda.is_available(), pick_device(spec))
+                torch.cuda.is_available(), pick_device(spec.resources.gpus_per_trial))
 
     node, visible, cuda, device = ray.get(probe.remote(), timeout=120)
     assert node == cluster.gpu_worker

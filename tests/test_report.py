@@ -321,3 +321,113 @@ def test_compare_two_sweeps_side_by_side(recorded_sweep: RecordedSweep, tmp_path
     both = pd.read_csv(out / "compare.csv")
     assert sorted(both["sweep"].unique()) == ["recorded", "recorded-qwen"]
     assert len(both) == 8
+
+
+# --- provenance (run_plan.json) and older experiments -----------------------------------------------
+
+
+def write_run_plan(path: Path, **provenance: Any) -> None:
+    """A run_plan.json as preflight writes it (core/run_plan.py), by hand."""
+    plan = {
+        "format_version": 1,
+        "experiment_name": path.name,
+        "model": {"path": "builtin:tiny-llama", "model_type": "llama"},
+        "memory": {"gpu_gib": None, "predictable": True, "not_modelled": []},
+        "provenance": {
+            "qlora_sweep": "0.9.1",
+            "git_commit": "0123456789abcdef0123456789abcdef01234567",
+            "git_dirty": True,
+            "python": "3.11.7",
+            "platform": "Linux-6.8.0-x86_64-with-glibc2.36",
+            "packages": {
+                "torch": "2.6.0", "transformers": "4.51.3", "peft": "0.15.2", "bitsandbytes": None, "trl": "0.17.0",
+                "accelerate": "1.6.0", "ray": "2.60.0", "optuna": "5.0.0",
+            },
+            "gpus": [],
+            "hostname": "worker-7",
+            "created_at": "2026-01-01T12:00:00+0000",
+            **provenance,
+        },
+        "a_key_from_a_newer_version": {"ignored": True},
+    }
+    (path / "run_plan.json").write_text(json.dumps(plan))
+
+
+def test_the_report_shows_the_provenance_of_the_run_plan(tmp_path: Path) -> None:
+    path = write_experiment(tmp_path, cluster_trials())
+    write_run_plan(path, gpus=["NVIDIA H200", "NVIDIA H200", "NVIDIA L4"])
+    exp = load_experiment(str(path))
+    assert exp.plan.provenance.qlora_sweep == "0.9.1" and exp.plan.model.model_type == "llama"
+    outcome = write_report(str(path))
+    md = (Path(outcome.report_dir) / "report.md").read_text()
+    html = (Path(outcome.report_dir) / "report.html").read_text()
+    section = md.split("## Provenance")[1].split("\n## ")[0]
+    assert "qlora-sweep: 0.9.1, git commit 0123456789ab (with uncommitted changes)" in section
+    assert "Python: 3.11.7 on Linux-6.8.0-x86_64-with-glibc2.36" in section
+    assert (
+        "packages: torch 2.6.0, transformers 4.51.3, peft 0.15.2, bitsandbytes not installed, trl 0.17.0, "
+        "ray 2.60.0, optuna 5.0.0" in section
+    )
+    assert "GPUs: 2 x NVIDIA H200, NVIDIA L4" in section
+    assert "<h2>Provenance</h2>" in html and "git commit 0123456789ab" in html and "2 x NVIDIA H200" in html
+    assert not any("run_plan" in note for note in exp.notes)
+
+
+def test_cpu_trials_say_no_gpus_in_the_provenance(tmp_path: Path) -> None:
+    path = write_experiment(tmp_path, [trial("a", evals=[(1.2, True)], memory=640, kind="host_rss")])
+    write_run_plan(path, gpus=[], git_commit=None, git_dirty=None)
+    md = (Path(write_report(str(path)).report_dir) / "report.md").read_text()
+    section = md.split("## Provenance")[1].split("\n## ")[0]
+    assert "- qlora-sweep: 0.9.1\n" in section and "git commit" not in section
+    assert "GPUs: none (CPU trials)" in section
+
+
+def test_an_experiment_without_a_run_plan_reports_without_provenance(tmp_path: Path) -> None:
+    path = write_experiment(tmp_path, cluster_trials())
+    assert not (path / "run_plan.json").exists()
+    exp = load_experiment(str(path))
+    assert exp.plan.format_version == 0 and exp.plan.provenance.packages == {}
+    outcome = write_report(str(path))
+    md = (Path(outcome.report_dir) / "report.md").read_text()
+    html = (Path(outcome.report_dir) / "report.html").read_text()
+    assert "## Provenance" not in md and "<h2>Provenance</h2>" not in html
+    assert "best: trial best" in md  # the rest of the report is all there
+
+
+def test_an_unreadable_run_plan_is_a_note_not_a_failure(tmp_path: Path) -> None:
+    path = write_experiment(tmp_path, cluster_trials())
+    (path / "run_plan.json").write_text('{"format_version": 1, "provenance": ')  # cut short
+    outcome = write_report(str(path))
+    md = (Path(outcome.report_dir) / "report.md").read_text()
+    assert "## Provenance" not in md
+    assert "run_plan.json is unreadable" in md.split("## Notes from loading")[1]
+
+
+def _edit_saved_space(path: Path, edit: Any) -> None:
+    spec = yaml.safe_load((path / "sweep_spec.yaml").read_text())
+    edit(spec["space"])
+    (path / "sweep_spec.yaml").write_text(yaml.safe_dump(spec))
+
+
+def test_a_space_saved_before_the_newer_knobs_loads_with_the_registry_defaults(tmp_path: Path) -> None:
+    path = write_experiment(tmp_path, cluster_trials())
+    _edit_saved_space(path, lambda space: [space.pop(k) for k in ("use_rslora", "use_dora")])
+    exp = load_experiment(str(path))
+    assert exp.config_columns[:3] == ["r", "lora_alpha", "target_modules"]
+    assert {"use_rslora", "use_dora"} <= set(exp.config_columns)
+    assert not any("space" in note for note in exp.notes)
+    analysis = analyze(exp)
+    assert set(analysis.importance.values) == {"r", "target_modules", "learning_rate"}
+
+
+def test_a_space_this_version_cannot_parse_falls_back_to_every_known_column(tmp_path: Path) -> None:
+    path = write_experiment(tmp_path, cluster_trials())
+    _edit_saved_space(path, lambda space: space.update(lora_bias=["none", "all"]))  # a knob from another version
+    exp = load_experiment(str(path))
+    assert any("does not parse with this version" in n and "every known config column" in n for n in exp.notes)
+    assert exp.config_columns[:3] == ["r", "lora_alpha", "target_modules"] and "use_dora" in exp.config_columns
+    analysis = analyze(exp)
+    assert analysis.importance.values == {}
+    assert any("no importances" in n for n in analysis.importance.notes)
+    md = (Path(write_report(str(path)).report_dir) / "report.md").read_text()
+    assert "best: trial best" in md and "## Notes from loading" in md

@@ -12,8 +12,7 @@ from typing import Any
 import optuna
 
 from sweeps.driver import make_sampler
-from sweeps.searcher import MAX_REPEAT_SKIPS, REPEAT_ATTR, OptunaStudySearch, make_searcher
-from sweeps.space import space_function
+from sweeps.searcher import MAX_REPEAT_SKIPS, REPEAT_ATTR, OptunaStudySearch, make_searcher, search_space
 from sweeps.spec import parse_spec
 from tests.conftest import make_spec_dict
 
@@ -28,7 +27,7 @@ def searcher(skip_repeats: bool, sampler: str = "random", seed: int = 0) -> Optu
                     "skip_repeats": skip_repeats},
         )
     )
-    return make_searcher(spec, space_function(spec), make_sampler(spec), "min")
+    return make_searcher(spec, search_space(spec), make_sampler(spec), "min")
 
 
 def key(config: dict[str, Any]) -> tuple[Any, ...]:
@@ -108,7 +107,7 @@ def test_importance_reads_the_stored_study_without_the_answered_repeats(tmp_path
             search={"num_samples": 12, "optuna_storage": f"sqlite:///{db}", "optuna_study_name": "s", "sampler": "random"},
         )
     )
-    search = make_searcher(spec, space_function(spec), make_sampler(spec), "min")
+    search = make_searcher(spec, search_space(spec), make_sampler(spec), "min")
     run_trials(search, POINTS)
     stored = study(search).get_trials(deepcopy=False)
     assert len(stored) == POINTS + search.repeats_skipped and search.repeats_skipped > 0

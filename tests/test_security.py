@@ -462,3 +462,14 @@ def test_report_never_unpickles_what_an_experiment_folder_holds(tmp_path: Path, 
     assert not marker.exists(), "the report unpickled a file from the experiment"
     pickle.loads(pickles[0].read_bytes())  # control: the tripwire does fire when unpickled
     assert marker.exists()
+
+
+def test_the_run_plan_redacts_credentials_in_locations() -> None:
+    """run_plan.json names where results and the study live; passwords and keys in them are masked."""
+    from sweeps.plan import redact_location, redact_url
+
+    assert redact_location("s3://AKIA:verysecret@bucket/p?endpoint_override=x&secret_key=abc&region=r") == (
+        "s3://AKIA:***@bucket/p?endpoint_override=x&secret_key=***&region=r"
+    )
+    assert redact_location("/tmp/results/exp") == "/tmp/results/exp"
+    assert "pw" not in redact_url("postgresql://user:pw@host/db") and redact_url("memory") == "memory"

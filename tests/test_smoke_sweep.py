@@ -48,5 +48,15 @@ def test_smoke_sweep_runs_end_to_end_and_writes_its_report(tmp_path: Path) -> No
     assert (trials["node"] == "127.0.0.1").all()
     assert "host RSS (CPU, not VRAM)" in (experiment / "report" / "report.md").read_text()
 
+    # Preflight's run plan is saved next to sweep_spec.yaml, with the provenance the report shows.
+    from core.run_plan import load_run_plan
+
+    plan = load_run_plan(str(experiment))
+    assert plan.format_version >= 1 and plan.experiment_dir == str(experiment) and plan.study_name == "smoke"
+    assert plan.model.path == "builtin:tiny-llama" and plan.model.model_type == "llama" and plan.model.num_layers
+    assert set(plan.training_setup) == {"cuda", "cpu"} and plan.training_setup["cpu"]["compute_dtype"] == "float32"
+    assert plan.provenance.packages.get("torch") and plan.provenance.python and plan.provenance.gpus == []
+    assert "## Provenance" in (experiment / "report" / "report.md").read_text()
+
     leftover = wait_for_no_ray_processes()
     assert not leftover, f"Ray processes left behind: {leftover}"

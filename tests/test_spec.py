@@ -219,7 +219,7 @@ def test_all_problems_are_reported_at_once() -> None:
 def test_defaults_fill_what_a_spec_leaves_out() -> None:
     spec = parse_spec(MINIMAL)
     assert spec.model.quantization == "nf4" and spec.model.double_quant
-    assert spec.space.target_modules == ["qv", "attention", "all-linear"]
+    assert spec.space.target_modules.values() == ["qv", "attention", "all-linear"]
     assert spec.scheduler.asha is not None and spec.max_rounds == spec.train.rounds == 8
     assert not spec.model.trust_remote_code
 

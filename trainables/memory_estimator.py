@@ -7,8 +7,9 @@ and which knob moves it:
     quant_constants     their absmax constants (fp32 per 64-block, or 8-bit + fp32 per 256 with
                         double quantization) and lookup tables
     other_weights       embeddings, lm_head unless tied, norms, biases and buffers (compute dtype)
-    lora_weights        A (r x in) and B (out x r) per targeted layer, fp32 by default
-    lora_grads          their gradients, same dtype
+    lora_weights        A (r x in) and B (out x r) per targeted layer, fp32 by default; with DoRA
+                        also one fp32 magnitude per output feature of each targeted layer
+    lora_grads          their gradients, same dtypes
     optimizer_state     AdamW moments held by PyTorch's allocator
     paged_optimizer     AdamW moments in CUDA unified memory (bitsandbytes paged optimizers)
     activations         tensors saved for backward (per-layer formula, see docs/memory.md)
@@ -64,6 +65,9 @@ _BNB_STATE_BLOCKSIZE = 256
 # PEFT keeps adapter weights in fp32 by default (get_peft_model's autocast_adapter_dtype=True
 # upcasts bf16/fp16 adapters).
 LORA_PARAM_BYTES = 4
+# DoRA's magnitude vectors (peft lora_magnitude_vector, one value per output feature) stay fp32:
+# peft upcasts them with the adapters and trl's bf16 cast of QLoRA adapters leaves them out.
+DORA_MAGNITUDE_BYTES = 4
 # CUDA's native_dropout keeps a bool mask; CPU's dropout keeps a mask in the input's dtype.
 _DROPOUT_MASK_BYTES = 1
 
@@ -399,13 +403,15 @@ def lora_target_layers(config: Any, target_modules: str | Sequence[str]) -> list
     return targets
 
 
-def count_lora_params(config: Any, r: int, target_modules: str | Sequence[str]) -> int:
-    """Trainable LoRA parameters: r * (in + out) per targeted layer (bias="none", as PEFT's default).
+def count_lora_params(config: Any, r: int, target_modules: str | Sequence[str], use_dora: bool = False) -> int:
+    """Trainable LoRA parameters: r * (in + out) per targeted layer (bias="none", as PEFT's default),
+    plus with DoRA one magnitude per output feature of each targeted layer.
 
     Args:
         config: A transformers.PretrainedConfig or a config.json dict.
         r: LoRA rank.
         target_modules: "all-linear" or module-name suffixes; see `lora_target_layers`.
+        use_dora: peft's DoRA (LoraConfig(use_dora=True)).
 
     Returns:
         The number PEFT's `get_nb_trainable_parameters()[0]` reports.
@@ -414,7 +420,13 @@ def count_lora_params(config: Any, r: int, target_modules: str | Sequence[str]) 
         ValueError: If r is not a positive integer or target_modules matches nothing.
     """
     _raise_if(_check_positive_int("r", r))
-    return sum(r * (layer.in_features + layer.out_features) for layer in lora_target_layers(config, target_modules))
+    targets = lora_target_layers(config, target_modules)
+    return sum(r * (t.in_features + t.out_features) for t in targets) + sum(dora_magnitude_numels(targets, use_dora))
+
+
+def dora_magnitude_numels(targets: Sequence[LinearLayer], use_dora: bool) -> list[int]:
+    """Element count of each DoRA magnitude vector (peft's lora_magnitude_vector): out_features per targeted layer."""
+    return [t.out_features for t in targets] if use_dora else []
 
 
 # --- quantized weights -----------------------------------------------------------------------
@@ -814,6 +826,7 @@ def estimate_peak_memory(
     gradient_checkpointing: bool,
     optimizer: Optimizer,
     lora_dropout: float = 0.0,
+    use_dora: bool = False,
     autocast: bool = True,
     lora_dtype: ComputeDType = "float32",
     upcast_non_quantized: bool = False,
@@ -849,6 +862,10 @@ def estimate_peak_memory(
         optimizer: "adamw_torch" | "adamw_8bit" | "paged_adamw_8bit" | "paged_adamw_32bit".
         lora_dropout: LoRA dropout probability; above 0 each targeted layer keeps its own dropped
             input and mask.
+        use_dora: peft's DoRA: counts its magnitude vectors (fp32, out_features per targeted layer),
+            their gradients and optimizer states. Not modelled: the activations DoRA adds for
+            backward and its per-step weight-norm temporaries (trainables/trial_memory.py,
+            `not_modelled`, says so to the user).
         autocast: Whether a 16-bit compute dtype runs under torch.autocast (Trainer bf16/fp16=True).
             Without it PEFT casts each LoRA input to fp32, one copy per targeted layer.
         lora_dtype: dtype of the LoRA weights, their gradients and adamw_torch's moments:
@@ -880,6 +897,8 @@ def estimate_peak_memory(
         problems += _check_positive_int(name, value)
     if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
         problems.append(f"lora_dropout: {lora_dropout!r} is outside [0, 1); use a fraction such as 0.05")
+    if not isinstance(use_dora, bool):
+        problems.append(f"use_dora: {use_dora!r} must be True or False")
     if not isinstance(fragmentation, (int, float)) or fragmentation < 0:
         problems.append(f"fragmentation: {fragmentation!r} must be a fraction >= 0, e.g. 0.10")
     if not isinstance(cuda_context_mib, int) or cuda_context_mib < 0:
@@ -910,8 +929,15 @@ def estimate_peak_memory(
         workspace = max((layer.numel for layer in quantizable), default=0) * e
 
     lora_numels = [n for t in targets for n in (r * t.in_features, t.out_features * r)]
-    lora_params = sum(lora_numels)
+    magnitude_numels = dora_magnitude_numels(targets, use_dora)
+    lora_params = sum(lora_numels) + sum(magnitude_numels)
+    adapter_bytes = sum(lora_numels) * lora_bytes + sum(magnitude_numels) * DORA_MAGNITUDE_BYTES
     optimizer_bytes, paged_bytes = optimizer_state_parts(lora_numels, optimizer, param_bytes=lora_bytes)
+    magnitude_optimizer, magnitude_paged = optimizer_state_parts(
+        magnitude_numels, optimizer, param_bytes=DORA_MAGNITUDE_BYTES
+    )
+    optimizer_bytes += magnitude_optimizer
+    paged_bytes += magnitude_paged
     activations = activation_bytes(
         shape,
         targets,
@@ -941,8 +967,8 @@ def estimate_peak_memory(
         "linear_weights_bytes": linear_bytes,
         "quant_constants_bytes": constants_bytes,
         "other_weights_bytes": shape.other_params * other_bytes + shape.buffer_bytes,
-        "lora_weights_bytes": lora_params * lora_bytes,
-        "lora_grads_bytes": lora_params * lora_bytes,
+        "lora_weights_bytes": adapter_bytes,
+        "lora_grads_bytes": adapter_bytes,
         "optimizer_state_bytes": optimizer_bytes,
         "activations_bytes": activations,
         "logits_bytes": logits,

@@ -195,7 +195,7 @@ KNOBS: tuple[Knob, ...] = (
          "Warmup, as a fraction of train.max_steps.", "SFTConfig.warmup_steps", check=_FRACTION, example="0.03"),
     Knob("lr_scheduler_type", str, "cosine", ("fixed", "choice"), f"Learning-rate schedule: {', '.join(LR_SCHEDULERS)}.",
          "SFTConfig.lr_scheduler_type",
-         check=lambda v: None if v in LR_SCHEDULERS else f"{v!r} is not a schedule; allowed: {', '.join(LR_SCHEDULERS)}",
+         check=lambda v: None if v in LR_SCHEDULERS else f"allowed values: {', '.join(LR_SCHEDULERS)} (or a list of them), not {v!r}",
          example="[cosine, linear]"),
     Knob("batch_size", int, None, ("fixed", "choice"), "Micro-batch size per optimizer micro-step; omitted: train.batch_size.",
          "SFTConfig.per_device_train_batch_size", check=_positive("micro-batch size; omit to use train.batch_size"),
@@ -243,9 +243,11 @@ def _scalar(knob: Knob, value: Any) -> Any:
             raise ValueError(f"{value!r} is not a name; write {_forms(knob)}")
         problem = knob.check(value) if knob.check else None
     elif knob.dtype is int:
+        fix = f"write a positive whole number or a list of them, e.g. [8, 16, 32] ({knob.doc.rstrip('.')})"
         if not (isinstance(value, int) and not isinstance(value, bool)):
-            raise ValueError(f"write a positive whole number or a list of them, e.g. [8, 16, 32] ({knob.doc.rstrip('.')})")
+            raise ValueError(fix)
         problem = knob.check(value) if knob.check else None
+        problem = f"{fix}; {problem}" if problem else None
     else:
         if not is_finite_number(value):
             raise ValueError(f"{value!r} is not a number; write {_forms(knob)}")
@@ -283,12 +285,14 @@ def parse_value(knob: Knob, value: Any) -> Kind:
             allowed = [k for k in knob.kinds if k not in ("fixed", "choice")]
             close = difflib.get_close_matches(str(form), allowed, n=1)
             did = f"did you mean '{close[0]}'? " if close else ""
-            raise ValueError(f"'{form}' is not a form {knob.name} takes. {did}Write {_forms(knob)}")
+            what = f"'{form}' is not a form {knob.name} takes" if form in _FORMS else f"unknown distribution '{form}'"
+            raise ValueError(f"{what}. {did}Write {_forms(knob)}")
         if form == "ratio":
-            ratios = _discrete(KNOB_BY_NAME["lora_alpha"], bounds)
-            if not all(v > 0 for v in ratios.values()):
+            listed = bounds if isinstance(bounds, list) else [bounds]
+            if not listed or not all(is_finite_number(v) and v > 0 for v in listed):
                 raise ValueError(f"ratio needs positive numbers, e.g. {{ratio: [1, 2]}}, got {bounds!r}")
-            return AlphaRatio(ratios)
+            options = tuple(dict.fromkeys(float(v) for v in listed))
+            return AlphaRatio(Fixed(options[0]) if len(options) == 1 else Choice(options))
         if not (isinstance(bounds, list) and len(bounds) == 2 and all(is_finite_number(b) for b in bounds)):
             raise ValueError(f"{form} needs two numbers [low, high], got {bounds!r}")
         low, high = float(bounds[0]), float(bounds[1])

@@ -2,63 +2,48 @@
 
 One trial: load the base model quantized as the spec says (bitsandbytes NF4/FP4, double quant,
 compute dtype), prepare it for k-bit training, attach LoRA adapters built from the trial's
-config, train with trl's SFTTrainer, and report to Tune after every evaluation. The same code
-runs on CUDA and on CPU (bitsandbytes >= 0.48 has a CPU path); it picks CUDA when the trial was
-given a GPU and CUDA is really there, and falls back to CPU otherwise.
+config, train with trl's SFTTrainer, and report to Tune after every evaluation. Every training
+decision comes from the trial's `TrainingSetup` (trainables/training_setup.py), resolved once per
+trial. The same code runs on CUDA and on CPU (bitsandbytes >= 0.48 has a CPU path); it picks CUDA
+when the trial was given a GPU and CUDA is really there, and falls back to CPU otherwise.
+
+Extra trainer callbacks come through one seam: `train.callbacks` names factories
+("package.module:factory") that are called once per attempt with a `TrialContext` and return a
+transformers TrainerCallback (or None). A callback may also define `on_teardown(context)`, which
+runs after the attempt has freed its memory, however it ended (finished, out of memory, failed,
+or stopped by Tune). Every metric a trial reports is assembled by `TrialReport`.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from trainables.memory_probe import PeakMemoryProbe, free_memory
+from core.status import TrialStatus
+from trainables.data import PreparedData, prepare_data
+from trainables.job import TrialJob
+from trainables.memory_probe import MemoryReading, PeakMemoryProbe, free_memory
+from trainables.params import TrialConfig
+from trainables.settings import CALLBACK_PATTERN, ModelSpec
+from trainables.tiny_models import is_builtin, materialize
+from trainables.training_setup import TrainingSetup, load_tokenizer
+from trainables.trial_memory import MemoryKnobs, estimate_for_trial, predicted_mib
+from trainables.workarounds import keep_adapters_in_compute_dtype, remove_printer_callback, skip_model_card
 
 # Written into each checkpoint next to the Trainer's own state: what the Trainer does not keep.
 STATE_FILE = "qlora_sweep_state.json"
 
-if TYPE_CHECKING:
-    from sweeps.spec import SweepSpec
-    from trainables.data import PreparedData
 
-
-@dataclass(frozen=True)
-class TrialConfig:
-    """The hyperparameters of one trial, after the search space has been sampled."""
-
-    r: int
-    lora_alpha: float
-    target_modules: str
-    learning_rate: float
-    lora_dropout: float
-    weight_decay: float
-    warmup_ratio: float
-    lr_scheduler_type: str
-    batch_size: int
-
-    @classmethod
-    def from_tune(cls, config: dict[str, Any], spec: SweepSpec) -> TrialConfig:
-        return cls(
-            r=int(config["r"]),
-            lora_alpha=float(config["lora_alpha"]),
-            target_modules=str(config["target_modules"]),
-            learning_rate=float(config["learning_rate"]),
-            lora_dropout=float(config["lora_dropout"]),
-            weight_decay=float(config["weight_decay"]),
-            warmup_ratio=float(config["warmup_ratio"]),
-            lr_scheduler_type=str(config["lr_scheduler_type"]),
-            batch_size=int(config.get("batch_size") or spec.train.batch_size),
-        )
-
-
-def pick_device(spec: SweepSpec) -> str:
+def pick_device(gpus_per_trial: float) -> str:
     """CUDA when the trial asked for a GPU and one is usable, else CPU.
 
     Ray sets CUDA_VISIBLE_DEVICES for a trial that requested GPUs even on a node that only
@@ -66,65 +51,9 @@ def pick_device(spec: SweepSpec) -> str:
     """
     import torch
 
-    if spec.resources.gpus_per_trial > 0 and torch.cuda.is_available():
+    if gpus_per_trial > 0 and torch.cuda.is_available():
         return f"cuda:{torch.cuda.current_device()}"
     return "cpu"
-
-
-def resolve_compute_dtype(name: str, device: str) -> Any:
-    import torch
-
-    # The same rule the memory predictions use (trainables/trial_memory.py).
-    from trainables.trial_memory import compute_dtype_name
-
-    bf16 = torch.cuda.is_bf16_supported() if device.startswith("cuda") and name == "auto" else True
-    return getattr(torch, compute_dtype_name(name, device, bf16))
-
-
-def resolve_optimizer(name: str, device: str) -> str:
-    """`auto` is the QLoRA paper's paged AdamW on CUDA; plain AdamW on CPU (no paging there)."""
-    if name != "auto":
-        return name
-    return "paged_adamw_32bit" if device.startswith("cuda") else "adamw_torch"
-
-
-def load_quantized_model(spec: SweepSpec, model_path: str, device: str, compute_dtype: Any) -> Any:
-    """Load the base model as the spec says: 4-bit NF4/FP4 with bitsandbytes, or 16-bit for `none`."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    kwargs: dict[str, Any] = {
-        "dtype": compute_dtype,
-        "device_map": {"": device},
-        "trust_remote_code": spec.model.trust_remote_code,
-        "revision": spec.model.revision,
-    }
-    if spec.model.quantization != "none":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=spec.model.quantization,
-            bnb_4bit_use_double_quant=spec.model.double_quant,
-            bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_quant_storage=torch.uint8,
-        )
-    return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-
-
-def keep_4bit_layers_trainable_on_cpu(model: Any) -> int:
-    """Stop bitsandbytes' CPU inference repacking, which silently breaks backward passes.
-
-    bitsandbytes 0.50 `Linear4bit.forward` repacks its weight into an AVX512-BF16 inference
-    layout the first time it runs in eval mode without grad (i.e. during evaluation). Later
-    training forwards then use `gemv_4bit`, which has no autograd, so every gradient that must
-    flow *through* a frozen 4-bit layer becomes zero: q/v adapters stop learning after the first
-    evaluation. Turning the flag off keeps the autograd path. Returns the layers changed.
-    """
-    changed = 0
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed
 
 
 def quiet_libraries() -> None:
@@ -145,12 +74,162 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def train_qlora(config: dict[str, Any], spec: SweepSpec, data: PreparedData | None = None) -> None:
+# --- the callback seam ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What a callback factory of train.callbacks is called with, once per training attempt.
+
+    Attributes:
+        trial: The trial's hyperparameters for this attempt (an OOM retry halves batch_size).
+        job: The sweep's settings for every trial (trainables/job.py).
+        setup: The resolved training setup.
+        predicted_memory_mib: This attempt's predicted peak VRAM (on CPU, what a GPU would need);
+            None when the estimator cannot model the model.
+        attempt: 1 for the first attempt, 2 for an in-process OOM retry.
+        grad_accum: Gradient accumulation steps of this attempt.
+    """
+
+    trial: Any
+    job: TrialJob
+    setup: TrainingSetup
+    predicted_memory_mib: float | None
+    attempt: int
+    grad_accum: int
+
+    @property
+    def device(self) -> str:
+        return self.setup.device
+
+
+CallbackFactory = Callable[[TrialContext], Any]
+
+
+def load_callback_factories(names: Sequence[str]) -> list[CallbackFactory]:
+    """Import the factories that train.callbacks names ("package.module:factory").
+
+    Raises:
+        ValueError: Naming the entry that is malformed, cannot be imported, or is not callable.
+    """
+    factories = []
+    for name in names:
+        if not CALLBACK_PATTERN.match(name):
+            raise ValueError(f"train.callbacks: {name!r} is not 'package.module:factory'")
+        module_name, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(
+                f"train.callbacks: cannot import {name!r} ({exc}); the module must be importable on every worker"
+            ) from exc
+        if not callable(factory):
+            raise ValueError(f"train.callbacks: {name!r} is not callable; name a factory taking a TrialContext")
+        factories.append(factory)
+    return factories
+
+
+# --- the trial's report ---------------------------------------------------------------------------
+
+
+@dataclass
+class TrialReport:
+    """Every metric a trial reports, assembled here and nowhere else (names: trainables/metrics.py).
+
+    Facts are kept as they become known: for the whole trial (start time, GPU share, an OOM retry),
+    for the loaded model (parameter counts, device, dtypes, data sizes) and for the attempt
+    (micro-batch, gradient accumulation, predicted memory). `evaluation` and `out_of_memory` build
+    the dicts that go to Tune.
+    """
+
+    started: float
+    trial_facts: dict[str, Any] = field(default_factory=dict)
+    model_facts: dict[str, Any] = field(default_factory=dict)
+    attempt_facts: dict[str, Any] = field(default_factory=dict)
+
+    def start_attempt(self, *, batch_size: int, grad_accum: int, predicted_memory_mib: float | None) -> None:
+        self.attempt_facts = {
+            "micro_batch_size": batch_size,
+            "grad_accum": grad_accum,
+            "predicted_memory_mib": predicted_memory_mib,
+        }
+
+    def note_oom_retry(self, note: str) -> None:
+        self.trial_facts["oom_retry"] = note
+
+    def model_loaded(self, trainer: Any, setup: TrainingSetup, trial: Any, data: PreparedData) -> None:
+        trainable, total = trainer.model.get_nb_trainable_parameters()
+        self.model_facts = {
+            "trainable_params": int(trainable),
+            "total_params": int(total),
+            "device": setup.device,
+            "compute_dtype": setup.compute_dtype,
+            "optimizer": setup.optimizer,
+            "lora_alpha_value": trial.lora_alpha,
+            "train_rows": len(data.train),
+            "eval_rows": len(data.eval),
+            "skipped_rows": len(data.skipped),
+        }
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        return {**self.model_facts, **self.trial_facts, **self.attempt_facts}
+
+    def evaluation(
+        self,
+        *,
+        eval_loss: float,
+        step: int,
+        tokens_seen: int,
+        train_s: float,
+        train_losses: list[float],
+        reading: MemoryReading,
+        status: TrialStatus | None = None,
+    ) -> dict[str, Any]:
+        """One evaluation's report (or a diverged trial's terminal one, with `status`)."""
+        finite = [x for x in train_losses if math.isfinite(x)]
+        metrics: dict[str, Any] = {"eval_loss": eval_loss}
+        if status is not None:
+            metrics["trial_status"] = status.value
+        metrics.update(
+            perplexity=math.exp(min(eval_loss, 50.0)) if math.isfinite(eval_loss) else float("nan"),
+            train_loss=(sum(finite) / len(finite)) if finite else float("nan"),
+            step=int(step),
+            tokens_seen=int(tokens_seen),
+            tokens_per_s=tokens_seen / train_s if train_s > 0 else 0.0,
+            train_s=round(train_s, 3),
+            elapsed_s=round(time.time() - self.started, 3),
+        )
+        return {**metrics, **reading.as_metrics(), **self.facts}
+
+    def out_of_memory(
+        self, *, last: dict[str, Any], message: str, batch_size: int, reading: MemoryReading | None
+    ) -> dict[str, Any]:
+        """The terminal report of a trial that ran out of memory: its measured figures, NaN quality."""
+        return {
+            **{k: v for k, v in last.items() if k != "trial_status"},
+            # Every result carries the objectives (Tune checks); NaN marks "no quality measured".
+            "eval_loss": float("nan"),
+            "perplexity": float("nan"),
+            "trial_status": TrialStatus.OOM.value,
+            "oom_message": message,
+            "oom_batch_size": batch_size,
+            "step": int(last.get("step", 0)),
+            "elapsed_s": round(time.time() - self.started, 3),
+            **self.facts,
+            **(reading.as_metrics() if reading is not None else {}),
+        }
+
+
+# --- the trial -----------------------------------------------------------------------------------
+
+
+def train_qlora(config: dict[str, Any], job: TrialJob, data: PreparedData | None = None) -> None:
     """Ray Tune function trainable: one QLoRA fine-tuning trial.
 
     Args:
-        config: The trial's sampled hyperparameters (see TrialConfig).
-        spec: The whole sweep spec, passed with tune.with_parameters.
+        config: The trial's sampled hyperparameters (see trainables.params.TrialConfig).
+        job: What every trial of the sweep trains with (trainables/job.py), passed with tune.with_parameters.
         data: The train/eval examples the driver prepared (through the object store), so workers
             need not see the data file. None reads and checks it here.
     """
@@ -170,7 +249,7 @@ def train_qlora(config: dict[str, Any], spec: SweepSpec, data: PreparedData | No
     # run_trial enforces it on CUDA. Which GPU it shares (a logical one on a CPU node) is reported
     # too, so the report can count trials per GPU.
     gpu_fraction = None
-    if spec.resources.pack:
+    if job.pack:
         gpu_fraction = float(tune.get_context().get_trial_resources().required_resources.get("GPU", 0.0))
         gpu_ids = ",".join(str(i) for i in ray.get_gpu_ids())
         inner_report = report
@@ -180,23 +259,24 @@ def train_qlora(config: dict[str, Any], spec: SweepSpec, data: PreparedData | No
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        run_trial(config, spec, report=report, data=data, gpu_fraction=gpu_fraction)
+        run_trial(config, job, report=report, data=data, gpu_fraction=gpu_fraction)
     else:
         with checkpoint.as_directory() as restored:
-            run_trial(config, spec, report=report, data=data, resume_from=restored, gpu_fraction=gpu_fraction)
+            run_trial(config, job, report=report, data=data, resume_from=restored, gpu_fraction=gpu_fraction)
 
 
 def run_trial(
     config: dict[str, Any],
-    spec: SweepSpec,
+    job: TrialJob,
     report: Any,
     data: PreparedData | None = None,
     resume_from: str | None = None,
     gpu_fraction: float | None = None,
+    callbacks: Sequence[CallbackFactory] = (),
 ) -> dict[str, Any]:
     """Train one trial, calling `report(metrics, checkpoint_dir)` after every evaluation.
 
-    Separate from `train_qlora` so benchmarks can run the identical training outside Tune.
+    Separate from `train_qlora` so benchmarks and tests can run the identical training outside Tune.
 
     A trial that runs out of memory (torch.OutOfMemoryError) does not raise: it frees what it
     held, reports a final result with trial_status "oom" and its measured figures, and returns, so
@@ -206,7 +286,7 @@ def run_trial(
 
     Args:
         config: The trial's hyperparameters.
-        spec: The sweep spec.
+        job: The sweep's settings for every trial (sweeps.plan.trial_job builds it).
         report: Called with the metrics and, when train.checkpoint is on, the folder of a
             checkpoint (adapter + tokenizer + optimizer/scheduler/RNG state, the Hugging Face
             Trainer layout that `PeftModel.from_pretrained` loads).
@@ -214,104 +294,66 @@ def run_trial(
         resume_from: A checkpoint folder to continue from (what Tune restored).
         gpu_fraction: The share of a GPU Ray gave this trial (resources.pack); below 1 it caps
             PyTorch's allocator on CUDA. On CPU nothing is enforced, and the report says so.
+        callbacks: Callback factories besides those train.callbacks names (called the same way).
 
     Returns:
         The last metrics reported.
     """
     import torch
 
-    from trainables.tiny_models import materialize
-
     quiet_libraries()
-    trial = TrialConfig.from_tune(config, spec)
-    device = pick_device(spec)
-    torch.set_num_threads(max(1, int(spec.resources.cpus_per_trial)))
-    compute_dtype = resolve_compute_dtype(spec.model.compute_dtype, device)
+    trial = TrialConfig.from_tune(config, job.train.batch_size)
+    device = pick_device(job.gpus_per_trial)
+    torch.set_num_threads(max(1, int(job.cpus_per_trial)))
+    setup = TrainingSetup.resolve(job.model, job.train, device)  # asks the GPU about bf16 once
+    # On CPU the prediction is still what the trial would need on a GPU.
+    prediction_setup = setup if setup.on_cuda else TrainingSetup.resolve(job.model, job.train, "cuda", bf16_supported=True)
+    factories = [*load_callback_factories(job.train.callbacks), *callbacks]
     started = time.time()
-    model_path = materialize(spec.resolve_path(spec.model.path))
-    static: dict[str, Any] = {"started_at": round(started, 3), **_gpu_share(device, gpu_fraction)}
-    grad_accum = spec.train.grad_accum
-    retried = False
+    model_path = materialize(job.model_path) if is_builtin(job.model_path) else job.model_path
+    model_config = job.base_config if job.base_config is not None else _read_model_config(model_path, job.model)
+    tokenizer = load_tokenizer(model_path, job.model)
+    if data is None:
+        data = prepare_data(job.data.path, job.data, tokenizer)
+    trial_report = TrialReport(started=started, trial_facts={"started_at": round(started, 3), **_gpu_share(device, gpu_fraction)})
+    grad_accum = job.train.grad_accum
+    attempt = 0
     while True:
-        static.update(
-            micro_batch_size=trial.batch_size,
+        attempt += 1
+        context = TrialContext(
+            trial=trial,
+            job=job,
+            setup=setup,
+            predicted_memory_mib=_predicted_memory_mib(model_config, prediction_setup, trial, job.data.max_seq_length),
+            attempt=attempt,
             grad_accum=grad_accum,
-            predicted_memory_mib=_predicted_memory_mib(spec, model_path, trial, device),
         )
-        last, oom, reading = _attempt(
-            spec, trial, grad_accum, model_path, device, compute_dtype, report, started, data, resume_from, static
+        trial_report.start_attempt(
+            batch_size=trial.batch_size, grad_accum=grad_accum, predicted_memory_mib=context.predicted_memory_mib
         )
+        last, oom, reading = _attempt(context, model_path, tokenizer, data, trial_report, report, resume_from, factories)
         if oom is None:
             return last
-        if spec.train.oom_retry and not retried and not last and trial.batch_size > 1:
+        if job.train.oom_retry and attempt == 1 and not last and trial.batch_size > 1:
             # Nothing reported yet (the usual case: the peak comes with the first optimizer step),
             # so starting again does not repeat evaluation rounds Tune has already seen.
-            static["oom_retry"] = (
+            trial_report.note_oom_retry(
                 f"micro-batch {trial.batch_size} -> {trial.batch_size // 2}, grad_accum {grad_accum} -> "
                 f"{grad_accum * 2} after: {oom}"
             )
             trial = replace(trial, batch_size=trial.batch_size // 2)
             grad_accum *= 2
-            retried = True
             continue
-        final = {
-            **{k: v for k, v in last.items() if k not in ("trial_status",)},
-            # Every result carries the objectives (Tune checks); NaN marks "no quality measured".
-            "eval_loss": float("nan"),
-            "perplexity": float("nan"),
-            "trial_status": "oom",
-            "oom_message": oom,
-            "oom_batch_size": trial.batch_size,
-            "step": int(last.get("step", 0)),
-            "elapsed_s": round(time.time() - started, 3),
-            **static,
-            **reading.as_metrics(),
-        }
+        final = trial_report.out_of_memory(last=last, message=oom, batch_size=trial.batch_size, reading=reading)
         report(final, None)
         return final
 
 
-OOM_INJECTION_ENV = "QLORA_SWEEP_INJECT_OOM_ABOVE_MIB"
+def _read_model_config(model_path: str, model: ModelSpec) -> Any:
+    """The base model's config, read once per trial when the job does not carry it."""
+    from transformers import AutoConfig
 
-
-def inject_oom_for_testing(predicted_mib: float | None) -> None:
-    """Testing hook (fault injection): raise torch.OutOfMemoryError when $QLORA_SWEEP_INJECT_OOM_ABOVE_MIB
-    is set and this trial's predicted memory is above it.
-
-    Lets tests on a CPU machine drive the OOM path (trial status "oom", OOM-aware search) with
-    real training. Read once per attempt, right before training starts; never in the training loop.
-    The driver forwards the variable to trial workers (sweeps/driver.py, FORWARDED_ENV).
-
-    Raises:
-        ValueError: If the variable is set but is not a number of MiB.
-    """
-    value = os.environ.get(OOM_INJECTION_ENV)
-    if not value or predicted_mib is None:
-        return
-    try:
-        threshold = float(value)
-    except ValueError:
-        raise ValueError(f"{OOM_INJECTION_ENV}={value!r} is not a number of MiB; unset it or write e.g. 12.5") from None
-    if predicted_mib > threshold:
-        import torch
-
-        raise torch.OutOfMemoryError(
-            f"injected by {OOM_INJECTION_ENV}={value}: predicted {predicted_mib:.1f} MiB is above it"
-        )
-
-
-SLOW_TEARDOWN_ENV = "QLORA_SWEEP_SLOW_TEARDOWN_S"
-
-
-def slow_teardown_for_testing() -> None:
-    """Testing hook: sleep $QLORA_SWEEP_SLOW_TEARDOWN_S seconds in a trial's teardown, after its last report.
-
-    Stands in for a slow teardown (freeing a large model, a busy machine), which is what decides
-    whether Tune can reuse the trial's worker in time (sweeps/driver.py, WORKER_ENV).
-    """
-    value = os.environ.get(SLOW_TEARDOWN_ENV)
-    if value:
-        time.sleep(float(value))
+    return AutoConfig.from_pretrained(model_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
 
 
 def _gpu_share(device: str, gpu_fraction: float | None) -> dict[str, Any]:
@@ -331,45 +373,31 @@ def _gpu_share(device: str, gpu_fraction: float | None) -> dict[str, Any]:
     }
 
 
-def _predicted_memory_mib(spec: SweepSpec, model_path: str, trial: TrialConfig, device: str) -> float | None:
-    """This trial's predicted peak VRAM (trainables/trial_memory.py); on CPU, what it would need on a GPU."""
+def _predicted_memory_mib(model_config: Any, setup: TrainingSetup, trial: Any, seq_len: int) -> float | None:
+    """This attempt's predicted peak VRAM (trainables/trial_memory.py), None where the estimator cannot model it."""
     from dataclasses import asdict
 
-    from transformers import AutoConfig
-
-    from trainables.trial_memory import MemoryKnobs, estimate_for_trial, predicted_mib
-
-    on_cuda = device.startswith("cuda")
     try:
-        model_config = AutoConfig.from_pretrained(
-            model_path, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code
-        )
-        knobs = MemoryKnobs.from_config(asdict(trial), spec)
-        import torch
-
-        bf16 = torch.cuda.is_bf16_supported() if on_cuda else True
-        return predicted_mib(estimate_for_trial(model_config, spec, knobs, device if on_cuda else "cuda", bf16_supported=bf16))
+        knobs = MemoryKnobs.from_config(asdict(trial), trial.batch_size, seq_len)
+        return predicted_mib(estimate_for_trial(model_config, setup, knobs))
     except ValueError:
         return None  # an architecture the estimator does not model: no prediction, training goes on
 
 
 def _attempt(
-    spec: SweepSpec,
-    trial: TrialConfig,
-    grad_accum: int,
+    context: TrialContext,
     model_path: str,
-    device: str,
-    compute_dtype: Any,
+    tokenizer: Any,
+    data: PreparedData,
+    trial_report: TrialReport,
     report: Any,
-    started: float,
-    data: PreparedData | None,
     resume_from: str | None,
-    static: dict[str, Any],
-) -> tuple[dict[str, Any], str | None, Any]:
+    factories: Sequence[CallbackFactory],
+) -> tuple[dict[str, Any], str | None, MemoryReading | None]:
     """Train once. Returns (last metrics reported, OOM message or None, the memory reading at the OOM)."""
     import torch
 
-    probe = PeakMemoryProbe(device)
+    probe = PeakMemoryProbe(context.device)
     probe.reset()
     last: dict[str, Any] = {}
 
@@ -380,15 +408,15 @@ def _attempt(
 
     output_dir = tempfile.mkdtemp(prefix="qlora-sweep-trial-")
     trainer = None
+    extra: list[Any] = []
     oom, reading = None, None
     try:
+        extra = [callback for callback in (factory(context) for factory in factories) if callback is not None]
         trainer, reporter = _build_trainer(
-            spec, trial, model_path, device, compute_dtype, probe, report_and_keep, started, data, output_dir,
-            grad_accum=grad_accum, extra_static=static,
+            context, model_path, tokenizer, data, probe, trial_report, report_and_keep, output_dir, extra
         )
         if resume_from:
             reporter.restore(resume_from)
-        inject_oom_for_testing(static.get("predicted_memory_mib"))
         trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError as exc:  # torch.cuda.OutOfMemoryError is the same class
         # Only the message is kept: the traceback (and the tensors its frames hold) dies with `exc`
@@ -399,136 +427,50 @@ def _attempt(
         # Runs on normal end, on OOM, on error, and when Tune stops the trial (it raises SystemExit in report).
         trainer = None
         probe.close()
-        free_memory(device)
+        free_memory(context.device)
         shutil.rmtree(output_dir, ignore_errors=True)
-        slow_teardown_for_testing()
+        for callback in extra:
+            teardown = getattr(callback, "on_teardown", None)
+            if callable(teardown):
+                teardown(context)
     return dict(last), oom, reading
 
 
 def _build_trainer(
-    spec: SweepSpec,
-    trial: TrialConfig,
+    context: TrialContext,
     model_path: str,
-    device: str,
-    compute_dtype: Any,
+    tokenizer: Any,
+    data: PreparedData,
     probe: PeakMemoryProbe,
+    trial_report: TrialReport,
     report: Any,
-    started: float,
-    data: PreparedData | None,
     output_dir: str,
-    grad_accum: int | None = None,
-    extra_static: dict[str, Any] | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> tuple[Any, Any]:
-    import torch
     from datasets import Dataset
-    from peft import LoraConfig, prepare_model_for_kbit_training
-    from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    from trainables.data import prepare_data
-    from trainables.targets import resolve_targets
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_path, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code
-    )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if data is None:
-        data = prepare_data(spec.resolve_path(spec.data.path), spec.data, tokenizer)
-
-    model = load_quantized_model(spec, model_path, device, compute_dtype)
-    quantized = spec.model.quantization != "none"
-    if quantized:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=spec.train.gradient_checkpointing
-        )
-        if device == "cpu":
-            keep_4bit_layers_trainable_on_cpu(model)
-
-    lora = LoraConfig(
-        r=trial.r,
-        lora_alpha=trial.lora_alpha,
-        target_modules=resolve_targets(trial.target_modules, model.config.model_type),
-        lora_dropout=trial.lora_dropout,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    optimizer = resolve_optimizer(spec.train.optimizer, device)
-    on_cuda = device.startswith("cuda")
-    args = SFTConfig(
-        output_dir=output_dir,
-        max_steps=spec.train.max_steps,
-        per_device_train_batch_size=trial.batch_size,
-        per_device_eval_batch_size=spec.train.eval_batch_size or trial.batch_size,
-        gradient_accumulation_steps=grad_accum or spec.train.grad_accum,
-        learning_rate=trial.learning_rate,
-        weight_decay=trial.weight_decay,
-        warmup_steps=trial.warmup_ratio,
-        lr_scheduler_type=trial.lr_scheduler_type,
-        optim=optimizer,
-        max_grad_norm=spec.train.max_grad_norm,
-        gradient_checkpointing=spec.train.gradient_checkpointing,
-        eval_strategy="steps",
-        eval_steps=spec.train.eval_every,
-        logging_steps=1,  # every step, so a NaN loss stops the trial at once
-        logging_nan_inf_filter=False,
-        # A checkpoint per evaluation; Tune copies it to storage, so one local copy is enough.
-        save_strategy="steps" if spec.train.checkpoint else "no",
-        save_steps=spec.train.eval_every,
-        save_total_limit=1,
-        report_to=[],
-        disable_tqdm=True,
-        max_length=spec.data.max_seq_length,
-        use_cpu=not on_cuda,
-        bf16=on_cuda and compute_dtype == torch.bfloat16,
-        fp16=on_cuda and compute_dtype == torch.float16,
-        seed=spec.train.seed,
-        data_seed=spec.train.seed,
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-        dataloader_pin_memory=on_cuda,
-    )
+    setup, trial, job = context.setup, context.trial, context.job
+    model = setup.load_model(model_path, job.model)
     trainer = SFTTrainer(
         model=model,
-        args=args,
+        args=setup.sft_config(trial, job.train, job.data, output_dir, context.grad_accum),
         train_dataset=Dataset.from_list(data.train),
         eval_dataset=Dataset.from_list(data.eval),
         processing_class=tokenizer,
-        peft_config=lora,
+        peft_config=setup.lora_config(trial, model.config.model_type),
     )
-    if quantized and compute_dtype == torch.float32:
-        # trl casts QLoRA adapters to bf16 (the paper's setting for bf16 compute). With fp32
-        # compute (CPU) that only loses precision, so keep adapters in the compute dtype.
-        for param in trainer.model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
-    # peft renders a model card (a Jinja template compiled afresh) into every checkpoint: half of
-    # a checkpoint's time on a small adapter (benchmarks/trainable_throughput.py). `export` writes
-    # its own README, so the checkpoints skip it.
-    trainer.model.create_or_update_model_card = lambda output_dir: None
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # it prints every log line when tqdm is off
-    trainable, total = trainer.model.get_nb_trainable_parameters()
+    if setup.quantized and setup.compute_dtype == "float32":
+        keep_adapters_in_compute_dtype(trainer.model)
+    skip_model_card(trainer.model)
+    remove_printer_callback(trainer)
+    trial_report.model_loaded(trainer, setup, trial, data)
     reporter = _tune_reporter_class()(
-            report=report,
-            probe=probe,
-            started=started,
-            checkpointing=spec.train.checkpoint,
-            static={
-                "trainable_params": int(trainable),
-                "total_params": int(total),
-                "device": device,
-                "compute_dtype": str(compute_dtype).removeprefix("torch."),
-                "optimizer": optimizer,
-                "lora_alpha_value": trial.lora_alpha,
-                "train_rows": len(data.train),
-                "eval_rows": len(data.eval),
-                "skipped_rows": len(data.skipped),
-                **(extra_static or {}),
-            },
+        report=report, probe=probe, trial_report=trial_report, checkpointing=job.train.checkpoint
     )
     trainer.add_callback(reporter)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     return trainer, reporter
 
 
@@ -540,13 +482,10 @@ def _tune_reporter_class() -> type:
     class TuneReporter(TrainerCallback):
         """Turns trainer events into Tune reports: one per evaluation, plus a terminal one on divergence."""
 
-        def __init__(
-            self, report: Any, probe: PeakMemoryProbe, started: float, static: dict[str, Any], checkpointing: bool
-        ):
+        def __init__(self, report: Any, probe: PeakMemoryProbe, trial_report: TrialReport, checkpointing: bool):
             self.report = report
             self.probe = probe
-            self.started = started
-            self.static = static
+            self.trial_report = trial_report
             self.checkpointing = checkpointing
             self.pending: dict[str, Any] | None = None
             self.train_losses: list[float] = []
@@ -566,7 +505,7 @@ def _tune_reporter_class() -> type:
                 self.diverged_at = state.global_step
                 control.should_training_stop = True
                 control.should_evaluate = False
-                self._send(state, {"eval_loss": float("nan"), "trial_status": "diverged"})
+                self.report(self._metrics(state, float("nan"), TrialStatus.DIVERGED))
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             if self.diverged_at is not None:
@@ -574,15 +513,15 @@ def _tune_reporter_class() -> type:
             metrics = metrics or {}
             eval_loss = float(metrics.get("eval_loss", float("nan")))
             self.train_seconds += time.time() - self.segment_start - float(metrics.get("eval_runtime", 0.0))
-            extra: dict[str, Any] = {"eval_loss": eval_loss}
+            status = None
             if not math.isfinite(eval_loss):
                 self.diverged_at = state.global_step
                 control.should_training_stop = True
-                extra["trial_status"] = "diverged"
-            if self.checkpointing and "trial_status" not in extra:
-                self.pending = self._metrics(state, extra)  # reported from on_save, with its checkpoint
+                status = TrialStatus.DIVERGED
+            if self.checkpointing and status is None:
+                self.pending = self._metrics(state, eval_loss)  # reported from on_save, with its checkpoint
             else:
-                self._send(state, extra)
+                self.report(self._metrics(state, eval_loss, status))
             self.segment_start = time.time()
 
         def on_save(self, args, state, control, **kwargs):
@@ -601,25 +540,16 @@ def _tune_reporter_class() -> type:
                 with open(path) as f:
                     self.train_seconds = float(json.load(f).get("train_s", 0.0))
 
-        def _send(self, state: Any, extra: dict[str, Any]) -> None:
-            self.report(self._metrics(state, extra))
-
-        def _metrics(self, state: Any, extra: dict[str, Any]) -> dict[str, Any]:
-            eval_loss = extra["eval_loss"]
-            finite = [x for x in self.train_losses if math.isfinite(x)]
-            tokens = int(state.num_input_tokens_seen or 0)
-            metrics = {
-                **extra,
-                "perplexity": math.exp(min(eval_loss, 50.0)) if math.isfinite(eval_loss) else float("nan"),
-                "train_loss": (sum(finite) / len(finite)) if finite else float("nan"),
-                "step": int(state.global_step),
-                "tokens_seen": tokens,
-                "tokens_per_s": tokens / self.train_seconds if self.train_seconds > 0 else 0.0,
-                "train_s": round(self.train_seconds, 3),
-                "elapsed_s": round(time.time() - self.started, 3),
-                **self.probe.read().as_metrics(),
-                **self.static,
-            }
+        def _metrics(self, state: Any, eval_loss: float, status: TrialStatus | None = None) -> dict[str, Any]:
+            metrics = self.trial_report.evaluation(
+                eval_loss=eval_loss,
+                step=state.global_step,
+                tokens_seen=int(state.num_input_tokens_seen or 0),
+                train_s=self.train_seconds,
+                train_losses=self.train_losses,
+                reading=self.probe.read(),
+                status=status,
+            )
             self.train_losses = []
             return metrics
 

@@ -7,6 +7,7 @@ into the whole sweep spec, which adds the search, scheduler, resources and stora
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -36,6 +37,22 @@ def _usable_path(value: str) -> str:
     if len(value.encode("utf-8")) > 4096:
         raise ValueError(f"is {len(value.encode('utf-8'))} bytes long; paths are limited to 4096")
     return value
+
+
+# A trainer-callback factory named by its import path, "package.module:factory" (train.callbacks).
+CALLBACK_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+
+def _callback_path(value: str) -> str:
+    if not CALLBACK_PATTERN.match(value):
+        raise ValueError(
+            f"{value!r} is not an import path of a callback factory; write 'package.module:factory', "
+            "e.g. 'my_plugins.callbacks:log_gradients'"
+        )
+    return value
+
+
+CallbackPath = Annotated[str, AfterValidator(_callback_path)]
 
 
 # Paths and URIs, checked here because the operating system refuses a NUL byte or an over-long
@@ -112,6 +129,16 @@ class TrainSpec(Strict):
             "A trial that runs out of GPU memory before its first evaluation tries once more in-process with half "
             "the micro-batch and twice the gradient accumulation (same effective batch). Off: it ends as status oom "
             "(never retried as is; the searcher stops proposing configurations at least as large)."
+        ),
+    )
+    # A tuple, so the frozen spec stays hashable; YAML and JSON write it as a list.
+    callbacks: tuple[CallbackPath, ...] = Field(
+        default=(),
+        description=(
+            "Extra transformers TrainerCallbacks for every trial, as 'package.module:factory' import paths. Each "
+            "factory is called once per training attempt with a trainables.qlora.TrialContext (trial config, job, "
+            "device, predicted memory, attempt) and returns a TrainerCallback or None; the module must be importable "
+            "on every worker."
         ),
     )
 

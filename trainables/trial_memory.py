@@ -1,132 +1,88 @@
 """One trial's predicted GPU memory, with the estimator set up exactly as the trainable trains.
 
 `trainables/memory_estimator.py` predicts peak memory from a description of a training setup;
-`trainables/qlora.py` is the setup this sweep actually runs. `estimate_for_trial` is the one place
-that turns (model config, sweep spec, a trial's memory knobs, device kind) into the estimator's
-arguments, so the `estimate` command, admission before launch, GPU packing, the OOM fault-injection
-hook and the prediction each trial reports all use the same numbers, and none of them can drift from
-the trainable without this file changing too.
+`trainables/training_setup.py` is the setup this sweep actually trains with. `estimate_for_trial`
+turns (model config, training setup, a trial's memory knobs) into a prediction with the setup's
+own `estimator_arguments`, so the `estimate` command, admission before launch, GPU packing and the
+prediction each trial reports all use the same numbers, and none of them can drift from the trainer.
 
-How the trainable trains, and what that means for the estimator (see docs/memory.md, "Predicting
-this sweep's trials"):
-
-* 4-bit models go through peft's `prepare_model_for_kbit_training`, which upcasts every parameter
-  but the 4-bit weights to fp32: `upcast_non_quantized=True`.
-* TRL's SFTTrainer casts the LoRA weights of 4-bit models to bf16; with fp32 compute (CPU) the
-  trainable casts them back: `lora_dtype` is "bfloat16", or "float32" with fp32 compute. PEFT's fp32
-  adapters stay for `quantization: none`.
-* SFTTrainer computes the loss with its fused LM head: `fused_lm_head=True`.
-* On CUDA a 16-bit compute dtype runs under autocast (Trainer bf16/fp16=True); on CPU it does not.
-* `compute_dtype: auto` is bf16 on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU;
-  `optimizer: auto` is paged AdamW (32-bit) on CUDA and plain AdamW on CPU (`resolve_optimizer`).
-* Sequences are cut at data.max_seq_length and padded per batch: the prediction uses the cap.
+The memory knobs are the registry's (trainables/params.py, `MEMORY_KNOBS`) plus the sequence length;
+`not_modelled` says in plain words what the prediction leaves out for a trial or a search space.
+Sequences are cut at data.max_seq_length and padded per batch: the prediction uses the cap.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import field, fields, make_dataclass
+from typing import Any
 
 from trainables.memory_estimator import MIB, MemoryEstimate, estimate_peak_memory, lora_target_layers
+from trainables.params import MEMORY_KNOBS, Choice, Fixed
+from trainables.targets import resolve_targets
+from trainables.training_setup import TrainingSetup
 
-if TYPE_CHECKING:
-    from sweeps.spec import SweepSpec
-
-
-@dataclass(frozen=True)
-class MemoryKnobs:
-    """The settings of one trial that change its memory; the rest (learning rate, ...) do not.
-
-    Attributes:
-        r: LoRA rank.
-        target_modules: Target-module label as the search carries it ("qv", "all-linear", "q_proj+v_proj").
-        batch_size: Micro-batch size per optimizer micro-step.
-        seq_len: Longest sequence in tokens (data.max_seq_length).
-        lora_dropout: LoRA dropout (above 0 each targeted layer keeps a dropped copy of its input).
-    """
-
-    r: int
-    target_modules: str
-    batch_size: int
-    seq_len: int
-    lora_dropout: float = 0.0
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], spec: SweepSpec) -> MemoryKnobs:
-        """The knobs of a trial config as Tune passes it (a missing batch_size means train.batch_size)."""
-        return cls(
-            r=int(config["r"]),
-            target_modules=str(config["target_modules"]),
-            batch_size=int(config.get("batch_size") or spec.train.batch_size),
-            seq_len=int(spec.data.max_seq_length),
-            lora_dropout=float(config.get("lora_dropout") or 0.0),
-        )
-
-    def describe(self) -> str:
-        return f"r={self.r}, target_modules={self.target_modules}, batch_size={self.batch_size}, seq_len={self.seq_len}"
+# The value of a memory knob that costs nothing extra, where there is one: MemoryKnobs' default, so
+# that a knob added later (e.g. use_dora) need not be named by every caller.
+_FREE_VALUE: dict[str, Any] = {"lora_dropout": 0.0, **{k.name: False for k in MEMORY_KNOBS if k.dtype is bool}}
 
 
-def compute_dtype_name(name: str, device: str, bf16_supported: bool = True) -> str:
-    """The compute dtype a trial on `device` uses for the spec's model.compute_dtype `name`.
-
-    Args:
-        name: "auto" or an explicit dtype name.
-        device: "cuda", "cuda:N" or "cpu".
-        bf16_supported: Whether the GPU supports bf16 (torch.cuda.is_bf16_supported()); a driver
-            without a GPU assumes it does (Ampere and newer).
-    """
-    if name != "auto":
-        return name
-    if device.startswith("cuda"):
-        return "bfloat16" if bf16_supported else "float16"
-    return "float32"
-
-
-def estimator_arguments(
-    model_config: Any, spec: SweepSpec, knobs: MemoryKnobs, device: str = "cuda", *, bf16_supported: bool = True
-) -> dict[str, Any]:
-    """The keyword arguments of `estimate_peak_memory` (besides the config) for one trial of this sweep.
-
-    Raises:
-        ValueError: If the target-module label is a preset the model family does not define.
-    """
-    from trainables.qlora import resolve_optimizer
-    from trainables.targets import resolve_targets
-
-    on_cuda = device.startswith("cuda")
-    quantized = spec.model.quantization != "none"
-    compute = compute_dtype_name(spec.model.compute_dtype, device, bf16_supported)
-    model_type = getattr(model_config, "model_type", None) or dict(model_config).get("model_type", "")
-    return {
-        "quantization": spec.model.quantization,
-        "double_quant": spec.model.double_quant,
-        "compute_dtype": compute,
-        "r": knobs.r,
-        "target_modules": resolve_targets(knobs.target_modules, model_type),
-        "batch_size": knobs.batch_size,
-        "seq_len": knobs.seq_len,
-        "gradient_checkpointing": spec.train.gradient_checkpointing,
-        "optimizer": resolve_optimizer(spec.train.optimizer, device),
-        "lora_dropout": knobs.lora_dropout,
-        "autocast": on_cuda and compute != "float32",
-        "lora_dtype": ("float32" if compute == "float32" else "bfloat16") if quantized else "float32",
-        "upcast_non_quantized": quantized,
-        "fused_lm_head": True,
-    }
+def _from_config(cls: type, config: Mapping[str, Any], default_batch_size: int, seq_len: int) -> Any:
+    """The knobs of a trial config as Tune passes it (a missing batch_size means train.batch_size)."""
+    values: dict[str, Any] = {"seq_len": int(seq_len)}
+    for knob in MEMORY_KNOBS:
+        value = config.get(knob.name)
+        if value is None and knob.name == "batch_size":
+            value = default_batch_size
+        elif value is None and knob.name in _FREE_VALUE:
+            value = _FREE_VALUE[knob.name]  # e.g. an experiment written before the knob existed
+        elif value is None:
+            raise KeyError(f"the trial config has no {knob.name!r}")
+        values[knob.name] = knob.cast(value)
+    return cls(**values)
 
 
-def estimate_for_trial(
-    model_config: Any, spec: SweepSpec, knobs: MemoryKnobs, device: str = "cuda", *, bf16_supported: bool = True
-) -> MemoryEstimate:
-    """Predict the peak GPU memory of one trial of this sweep, set up as trainables/qlora.py trains it.
+def _describe(self: Any) -> str:
+    """"r=8, target_modules=qv, batch_size=4, seq_len=64"; knobs at their free value are left out."""
+    parts = []
+    for f in fields(self):
+        value = getattr(self, f.name)
+        if f.name in _FREE_VALUE and value == _FREE_VALUE[f.name]:
+            continue
+        parts.append(f"{f.name}={value}")
+    return ", ".join(parts)
+
+
+MemoryKnobs = make_dataclass(
+    "MemoryKnobs",
+    [
+        (k.name, k.dtype, field(default=_FREE_VALUE[k.name])) if k.name in _FREE_VALUE else (k.name, k.dtype)
+        for k in MEMORY_KNOBS
+    ]
+    + [("seq_len", int)],
+    frozen=True,
+    kw_only=True,
+    namespace={
+        "__doc__": (
+            "The settings of one trial that change its memory (the registry's memory knobs) and the sequence length.\n\n"
+            "Construct with keywords: MemoryKnobs(r=8, target_modules='qv', batch_size=4, seq_len=64); lora_dropout\n"
+            "defaults to 0.0 and use_dora to False. `from_config(config, default_batch_size, seq_len)` reads a trial\n"
+            "config as Tune passes it. Frozen and hashable: admission keys its predictions by it."
+        ),
+        "from_config": classmethod(_from_config),
+        "describe": _describe,
+    },
+)
+MemoryKnobs.__module__ = __name__
+
+
+def estimate_for_trial(model_config: Any, setup: TrainingSetup, knobs: Any) -> MemoryEstimate:
+    """Predict the peak GPU memory of one trial trained with `setup`.
 
     Args:
         model_config: The base model's transformers config (or its config.json dict).
-        spec: The sweep spec (quantization, compute dtype, optimizer, checkpointing, ...).
-        knobs: The trial's rank, target modules, micro-batch, sequence length and dropout.
-        device: "cuda" (what admission, packing and reports use) or "cpu".
-        bf16_supported: See `compute_dtype_name`.
+        setup: The training setup, resolved for "cuda" (what admission, packing and reports predict).
+        knobs: The trial's MemoryKnobs.
 
     Returns:
         The estimate; `.reserved_bytes` predicts torch.cuda.max_memory_reserved.
@@ -134,8 +90,7 @@ def estimate_for_trial(
     Raises:
         ValueError: If the architecture or the target modules cannot be modelled.
     """
-    args = estimator_arguments(model_config, spec, knobs, device, bf16_supported=bf16_supported)
-    return estimate_peak_memory(model_config, **args)
+    return estimate_peak_memory(model_config, **setup.estimator_arguments(knobs, _model_type(model_config)))
 
 
 def predicted_mib(estimate: MemoryEstimate) -> float:
@@ -152,7 +107,50 @@ def targeted_layers(model_config: Any, label: str) -> frozenset[str]:
     Raises:
         ValueError: If the label matches nothing in this model.
     """
-    from trainables.targets import resolve_targets
+    return frozenset(
+        layer.name for layer in lora_target_layers(model_config, resolve_targets(label, _model_type(model_config)))
+    )
 
-    model_type = getattr(model_config, "model_type", None) or dict(model_config).get("model_type", "")
-    return frozenset(layer.name for layer in lora_target_layers(model_config, resolve_targets(label, model_type)))
+
+# What the estimator leaves out, per memory knob value that brings it in.
+NOT_MODELLED: dict[tuple[str, Any], str] = {
+    ("use_dora", True): (
+        "use_dora: DoRA's magnitude vectors (one fp32 value per output feature of every adapted layer), their "
+        "gradients and optimizer states are counted; not modelled are the activations DoRA keeps for backward "
+        "(the base layer's output and the low-rank output again, 2 x out_features values per token and adapted "
+        "layer; with lora_dropout > 0 also a dequantized copy of each adapted layer's weight for its extra matmul) "
+        "and the per-step temporaries of its weight norm (the dequantized weight plus B x A, out x in values). "
+        "Predictions for use_dora trials are low; leave headroom (resources.gpu_memory_gib) or measure one trial"
+    ),
+}
+
+
+def not_modelled(knobs_or_space: Any) -> list[str]:
+    """Human-readable lines on what the memory prediction leaves out for these trials.
+
+    Args:
+        knobs_or_space: One trial's MemoryKnobs, a trial config mapping, or a search space
+            (trainables.params.SpaceSpec): a line appears when any value the space can take brings
+            in something the estimator does not model.
+
+    Returns:
+        One line per gap (empty when the prediction covers everything it claims to).
+    """
+    lines = []
+    for (name, value), line in NOT_MODELLED.items():
+        if value in _values_of(knobs_or_space, name):
+            lines.append(line)
+    return lines
+
+
+def _values_of(source: Any, name: str) -> list[Any]:
+    if isinstance(source, Mapping):
+        return [source.get(name)]
+    kind = getattr(source, name, None)
+    if isinstance(kind, (Fixed, Choice)):
+        return kind.values()
+    return [kind]
+
+
+def _model_type(model_config: Any) -> str:
+    return getattr(model_config, "model_type", None) or dict(model_config).get("model_type", "")

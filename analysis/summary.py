@@ -1,0 +1,324 @@
+"""What the report says, computed once: the `Analysis` of an experiment and the content both report
+formats show (summary lines, the columns worth showing, provenance).
+
+`analyze` loads nothing: it takes an Experiment (analysis/results.py) and ranks, budgets and
+explains it (analysis/pareto.py, analysis/importance.py). report.md (analysis/report.py),
+report.html (analysis/html.py) and compare (analysis/compare.py) render an Analysis; none of them
+recomputes what is here, and neither renderer imports the other.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import pandas as pd
+
+from analysis.formatting import config_text, fmt_loss, memory_label, present
+from analysis.importance import Importance, param_importances
+from analysis.memory_report import memory_summary_lines
+from analysis.pareto import (
+    DEFAULT_BUDGETS_GIB,
+    MEMORY,
+    QUALITY,
+    WITHIN_OF_BEST,
+    best_trial,
+    best_under_budgets,
+    cheapest_within,
+    pareto_front,
+    primary_memory_kind,
+    rankable,
+    tradeoff_table,
+)
+from analysis.results import Experiment
+from analysis.saved_spec import SavedSpec
+from core.experiment_folder import DATA_REPORT_FILE
+from core.status import ALL_STATUSES, RANKABLE_STATUSES, TrialStatus
+
+IN_PROGRESS_STATUSES = (TrialStatus.RUNNING, TrialStatus.PENDING, TrialStatus.PAUSED)
+# The packages whose versions the report's provenance lists (run_plan.json records a few more).
+PROVENANCE_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "ray", "optuna")
+
+
+@dataclass
+class Analysis:
+    """Everything the report shows, computed once and rendered as HTML and Markdown.
+
+    Attributes:
+        exp: The experiment as loaded.
+        budgets_gib: The memory budgets asked about.
+        memory_kind: The memory kind compared (see analysis.pareto.primary_memory_kind).
+        ranked: Rankable trials of that kind, with an `on_front` column.
+        best: The best trial (None before any evaluation).
+        cheapest: The lowest-memory trial within 1% of the best.
+        budgets: Best trial per budget (analysis.pareto.best_under_budgets).
+        tradeoffs: The Pareto front from least memory up, with its cost against the best.
+        importance: Parameter importances and their source.
+        not_ranked: Trials left out of the ranking, with a `reason` column.
+        counts: Trials per status.
+        generated_at: When the report was made (local time).
+    """
+
+    exp: Experiment
+    budgets_gib: tuple[float, ...]
+    memory_kind: str | None
+    ranked: pd.DataFrame
+    best: pd.Series | None
+    cheapest: pd.Series | None
+    budgets: pd.DataFrame
+    tradeoffs: pd.DataFrame
+    importance: Importance
+    not_ranked: pd.DataFrame
+    counts: dict[str, int]
+    generated_at: str
+
+    @property
+    def in_progress(self) -> bool:
+        return any(self.counts.get(s, 0) for s in IN_PROGRESS_STATUSES)
+
+    @property
+    def budgets_apply(self) -> bool:
+        """GPU budgets are about VRAM; for any other memory kind the budget table is only illustrative."""
+        return self.memory_kind == "cuda_reserved"
+
+    @property
+    def name(self) -> str:
+        return str(self.exp.saved_spec.name or self.exp.path.rstrip("/").rsplit("/", 1)[-1])
+
+    @cached_property
+    def summary(self) -> list[str]:
+        """The summary lines (console, report.md, report.html), computed once per analysis."""
+        return summary_lines(self)
+
+    @cached_property
+    def provenance(self) -> list[str]:
+        """The provenance lines from run_plan.json; [] for experiments from before it existed."""
+        return provenance_lines(self.exp)
+
+
+def analyze(
+    exp: Experiment, budgets_gib: Sequence[float] = DEFAULT_BUDGETS_GIB, *, importance: bool = True
+) -> Analysis:
+    """Compute the report's content from a loaded experiment (no files written)."""
+    trials = exp.trials
+    kind = primary_memory_kind(trials)
+    ranked = rankable(trials, kind).copy()
+    ranked["on_front"] = pareto_front(ranked)
+    counts = {s: int(n) for s, n in trials["status"].value_counts().items()}
+    order = {s.value: i for i, s in enumerate(ALL_STATUSES)}
+    counts = {s: counts[s] for s in sorted(counts, key=lambda s: order.get(s, len(order)))}
+    return Analysis(
+        exp=exp,
+        budgets_gib=tuple(float(b) for b in budgets_gib),
+        memory_kind=kind,
+        ranked=ranked,
+        best=best_trial(ranked),
+        cheapest=cheapest_within(ranked),
+        budgets=best_under_budgets(ranked, budgets_gib),
+        tradeoffs=tradeoff_table(ranked),
+        importance=param_importances(exp) if importance else Importance({}, "not computed"),
+        not_ranked=_not_ranked(trials, ranked, kind),
+        counts=counts,
+        generated_at=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    )
+
+
+def _not_ranked(trials: pd.DataFrame, ranked: pd.DataFrame, kind: str | None) -> pd.DataFrame:
+    """Trials not in the ranking, each with the reason; nothing is dropped silently."""
+    rest = trials[~trials["trial_id"].isin(ranked["trial_id"])].copy()
+    reasons = []
+    for row in rest.to_dict("records"):
+        status, error = row["status"], row.get("error")
+        error = None if error is None or error is pd.NA else str(error)
+        if status == TrialStatus.OOM:
+            reason = "ran out of memory" + (f": {error}" if error else "")
+        elif status == TrialStatus.DIVERGED:
+            reason = "loss became NaN/inf" + (f" by step {row['steps']}" if present(row.get("steps")) else "")
+        elif status == TrialStatus.INFEASIBLE and present(row.get("infeasible_reason")):
+            reason = f"rejected before launch: {row['infeasible_reason']}"  # sweeps/admission.py says why
+        elif status == TrialStatus.INFEASIBLE:
+            reason = "rejected before launch: predicted not to fit" + (
+                f" ({row['predicted_memory_mib']:,.0f} MiB predicted)" if present(row.get("predicted_memory_mib")) else ""
+            )
+        elif status == TrialStatus.FAILED:
+            reason = f"failed: {error}" if error else "failed (no error file)"
+        elif status not in RANKABLE_STATUSES:
+            reason = f"{status}: no evaluation yet"
+        elif not present(row.get(QUALITY)):
+            reason = "no evaluation yet"
+        elif not present(row.get(MEMORY)):
+            reason = "no memory measurement"
+        else:
+            reason = f"memory measured as {row.get('memory_kind')}, not comparable with {kind}"
+        reasons.append(reason)
+    return rest.assign(reason=pd.Series(reasons, index=rest.index, dtype="string"))
+
+
+# --- which columns to show -----------------------------------------------------------------------
+
+
+def varying_config(analysis: Analysis) -> tuple[list[str], dict[str, Any]]:
+    """Config columns that differ between trials, and the fixed ones with their single value."""
+    trials = analysis.exp.trials
+    varying, fixed = [], {}
+    for column in analysis.exp.config_columns:
+        if column not in trials:
+            continue
+        values = trials[column].dropna().unique()
+        if len(values) > 1:
+            varying.append(column)
+        elif len(values) == 1:
+            fixed[column] = values[0]
+    return varying, fixed
+
+
+def headline_config(analysis: Analysis) -> list[str]:
+    """The config columns to describe a trial by: those that vary, or all when nothing does."""
+    varying, fixed = varying_config(analysis)
+    return varying or list(fixed)
+
+
+def trial_table_columns(analysis: Analysis) -> list[str]:
+    """The trials-table columns worth showing: varying config, quality, memory, cost, where."""
+    varying, _ = varying_config(analysis)
+    shown = ["trial_id", "status", *varying, QUALITY, "final_eval_loss", "best_step", "steps", MEMORY, "memory_kind"]
+    if analysis.exp.trials["predicted_memory_mib"].notna().any():
+        shown += ["predicted_memory_mib", "memory_error_pct"]
+    shown += ["trainable_params", "tokens_per_s", "wall_s", "node"]
+    trials = analysis.exp.trials
+    shown = [c for c in shown if c not in constant_columns(analysis)]
+    return [c for c in dict.fromkeys(shown) if c in trials and (trials[c].notna().any() or c in ("trial_id", "status"))]
+
+
+def constant_columns(analysis: Analysis) -> dict[str, Any]:
+    """Descriptive columns with one value across all trials, stated once instead of in every row."""
+    trials, out = analysis.exp.trials, {}
+    for column in ("memory_kind", "node", "device"):
+        values = trials[column].dropna().unique() if column in trials else []
+        if len(values) == 1 and len(trials) > 1:
+            out[column] = values[0]
+    return out
+
+
+def asha_rung_steps(spec: SavedSpec | Mapping[str, Any]) -> list[int]:
+    """Steps at which ASHA compares trials (grace_period x reduction_factor^k rounds, below max_t)."""
+    spec = SavedSpec.from_raw(spec)
+    asha, eval_every = spec.asha, spec.train.eval_every
+    if asha is None or not eval_every:
+        return []
+    rung, steps = float(asha.grace_period or 1), []
+    while rung < spec.max_rounds and len(steps) < 20:
+        steps.append(int(round(rung)) * eval_every)
+        rung *= float(asha.reduction_factor or 2)
+    return steps
+
+
+def export_command(analysis: Analysis, trial_id: str | None = None) -> str:
+    trial = trial_id or (analysis.best["trial_id"] if analysis.best is not None else "best")
+    return f"qlora-sweep export {analysis.exp.path} --trial {trial} --out ./{analysis.name}-{trial}-adapter"
+
+
+# --- summary ------------------------------------------------------------------------------------
+
+
+def summary_lines(analysis: Analysis) -> list[str]:
+    """The report's summary as plain lines, for the console and the top of report.md and report.html.
+
+    Prefer `analysis.summary`, which computes them once.
+    """
+    counts = analysis.counts
+    total = sum(counts.values())
+    lines = [f"trials: {total} (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")" if total else "trials: none yet"]
+    if analysis.in_progress:
+        lines.append("the sweep is still running: this is a partial report")
+    lines += input_lines(analysis.exp)
+    best, kind = analysis.best, analysis.memory_kind
+    if best is None:
+        lines.append("no trial has reported an evaluation yet")
+        return lines
+    lines.append(
+        f"best: trial {best['trial_id']} eval_loss {fmt_loss(best[QUALITY])} ({config_text(best, headline_config(analysis))}), "
+        f"peak memory {memory_label(best[MEMORY], kind)}"
+    )
+    cheap = analysis.cheapest
+    if cheap is not None and cheap["trial_id"] != best["trial_id"]:
+        saved = (float(best[MEMORY]) - float(cheap[MEMORY])) / float(best[MEMORY]) * 100
+        lines.append(
+            f"cheapest within {WITHIN_OF_BEST:.0%} of best: trial {cheap['trial_id']} eval_loss {fmt_loss(cheap[QUALITY])}, "
+            f"{memory_label(cheap[MEMORY], kind)} ({saved:.1f}% less memory)"
+        )
+    elif cheap is not None:
+        lines.append(f"cheapest within {WITHIN_OF_BEST:.0%} of best: the best trial itself (nothing cheaper comes close)")
+    per_budget = ", ".join(
+        f"{b.budget_gib:g} GiB: " + (f"{b.trial_id} ({fmt_loss(b.best_eval_loss)})" if present(b.trial_id) else "none fits")
+        for b in analysis.budgets.itertuples()
+    )
+    if analysis.budgets_apply:
+        lines.append(f"best under each VRAM budget: {per_budget}")
+    else:
+        lines.append(
+            f"memory budgets ({', '.join(f'{b:g}' for b in analysis.budgets_gib)} GiB) are VRAM budgets and not meaningful "
+            f"for this run: memory was measured as {kind}"
+            + (", the host RSS of CPU trial processes, not VRAM" if kind == "host_rss" else "")
+        )
+    lines += memory_summary_lines(analysis.exp.trials, analysis.exp.saved_spec)
+    if analysis.importance.values:
+        top = list(analysis.importance.values.items())[:3]
+        lines.append("what mattered most: " + ", ".join(f"{k} ({v:.2f})" for k, v in top))
+    if len(analysis.not_ranked):
+        lines.append(
+            f"not ranked: {len(analysis.not_ranked)} trials ("
+            + ", ".join(f"{n} {s}" for s, n in analysis.not_ranked["status"].value_counts().items())
+            + "); listed in the report"
+        )
+    return lines
+
+
+def input_lines(exp: Experiment) -> list[str]:
+    """Summary lines about what went into the sweep: bad rows skipped, remote code trusted."""
+    lines = []
+    data = exp.data_report
+    if data and data.get("unreadable"):
+        lines.append(f"data: {DATA_REPORT_FILE} is unreadable, so skipped bad rows cannot be counted")
+    elif data and data.get("skipped_rows"):
+        lines.append(
+            f"data: {data['skipped_rows']} bad rows skipped (data.on_bad_rows: skip) of {data.get('rows_read')} read; "
+            f"trained on {data.get('train_rows')}, evaluated on {data.get('eval_rows')}; listed in the report"
+        )
+    model = exp.saved_spec.model
+    if model.trust_remote_code:
+        lines.append(
+            f"trust_remote_code was ON: Python code shipped with the model '{model.path}' ran on the driver "
+            "and on every trial worker"
+        )
+    return lines
+
+
+# --- provenance (run_plan.json) ----------------------------------------------------------------------
+
+
+def provenance_lines(exp: Experiment) -> list[str]:
+    """What produced the experiment: versions, commit, Python, GPUs; [] when run_plan.json has none."""
+    p = exp.plan.provenance
+    if not (p.qlora_sweep or p.git_commit or p.python or p.platform or p.packages):
+        return []  # an experiment from before run_plan.json, or a plan without provenance
+    version = f"qlora-sweep: {p.qlora_sweep or 'version not recorded'}"
+    if p.git_commit:
+        version += f", git commit {p.git_commit[:12]}" + (" (with uncommitted changes)" if p.git_dirty else "")
+    lines = [version, f"Python: {p.python or 'not recorded'}" + (f" on {p.platform}" if p.platform else "")]
+    packages = [f"{name} {p.packages.get(name) or 'not installed'}" for name in PROVENANCE_PACKAGES if name in p.packages]
+    if packages:
+        lines.append("packages: " + ", ".join(packages))
+    if p.gpus:
+        lines.append("GPUs: " + ", ".join(f"{n} x {name}" if n > 1 else name for name, n in Counter(p.gpus).items()))
+    elif exp.saved_spec.resources.gpus_per_trial > 0:
+        lines.append("GPUs: GPU trials (names not recorded)")
+    else:
+        lines.append("GPUs: none (CPU trials)")
+    if p.created_at:
+        lines.append(f"recorded: {p.created_at}")
+    return lines

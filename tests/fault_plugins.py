@@ -1,0 +1,77 @@
+"""Fault injectors for tests, plugged into trials through the generic callback seam (train.callbacks).
+
+Production code never names these. A test writes e.g. `train: {callbacks: ["tests.fault_plugins:oom_above"]}`
+into its spec and sets the variable below in its own environment *before Ray starts*: local Ray
+workers inherit the environment of the process that starts Ray (the test process, or the CLI it
+runs), and they import `tests.fault_plugins` from the driver's working directory, which Ray puts
+on every local worker's sys.path (run the tests from the repository root).
+
+    oom_above       raise torch.OutOfMemoryError at the first training step of an attempt whose
+                    predicted memory is above $QLORA_SWEEP_TEST_OOM_ABOVE_MIB (MiB)
+    slow_teardown   sleep $QLORA_SWEEP_TEST_SLOW_TEARDOWN_S seconds in the attempt's teardown,
+                    after its last report, while the trial would be freeing memory
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+OOM_ABOVE_ENV = "QLORA_SWEEP_TEST_OOM_ABOVE_MIB"
+SLOW_TEARDOWN_ENV = "QLORA_SWEEP_TEST_SLOW_TEARDOWN_S"
+OOM_ABOVE = "tests.fault_plugins:oom_above"
+SLOW_TEARDOWN = "tests.fault_plugins:slow_teardown"
+
+
+def _number(name: str, unit: str) -> float | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a number of {unit}; unset it or write e.g. 12.5") from None
+
+
+def oom_above(context: Any) -> Any:
+    """A callback that runs the attempt out of memory when its prediction is above the threshold, else None.
+
+    Raises:
+        ValueError: If the variable is set but is not a number of MiB.
+    """
+    threshold = _number(OOM_ABOVE_ENV, "MiB")
+    predicted = context.predicted_memory_mib
+    if threshold is None or predicted is None or predicted <= threshold:
+        return None
+    from transformers import TrainerCallback
+
+    message = f"injected by {OOM_ABOVE_ENV}={os.environ[OOM_ABOVE_ENV]}: predicted {predicted:.1f} MiB is above it"
+
+    class InjectedOutOfMemory(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            import torch
+
+            raise torch.OutOfMemoryError(message)
+
+    return InjectedOutOfMemory()
+
+
+def slow_teardown(context: Any) -> Any:
+    """A callback whose `on_teardown` sleeps $QLORA_SWEEP_TEST_SLOW_TEARDOWN_S seconds, or None when unset.
+
+    The trainable calls `on_teardown` after the attempt has freed its memory, also when Tune stopped
+    the trial at its last report (Tune's function trainables end the trial's thread there with
+    SystemExit, so TrainerCallback.on_train_end would never run). It stands in for a slow teardown
+    (freeing a large model, a busy machine), which decides whether Tune can reuse the worker in time.
+    """
+    seconds = _number(SLOW_TEARDOWN_ENV, "seconds")
+    if not seconds:
+        return None
+    from transformers import TrainerCallback
+
+    class SlowTeardown(TrainerCallback):
+        def on_teardown(self, context: Any) -> None:
+            time.sleep(seconds)
+
+    return SlowTeardown()

@@ -104,6 +104,13 @@ def preflight(spec: SweepSpec, *, check_storage: bool = True, offline: bool = Fa
             problems.extend(f"data: {p}" for p in exc.problems[:10])
             if exc.total > 10:
                 problems.append(f"data: ... and {exc.total - 10} more bad rows")
+    if spec.train.callbacks:
+        from trainables.qlora import load_callback_factories
+
+        try:  # a plug-in that cannot load on this machine will not load on the workers either
+            load_callback_factories(spec.train.callbacks)
+        except ValueError as exc:
+            problems.append(str(exc))
     if check_storage and offline and storage.is_uri(spec.storage):
         skipped.append(f"that storage {spec.storage} is writable")
     elif check_storage:

@@ -414,3 +414,25 @@ def test_with_rays_default_wait_the_same_sweep_fails_to_reuse_and_stalls(tmp_pat
                 continue
     assert any(REUSE_ERROR in line for line in seen), "".join(seen)[-4000:]
     assert processes_of(ray_tmp) == [], "Ray processes left behind"
+
+
+# --- 7. a train.callbacks plug-in that cannot be loaded ------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("no_such_package.plugins:factory", r"train\.callbacks: cannot import 'no_such_package\.plugins:factory'"),
+        ("tests.fault_plugins:no_such_factory", r"train\.callbacks: cannot import 'tests\.fault_plugins:no_such_factory'"),
+    ],
+)
+def test_an_unloadable_callback_plugin_stops_the_run_before_ray_starts(
+    tmp_path: Path, ray_tmp: Path, entry: str, message: str
+) -> None:
+    # The plug-in seam imports on every worker; preflight imports it first, so a typo costs no trial.
+    spec = write_spec(tmp_path / "spec.yaml", make_spec_dict(train={"callbacks": [entry]}))
+    storage = tmp_path / "results"
+    run = run_cli(["run", str(spec), "--storage", str(storage)], ray_tmp, cwd=Path(__file__).resolve().parent.parent)
+    assert_clean_failure(run, storage)
+    assert re.search(message, run.stderr), run.stderr

@@ -94,7 +94,7 @@ def test_space_values_parse_into_kinds(raw, kind):
         ({"lora_dropout": {"loguniform": [0, 0.1]}}, "loguniform needs low > 0"),
         ({"lora_alpha": {"ratio": [0]}}, "ratio needs positive numbers"),
         ({"use_rslora": "yes"}, "not true or false"),
-        ({"lr_scheduler_type": "cosinus"}, "not a schedule"),
+        ({"lr_scheduler_type": "cosinus"}, "allowed values: constant, linear, cosine"),
         ({"target_modules": []}, "empty list"),
     ],
 )

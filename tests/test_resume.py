@@ -398,7 +398,8 @@ def test_optuna_study_survives_the_kill_with_no_stale_running_trial(killed_and_r
     # Any other Optuna trial is one the searcher asked for just before the kill, whose Tune trial
     # never reached Tune's saved state (so never ran, has no folder); resume marked it FAIL.
     orphans = [t for t in study.trials if t not in complete]
-    assert all(t.state == optuna.trial.TrialState.FAIL and t.user_attrs["ray_trial_id"] not in ran for t in orphans)
+    # (An orphan asked for in the instant before the kill may not have been linked to a Tune id yet.)
+    assert all(t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("ray_trial_id") not in ran for t in orphans)
     assert len(study.trials) == NUM_SAMPLES + len(orphans) and len(orphans) <= 2, listing
     for orphan in orphans:
         assert f"Optuna trial {orphan.number} " in s.resume.stdout and "FAIL" in s.resume.stdout

@@ -271,6 +271,20 @@ def _typed_table(rows: list[dict[str, Any]], config_columns: list[str]) -> pd.Da
     return frame.sort_values(["status", "best_eval_loss"], key=_status_order, na_position="last").reset_index(drop=True)
 
 
+def read_trials_csv(path: Any) -> pd.DataFrame:
+    """Load a report's trials.csv with the column dtypes of trainables.metrics.
+
+    Plain `pd.read_csv` guesses: Tune's 8-hex-digit trial ids such as "12345678" or "1e999999"
+    come back as an int or as inf. Read the file through this instead.
+    """
+    frame = pd.read_csv(path, dtype={name: "string" for name, c in COLUMNS.items() if c.dtype == "string"})
+    for name in frame.columns:
+        column = COLUMNS.get(name)
+        if column and column.dtype in ("Int64", "float64"):
+            frame[name] = pd.to_numeric(frame[name], errors="coerce").astype(column.dtype)
+    return frame
+
+
 def _status_order(series: pd.Series) -> pd.Series:
     if series.name == "status":
         return series.map({s.value: i for i, s in enumerate(ALL_STATUSES)}).fillna(len(ALL_STATUSES))

@@ -107,10 +107,19 @@ def preflight(spec: SweepSpec, *, check_storage: bool = True, offline: bool = Fa
     if spec.train.callbacks:
         from trainables.qlora import load_callback_factories
 
-        try:  # a plug-in that cannot load on this machine will not load on the workers either
+        # Ray puts the driver's working directory on every local worker's sys.path (ray/_private/
+        # worker.py, `_py_driver_sys_path`), so a plug-in module beside the user's shell is found
+        # there; check it the same way. One that cannot load here will not load on the workers.
+        added = os.getcwd() not in sys.path
+        if added:
+            sys.path.append(os.getcwd())
+        try:
             load_callback_factories(spec.train.callbacks)
         except ValueError as exc:
             problems.append(str(exc))
+        finally:
+            if added:
+                sys.path.remove(os.getcwd())
     if check_storage and offline and storage.is_uri(spec.storage):
         skipped.append(f"that storage {spec.storage} is writable")
     elif check_storage:

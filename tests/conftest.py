@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import psutil
 import pytest
 import yaml
+from analysis.results import read_trials_csv
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_DATA = REPO / "sweeps" / "data" / "smoke_instructions.jsonl"
@@ -184,7 +184,7 @@ def recorded_sweep(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) 
                 out = root / f"partial-{len(partial)}"
                 try:
                     write_report(str(experiment), out_dir=str(out))
-                    statuses = pd.read_csv(out / "trials.csv")["status"].tolist()
+                    statuses = read_trials_csv(out / "trials.csv")["status"].tolist()
                     partial.append((out, statuses, None))
                 except Exception as exc:  # recorded for the test to report, not swallowed
                     partial.append((out, [], f"{type(exc).__name__}: {exc}"))

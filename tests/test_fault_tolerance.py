@@ -21,6 +21,7 @@ import pytest
 
 from sweeps.spec import parse_spec
 from tests.conftest import make_spec_dict, ray_pids, wait_for_no_ray_processes
+from analysis.results import read_trials_csv
 
 pytestmark = pytest.mark.integration
 
@@ -169,7 +170,7 @@ def test_without_retries_the_trial_on_a_dead_node_fails(tmp_path: Path) -> None:
 
     outcome, death, experiment = sweep_with_a_node_death(tmp_path, max_failures=0)
     assert outcome.num_errors >= 1
-    table = pd.read_csv(experiment / "report" / "trials.csv", dtype={"trial_id": str})
+    table = read_trials_csv(experiment / "report" / "trials.csv")
     status = dict(zip(table["trial_id"], table["status"], strict=True))
     assert status[death.trial_id] == "failed"
     assert (experiment / f"trial_{death.trial_id}" / "error.txt").exists()

@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pytest
 
 from tests.cli_runs import CliRun, private_ray_tmp, processes_of, run_cli
 from tests.conftest import SMOKE_DATA, make_spec_dict, write_spec
 from tests.fault_plugins import SLOW_TEARDOWN, SLOW_TEARDOWN_ENV
+from analysis.results import read_trials_csv
 
 GOOD_ROWS = SMOKE_DATA.read_text(encoding="utf-8").splitlines()
 
@@ -78,7 +78,7 @@ def test_a_diverging_trial_stops_at_once_and_the_sweep_completes(tmp_path: Path,
     assert "Traceback" not in run.output
     assert processes_of(ray_tmp) == [], "Ray processes left behind"
     experiment = tmp_path / "results" / "diverge"
-    trials = pd.read_csv(experiment / "report" / "trials.csv")
+    trials = read_trials_csv(experiment / "report" / "trials.csv")
     assert len(trials) == 3
     diverged = trials[trials["learning_rate"] == DIVERGE_LR]
     sane = trials[trials["learning_rate"] == SANE_LR]
@@ -240,7 +240,7 @@ def test_skipped_bad_rows_are_counted_in_data_report_and_report(tmp_path: Path, 
     assert "3 bad rows skipped (data.on_bad_rows: skip) of 63 read" in report
     assert "## Bad rows skipped" in report and "mixed.jsonl row 21: missing field 'output'" in report
     assert "3 bad rows skipped" in (experiment / "report" / "report.html").read_text()
-    trial = pd.read_csv(experiment / "report" / "trials.csv").iloc[0]
+    trial = read_trials_csv(experiment / "report" / "trials.csv").iloc[0]
     assert trial["status"] == "completed"
     result = json.loads((experiment / f"trial_{trial['trial_id']}" / "result.json").read_text().splitlines()[-1])
     assert result["skipped_rows"] == 3 and result["train_rows"] == 50
@@ -376,7 +376,7 @@ def test_a_slow_trial_teardown_does_not_stall_the_sweep(tmp_path: Path, ray_tmp:
     assert run.returncode == 0, run.output[-4000:]
     assert REUSE_ERROR not in run.output
     assert processes_of(ray_tmp) == [], "Ray processes left behind"
-    trials = pd.read_csv(tmp_path / "results" / "reuse" / "report" / "trials.csv")
+    trials = read_trials_csv(tmp_path / "results" / "reuse" / "report" / "trials.csv")
     assert list(trials["status"]) == ["completed"] * 3
     assert not list((tmp_path / "results" / "reuse").glob("trial_*/error.txt"))
     print(f"\n[reuse] 3 trials with a {SLOW_TEARDOWN_S} s teardown each: {run.wall_s:.0f} s")

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from sweeps.driver import run_sweep
 from sweeps.spec import parse_spec
 from tests.conftest import make_spec_dict, wait_for_no_ray_processes
+from analysis.results import read_trials_csv
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def test_a_sweep_searches_rslora_and_dora(tmp_path: Path) -> None:
     assert outcome.num_errors == 0, "\n".join(lines)
     assert not wait_for_no_ray_processes(), "Ray processes left behind"
 
-    trials = pd.read_csv(Path(outcome.report_dir) / "trials.csv")
+    trials = read_trials_csv(Path(outcome.report_dir) / "trials.csv")
     assert len(trials) == 4 and set(trials["status"]) == {"completed"}, trials[["status", "error"]]
     assert trials["use_dora"].nunique() == 2 and trials["use_rslora"].nunique() == 2, trials[["use_rslora", "use_dora"]]
     # DoRA trains a magnitude vector per adapted layer on top of LoRA's A and B, so it has more

@@ -24,6 +24,7 @@ import pytest
 from core import storage
 from sweeps.spec import parse_spec
 from tests.conftest import make_spec_dict, wait_for_no_ray_processes
+from analysis.results import read_trials_csv
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +88,7 @@ def run(nodes: Nodes, tmp_path: Path, name: str, *, trials: int, cpus: float, gp
     frame = load_experiment(outcome.experiment_dir).trials
     assert set(frame["status"]) == {"completed"}, frame[["trial_id", "status", "error"]]
     # trials.csv carries the node id too, for reading placement without Python.
-    csv = pd.read_csv(Path(outcome.report_dir) / "trials.csv")
+    csv = read_trials_csv(Path(outcome.report_dir) / "trials.csv")
     assert sorted(csv["node_id"]) == sorted(frame["node_id"])
     frame["start"], frame["end"] = zip(*(span(d) for d in frame["trial_dir"]))
     return frame

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from analysis.report import analyze, write_report
-from analysis.results import load_experiment
+from analysis.results import load_experiment, read_trials_csv
 from sweeps.cli import main
 from sweeps.spec import parse_spec
 from tests.conftest import RecordedSweep, make_spec_dict
@@ -194,7 +194,7 @@ def test_report_files_say_partial_list_every_left_out_trial_and_label_vram(tmp_p
     assert "9,000 MiB VRAM (8.79 GiB)" in md and "not meaningful" not in md
     assert "best under each VRAM budget: 8 GiB: cheap (1.1050), 16 GiB: best (1.1000)" in md
     assert "Predicted vs measured memory" in html
-    assert len(pd.read_csv(report / "trials.csv")) == 8
+    assert len(read_trials_csv(report / "trials.csv")) == 8
     assert 'src="http' not in html and "<link" not in html  # self-contained
 
 
@@ -431,3 +431,15 @@ def test_a_space_this_version_cannot_parse_falls_back_to_every_known_column(tmp_
     assert any("no importances" in n for n in analysis.importance.notes)
     md = (Path(write_report(str(path)).report_dir) / "report.md").read_text()
     assert "best: trial best" in md and "## Notes from loading" in md
+
+
+def test_read_trials_csv_keeps_tune_trial_ids_as_strings(tmp_path: Path) -> None:
+    """Tune's trial ids are 8 hex digits; "1e999999" and "12345678" are numbers to a plain read_csv."""
+    path = tmp_path / "trials.csv"
+    path.write_text("trial_id,status,steps,best_eval_loss\n1e999999,completed,10,2.5\n12345678,failed,,\n00ab12cd,completed,4,3.0\n")
+    control = pd.read_csv(path)
+    assert control["trial_id"].tolist()[0] != "1e999999"  # the control: what CI tripped on (trial_inf)
+    trials = read_trials_csv(path)
+    assert trials["trial_id"].tolist() == ["1e999999", "12345678", "00ab12cd"]
+    assert str(trials["steps"].dtype) == "Int64" and trials["steps"].isna().tolist() == [False, True, False]
+    assert trials["best_eval_loss"].tolist()[0] == 2.5

@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from tests.conftest import REPO, ray_processes, wait_for_no_ray_processes
+from analysis.results import read_trials_csv
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ def test_smoke_sweep_runs_end_to_end_and_writes_its_report(tmp_path: Path) -> No
     experiment = tmp_path / "smoke"
     assert f"report:     {experiment / 'report'}" in result.stdout
 
-    trials = pd.read_csv(experiment / "report" / "trials.csv")
+    trials = read_trials_csv(experiment / "report" / "trials.csv")
     assert len(trials) == 12
     assert trials["status"].notna().all()
     assert set(trials["status"]) <= {"completed", "early_stopped"}, trials["status"].value_counts()

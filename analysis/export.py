@@ -213,23 +213,32 @@ def recorded_loss(exp: Experiment, trial_id: str, checkpoint: str) -> float | No
 
 
 def evaluate_loss(
-    model: Any, tokenizer: Any, examples: list[dict[str, Any]], setup: TrainingSetup, data: DataSpec, batch_size: int
+    model: Any, tokenizer: Any, examples: Any, setup: TrainingSetup, data: DataSpec, batch_size: int
 ) -> float:
     """The sweep's eval_loss for `model` on `examples`: trl's SFTTrainer.evaluate with the trial's settings.
 
     Args:
+        examples: The eval rows as trials saw them (trainables.data.TokenizedRows: token ids and loss
+            mask), or formatted text examples, which trl tokenizes.
         setup: The training setup on this device (its precision flags are the trainable's).
         data: The spec's data section (max_seq_length).
     """
     from datasets import Dataset
     from trl import SFTTrainer
 
+    from trainables.data import TokenizedRows
+
+    tokens = isinstance(examples, TokenizedRows)
+    evaluated = examples.to_dataset() if tokens else Dataset.from_list(examples)
     with tempfile.TemporaryDirectory(prefix="qlora-sweep-export-eval-") as scratch:
+        args = setup.eval_config(data, scratch, batch_size)
+        if tokens:
+            args.dataset_kwargs = {"skip_prepare_dataset": True}
         trainer = SFTTrainer(
             model=model,
-            args=setup.eval_config(data, scratch, batch_size),
-            train_dataset=Dataset.from_list(examples[:1]),  # required by SFTTrainer; never trained on
-            eval_dataset=Dataset.from_list(examples),
+            args=args,
+            train_dataset=evaluated.select([0]),  # required by SFTTrainer; never trained on
+            eval_dataset=evaluated,
             processing_class=tokenizer,
         )
         remove_printer_callback(trainer)
@@ -263,7 +272,7 @@ def merge_and_check(exp: Experiment, row: pd.Series, out: Path, outcome: ExportO
     data = prepare_data(settings.data.path, settings.data, load_tokenizer(base_path, settings.model))
     train = settings.train
     batch_size = int(train.eval_batch_size or (row.get("batch_size") if pd.notna(row.get("batch_size")) else train.batch_size))
-    log(f"[export] eval split re-created: {len(data.eval)} rows (data.seed {settings.data.seed}); device {device}")
+    log(f"[export] eval split re-created: {data.eval_rows} rows (data.seed {settings.data.seed}); device {device}")
 
     losses: dict[str, float] = {}
     started = time.time()
@@ -271,12 +280,12 @@ def merge_and_check(exp: Experiment, row: pd.Series, out: Path, outcome: ExportO
         # The base quantized as the sweep trained it, with the CPU eval path the sweep used.
         quantized = setup.load_model(base_path, settings.model, for_training=False)
         model = PeftModel.from_pretrained(quantized, str(out))
-        losses["adapter_4bit"] = evaluate_loss(model, tokenizer, data.eval, setup, settings.data, batch_size)
+        losses["adapter_4bit"] = evaluate_loss(model, tokenizer, data.eval_tokens, setup, settings.data, batch_size)
         del model, quantized
         free_memory(device)
     base = setup.load_model(base_path, settings.model, for_training=False, quantize=False)
     model = PeftModel.from_pretrained(base, str(out))
-    losses["adapter_16bit"] = evaluate_loss(model, tokenizer, data.eval, setup, settings.data, batch_size)
+    losses["adapter_16bit"] = evaluate_loss(model, tokenizer, data.eval_tokens, setup, settings.data, batch_size)
     merged = model.merge_and_unload()
     merged_dir = out / "merged"
     merged.save_pretrained(str(merged_dir))
@@ -284,7 +293,7 @@ def merge_and_check(exp: Experiment, row: pd.Series, out: Path, outcome: ExportO
     del model, merged, base
     free_memory(device)
     reloaded = setup.load_model(str(merged_dir), local, for_training=False, quantize=False)
-    losses["merged"] = evaluate_loss(reloaded, tokenizer, data.eval, setup, settings.data, batch_size)
+    losses["merged"] = evaluate_loss(reloaded, tokenizer, data.eval_tokens, setup, settings.data, batch_size)
     del reloaded
     free_memory(device)
     recorded = recorded_loss(exp, outcome.trial_id, outcome.checkpoint)
@@ -343,6 +352,15 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+def _eval_source(data: dict[str, Any]) -> str:
+    """Where the sweep's eval rows came from, as the saved spec's data section says."""
+    if data.get("eval_path") or data.get("eval_split"):
+        where = f"`{data.get('eval_path') or data['path']}`"
+        return where + (f" split {data['eval_split']}" if data.get("eval_split") else "")
+    size = data.get("eval_size")
+    return f"`{data['path']}`, eval_size {size if size is not None else 0.1}"
+
+
 def render_readme(exp: Experiment, row: pd.Series, outcome: ExportOutcome, info: dict[str, Any]) -> str:
     spec = exp.spec
     base = spec["model"]["path"]
@@ -366,7 +384,7 @@ def render_readme(exp: Experiment, row: pd.Series, outcome: ExportOutcome, info:
             if quant != "none"
             else f"- base model: `{base}` (16-bit LoRA, not quantized)"
         ),
-        f"- eval data: `{spec['data']['path']}`, eval_size {spec['data']['eval_size']}, data.seed {spec['data']['seed']}",
+        f"- eval data: {_eval_source(spec['data'])}, data.seed {spec['data'].get('seed', 0)}",
         "",
         "## Files",
         "",

@@ -26,6 +26,13 @@ MEMORY_NOTES = {
         "activations in host RAM plus Python, PyTorch and libraries. It is not VRAM, and GPU budgets do not "
         "apply to it; use it to compare trials of this run with each other."
     ),
+    "cpu_tensor_peak": (
+        "The most bytes of PyTorch tensors alive at once in a CPU trial (parameters, gradients, optimizer states, "
+        "activations, temporaries) over its first optimizer steps and first evaluation: torch.profiler's CPU allocator "
+        "events summed in time order, plus the tensors the trial held when each window opened. It leaves out Python "
+        "and the libraries, so it moves with r, target modules and batch size, and it is the quantity the estimator's "
+        "allocated bytes predict for the same CPU setup (fp32). It is host RAM, not VRAM."
+    ),
 }
 
 
@@ -46,8 +53,9 @@ def memory_label(value: float | None, kind: str | None) -> str:
     value = float(value)
     if kind == "cuda_reserved":
         return f"{value:,.0f} MiB VRAM ({value / 1024:.2f} GiB)"
-    names = {"host_rss": "host RSS (CPU, not VRAM)"}
-    return f"{value:,.0f} MiB {names.get(kind or '', kind or 'unknown kind')}"
+    names = {"host_rss": "host RSS (CPU, not VRAM)", "cpu_tensor_peak": "CPU tensor peak (not VRAM)"}
+    shown = f"{value:,.2f}" if kind == "cpu_tensor_peak" and abs(value) < 100 else f"{value:,.0f}"
+    return f"{shown} MiB {names.get(kind or '', kind or 'unknown kind')}"
 
 
 def fmt_loss(value: Any) -> str:
@@ -62,8 +70,10 @@ def fmt_value(name: str, value: Any) -> str:
         return f"{float(value):.2e}"
     if name in (QUALITY, "final_eval_loss"):
         return f"{float(value):.4f}"
-    if name in ("memory_error_pct", "memory_saved_pct", "loss_increase_pct"):
+    if name in ("memory_error_pct", "memory_saved_pct", "loss_increase_pct", "tensor_peak_error_pct"):
         return f"{float(value):+.1f}%"
+    if name in ("tensor_peak_mib", "predicted_tensor_peak_mib"):
+        return f"{float(value):,.3f}" if abs(float(value)) < 100 else f"{float(value):,.0f}"  # tiny models: a few MiB
     if name in (MEMORY, "predicted_memory_mib", "headroom_mib", "tokens_per_s"):
         return f"{float(value):,.0f}"
     if name in ("budget_gib",):

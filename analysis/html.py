@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.formatting import MEMORY_NOTES, fmt_loss, fmt_value, memory_label, present
-from analysis.memory_report import memory_html
+from analysis.memory_report import chart_memory, memory_html
 from analysis.pareto import MEMORY, QUALITY, WITHIN_OF_BEST
 from analysis.summary import (
     IN_PROGRESS_STATUSES,
@@ -299,7 +299,21 @@ def render_html(analysis: Analysis, charts: dict[str, bytes]) -> str:
             "Quality vs peak memory",
             f"Each point is a trial; colour = target modules, marker = status. Ringed points joined by the step line are "
             f"the Pareto front: no other trial has both lower eval loss and lower peak memory. Memory is "
-            f"<b>{_e(kind or 'n/a')}</b>{' (host RSS: CPU, not VRAM)' if kind == 'host_rss' else ''}.",
+            + (
+                "<b>cpu_tensor_peak</b>: the live tensor bytes of each CPU trial (torch.profiler's allocator events over "
+                "its first steps and evaluation; not VRAM), because host RSS barely moves with the configuration; the "
+                "front is drawn on that axis. Hollow diamonds: the estimator's prediction for the same CPU setup."
+                if chart_memory(analysis.ranked, kind)[1] == "cpu_tensor_peak"
+                else f"<b>{_e(kind or 'n/a')}</b>{' (host RSS: CPU, not VRAM)' if kind == 'host_rss' else ''}."
+            ),
+        )
+    )
+    parts.append(
+        figure(
+            charts.get("predicted_vs_measured"),
+            "Predicted vs measured memory",
+            "Each point is a trial: measured memory against the estimator's prediction for it (the CPU tensor peak "
+            "against the CPU prediction on a CPU run, VRAM against the VRAM prediction on GPUs). Shaded: within 10%.",
         )
     )
     if not analysis.tradeoffs.empty:

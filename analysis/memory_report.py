@@ -6,6 +6,10 @@ Pure functions on the trials table (analysis/results.py), so they can be tested 
 * Predicted vs measured: a prediction (predicted_memory_mib) is always a VRAM figure, for a CUDA GPU.
   The error is shown only where the trial measured VRAM (memory_kind cuda_reserved); next to a CPU
   run's host RSS it is "n/a", since the two are different quantities.
+* CPU tensor peak: a CPU trial also measures its tensor peak (tensor_peak_mib, memory kind
+  cpu_tensor_peak: the most tensor bytes alive at once over its first steps and evaluation) and
+  reports the estimator's allocated bytes for the same CPU setup beside it
+  (predicted_tensor_peak_mib). The two are the same quantity, so their error is shown.
 * Packing (resources.pack): trials that shared a GPU are grouped by node and GPU id; from their
   start/end times come the most trials that ran on one GPU at once, the GPU-hours the GPUs were busy
   (the union of each GPU's trial intervals) and the GPU-hours one trial per GPU would have held them
@@ -93,9 +97,114 @@ def predictions(trials: pd.DataFrame, not_modelled: Sequence[str] = ()) -> Predi
             if not (rows["memory_kind"] == "cuda_reserved").any()
             else ""
         )
+        if tensor_peaks(trials) is not None:
+            text += " The CPU tensor peak is compared with the estimator's CPU prediction below."
     if not_modelled:
         text += f" Not modelled by the estimator: {'; '.join(not_modelled)}."
     return Predictions(rows=rows, text=text)
+
+
+# --- the CPU tensor peak ------------------------------------------------------------------------------
+
+TENSOR = "tensor_peak_mib"
+TENSOR_PREDICTED = "predicted_tensor_peak_mib"
+TENSOR_ERROR = "tensor_peak_error_pct"
+TENSOR_KIND = "cpu_tensor_peak"
+TENSOR_COLUMNS = [
+    "trial_id", "status", "r", "target_modules", "micro_batch_size", "tensor_peak_seq_len", TENSOR_PREDICTED, TENSOR,
+    TENSOR_ERROR,
+]
+TENSOR_HOW = (
+    "Measured: the most tensor bytes alive at once in each CPU trial over its first optimizer steps and first "
+    "evaluation (memory kind cpu_tensor_peak: torch.profiler's CPU allocator events summed in time order, plus the "
+    "tensors the trial held when each window opened). Predicted: the estimator's allocated bytes for the same CPU "
+    "setup (fp32, no autocast, its optimizer), at the batch size and padded length the profiled batches had."
+)
+
+
+def tensor_peak_rows(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials that measured a CPU tensor peak: predicted and measured side by side, with the error."""
+    if TENSOR not in trials:
+        return pd.DataFrame(columns=TENSOR_COLUMNS)
+    have = trials[pd.to_numeric(trials[TENSOR], errors="coerce").notna()]
+    columns = [c for c in TENSOR_COLUMNS if c in have]
+    return have[columns].reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class TensorPeaks:
+    """What the report says about the CPU tensor peak (report.md and report.html).
+
+    Attributes:
+        rows: tensor_peak_rows(trials).
+        text: How it was measured and predicted, the error, and how far it moved against host RSS.
+        line: One summary line.
+    """
+
+    rows: pd.DataFrame
+    text: str
+    line: str
+
+
+def tensor_peaks(trials: pd.DataFrame) -> TensorPeaks | None:
+    """The CPU tensor-peak comparison, None when no trial measured one (GPU runs, older experiments)."""
+    rows = tensor_peak_rows(trials)
+    if rows.empty:
+        return None
+    measured = pd.to_numeric(rows[TENSOR], errors="coerce")
+    errors = pd.to_numeric(rows[TENSOR_ERROR], errors="coerce").dropna() if TENSOR_ERROR in rows else pd.Series(dtype="float64")
+    spread = f"{measured.min():,.3f}-{measured.max():,.3f} MiB over {_count(len(rows), 'trial')}"
+    if len(errors):
+        fit = (
+            f"prediction error (predicted - measured) / measured: mean absolute {errors.abs().mean():.1f}%, "
+            f"largest {errors.abs().max():.1f}%, over {_count(len(errors), 'trial')}"
+        )
+    else:
+        fit = "no prediction (the estimator does not model this model)"
+    rss = pd.Series(dtype="float64")
+    if "memory_kind" in trials and MEMORY in trials:
+        rss = pd.to_numeric(trials.loc[trials["memory_kind"] == "host_rss", MEMORY], errors="coerce").dropna()
+    against = (
+        f" Host RSS of the same trials spans {rss.min():,.0f}-{rss.max():,.0f} MiB: Python and the libraries drown the "
+        "model there, which is why the quality-vs-memory chart and this table use the tensor peak."
+        if len(rss) > 1
+        else ""
+    )
+    text = f"{TENSOR_HOW} Measured {spread}; {fit}.{against}"
+    line = f"CPU tensor peak (cpu_tensor_peak, not VRAM): {spread}; {fit}"
+    return TensorPeaks(rows=rows, text=text, line=line)
+
+
+def chart_memory(ranked: pd.DataFrame, memory_kind: str | None) -> tuple[pd.DataFrame, str | None]:
+    """The memory the quality-vs-memory chart plots: on a CPU run the tensor peak, where every trial has one.
+
+    Host RSS is dominated by Python and the libraries (every smoke trial reads 620-640 MiB); the tensor peak
+    (memory kind cpu_tensor_peak) moves with the configuration. Returns the frame with peak_memory_mib
+    replaced by the tensor peak, and the kind to label the axis with; otherwise both unchanged.
+    """
+    if memory_kind != "host_rss" or TENSOR not in ranked or ranked.empty:
+        return ranked, memory_kind
+    tensor = pd.to_numeric(ranked[TENSOR], errors="coerce").astype("float64")
+    if not all(is_finite_number(v) for v in tensor):
+        return ranked, memory_kind
+    return ranked.assign(**{MEMORY: tensor}), "cpu_tensor_peak"
+
+
+def _tensor_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """The tensor-peak rows as report.md shows them."""
+    shown = pd.DataFrame({c: rows[c] for c in rows.columns if c not in (TENSOR_PREDICTED, TENSOR, TENSOR_ERROR)})
+    shown = shown.rename(columns={"tensor_peak_seq_len": "padded seq_len"})
+    missing = pd.Series([None] * len(rows), index=rows.index)
+    shown["predicted (MiB)"] = [_mib3(v) for v in rows.get(TENSOR_PREDICTED, missing)]
+    shown["measured (MiB)"] = [_mib3(v) for v in rows[TENSOR]]
+    shown["error"] = [f"{float(v):+.1f}%" if is_finite_number(v) else "" for v in rows.get(TENSOR_ERROR, missing)]
+    return shown
+
+
+def _mib3(value: Any) -> str:
+    if not is_finite_number(value):
+        return ""
+    return f"{float(value):,.3f}" if abs(float(value)) < 100 else f"{float(value):,.0f}"
 
 
 # --- packing ----------------------------------------------------------------------------------------
@@ -261,6 +370,9 @@ def memory_summary_lines(trials: pd.DataFrame, spec: SpecLike) -> list[str]:
         if oom:
             parts.append(f"{_count(oom, 'trial')} ran out of memory")
         lines.append("memory: " + "; ".join(parts))
+    tensors = tensor_peaks(trials)
+    if tensors is not None:
+        lines.append(tensors.line)
     summary = packing_summary(trials)
     if summary is not None:
         lines.append("packing: " + packing_lines(summary)[0] + f"; {summary.saved_pct:.0f}% GPU-hours saved"
@@ -287,6 +399,9 @@ def memory_markdown(
             }
         )
         parts += ["## Memory: predicted vs measured", "", predicted.text, "", table(shown), ""]
+    tensors = tensor_peaks(trials)
+    if tensors is not None:
+        parts += ["## CPU tensor peak: predicted vs measured", "", tensors.text, "", table(_tensor_table(tensors.rows)), ""]
     summary = packing_summary(trials)
     if summary is not None:
         parts += ["## GPU packing", "", *[f"- {line}" for line in packing_lines(summary)], ""]
@@ -326,6 +441,19 @@ def memory_html(
             headers={"predicted_memory_mib": "predicted VRAM (MiB)", MEMORY: "measured (MiB)", "error": "error"},
         )
         parts.append(f"<h2>Predicted vs measured memory</h2><p>{escape(predicted.text)}</p>{table}")
+    tensors = tensor_peaks(trials)
+    if tensors is not None:
+        table = data_table(
+            tensors.rows,
+            list(tensors.rows.columns),
+            headers={
+                "tensor_peak_seq_len": "padded seq_len",
+                TENSOR_PREDICTED: "predicted (MiB)",
+                TENSOR: "measured (MiB, cpu_tensor_peak)",
+                TENSOR_ERROR: "error",
+            },
+        )
+        parts.append(f"<h2>CPU tensor peak: predicted vs measured</h2><p>{escape(tensors.text)}</p>{table}")
     summary = packing_summary(trials)
     if summary is not None:
         parts.append("<h2>GPU packing</h2><ul>" + "".join(f"<li>{escape(line)}</li>" for line in packing_lines(summary)) + "</ul>")

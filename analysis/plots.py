@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from analysis.memory_report import TENSOR, TENSOR_PREDICTED, chart_memory
 from analysis.pareto import MEMORY, MIB_PER_GIB, QUALITY, pareto_front
 from core.status import TrialStatus
 
@@ -30,7 +31,9 @@ DPI = 110
 MEMORY_AXIS = {
     "cuda_reserved": "peak GPU memory, {unit} (VRAM: torch.cuda.max_memory_reserved)",
     "host_rss": "peak memory, {unit} (host RSS of the trial process: CPU run, not VRAM)",
+    "cpu_tensor_peak": "CPU tensor peak, {unit} (live tensor bytes, torch.profiler allocator events: not VRAM)",
 }
+
 
 
 def target_colours(labels: Sequence[str]) -> dict[str, str]:
@@ -62,8 +65,13 @@ def _figure(width: float = 7.5, height: float = 4.2) -> tuple[Figure, Any]:
     return fig, ax
 
 
-def _target_legend(ax: Any, colours: dict[str, str], statuses: Sequence[str], loc: str = "best") -> None:
+def _target_legend(
+    ax: Any, colours: dict[str, str], statuses: Sequence[str], loc: str = "best", predicted: bool = False
+) -> None:
     handles = [Line2D([], [], marker="o", linestyle="", color=c, label=label) for label, c in colours.items()]
+    if predicted:
+        handles.append(Line2D([], [], marker="D", linestyle="", color="#555555", markerfacecolor="none",
+                              label="predicted (estimator)"))
     handles += [
         Line2D([], [], marker=STATUS_MARKERS.get(s, "o"), linestyle="", color="#555555", label=s.replace("_", " "))
         for s in statuses
@@ -86,11 +94,25 @@ def quality_vs_memory(
     """
     if ranked.empty:
         return None
+    ranked, memory_kind = chart_memory(ranked, memory_kind)
     scale, unit = memory_scale(ranked[MEMORY])
     colours = target_colours(ranked["target_modules"].fillna("?").astype(str))
     fig, ax = _figure()
     x = ranked[MEMORY].astype(float) / scale
     y = ranked[QUALITY].astype(float)
+    predicted = None
+    if memory_kind == "cpu_tensor_peak" and TENSOR_PREDICTED in ranked:
+        predicted = pd.to_numeric(ranked[TENSOR_PREDICTED], errors="coerce").astype(float) / scale
+        shown = np.isfinite(predicted.to_numpy(na_value=np.nan))
+        if shown.any():
+            # Predicted beside measured: a hollow diamond at the same loss, joined to the measured point.
+            for xp, xm, yy in zip(predicted[shown], x[shown], y[shown]):
+                ax.plot([xp, xm], [yy, yy], color="#bbbbbb", linewidth=0.8, zorder=1)
+            ax.scatter(predicted[shown], y[shown], marker="D", s=30, facecolors="none",
+                       edgecolors=[colours[str(t)] for t in ranked.loc[shown, "target_modules"].fillna("?")],
+                       linewidths=1.0, zorder=2)
+        else:
+            predicted = None
     for status in ranked["status"].unique():
         part = ranked["status"] == status
         ax.scatter(
@@ -110,11 +132,11 @@ def quality_vs_memory(
                 label="Pareto front")
         ax.scatter(front[MEMORY] / scale, front[QUALITY], s=130, facecolors="none", edgecolors="#333333",
                    linewidths=1.0, zorder=4)
-    for trial_id in highlight:
+    for i, trial_id in enumerate(highlight):
         row = ranked[ranked["trial_id"] == trial_id]
-        if not row.empty:
+        if not row.empty:  # stacked, so two highlighted trials at one point stay readable
             ax.annotate(str(trial_id), (float(row[MEMORY].iloc[0]) / scale, float(row[QUALITY].iloc[0])),
-                        textcoords="offset points", xytext=(6, 6), fontsize=8)
+                        textcoords="offset points", xytext=(6, 6 + 10 * i), fontsize=8)
     if memory_kind == "cuda_reserved":
         low, high = ax.get_xlim()
         for budget in budgets_gib:
@@ -126,8 +148,54 @@ def quality_vs_memory(
         ax.set_yscale("log")
     ax.set_xlabel(memory_axis_label(memory_kind, unit))
     ax.set_ylabel("best eval loss (nats/token, lower is better)")
-    ax.set_title("Quality vs peak memory (ringed: Pareto front)", fontsize=10)
-    _target_legend(ax, colours, sorted(ranked["status"].unique()))
+    if memory_kind == "cpu_tensor_peak":
+        ax.set_title("Quality vs CPU tensor peak (ringed: Pareto front on this axis"
+                     + ("; hollow diamonds: predicted" if predicted is not None else "") + ")", fontsize=10)
+    else:
+        ax.set_title("Quality vs peak memory (ringed: Pareto front)", fontsize=10)
+    _target_legend(ax, colours, sorted(ranked["status"].unique()), predicted=predicted is not None)
+    return _png(fig)
+
+
+def predicted_vs_measured(trials: pd.DataFrame) -> bytes | None:
+    """Predicted against measured memory, one point per trial, with the y = x line and a +-10% band.
+
+    Plots the CPU tensor peak against the estimator's CPU prediction where trials measured it, and
+    VRAM (cuda_reserved) against the VRAM prediction where they measured that; the two are never mixed.
+    """
+    pairs = []
+    if TENSOR in trials and TENSOR_PREDICTED in trials:
+        pairs.append(("cpu_tensor_peak", trials[TENSOR], trials[TENSOR_PREDICTED], trials))
+    if "memory_kind" in trials and "predicted_memory_mib" in trials:
+        vram = trials[(trials["memory_kind"] == "cuda_reserved").fillna(False).astype(bool)]
+        pairs.append(("cuda_reserved", vram[MEMORY], vram["predicted_memory_mib"], vram))
+    for kind, measured, predicted, frame in pairs:
+        m = pd.to_numeric(measured, errors="coerce").astype(float)
+        p = pd.to_numeric(predicted, errors="coerce").astype(float)
+        keep = np.isfinite(m.to_numpy(na_value=np.nan)) & np.isfinite(p.to_numpy(na_value=np.nan)) & (m > 0).to_numpy()
+        if keep.any():
+            break
+    else:
+        return None
+    m, p, frame = m[keep], p[keep], frame[keep]
+    scale, unit = memory_scale(pd.concat([m, p]))
+    m, p = m / scale, p / scale
+    colours = target_colours(frame["target_modules"].fillna("?").astype(str)) if "target_modules" in frame else {}
+    fig, ax = _figure(6.2, 4.6)
+    low, high = float(min(m.min(), p.min())) * 0.95, float(max(m.max(), p.max())) * 1.05
+    line = np.array([low, high])
+    ax.fill_between(line, line * 0.9, line * 1.1, color="#dddddd", alpha=0.6, label="within 10%")
+    ax.plot(line, line, color="#555555", linewidth=1, label="predicted = measured")
+    ax.scatter(m, p, c=[colours.get(str(t), PALETTE[0]) for t in frame.get("target_modules", pd.Series(["?"] * len(m)))],
+               s=46, edgecolors="white", linewidths=0.5, zorder=3)
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+    what = {"cpu_tensor_peak": "CPU tensor peak", "cuda_reserved": "VRAM, torch.cuda.max_memory_reserved"}[kind]
+    ax.set_xlabel(f"measured, {unit} ({what})")
+    ax.set_ylabel(f"predicted, {unit} (trainables/memory_estimator.py)")
+    ax.set_title(f"Predicted vs measured memory ({what}; shaded: within 10%)", fontsize=10)
+    handles = [Line2D([], [], marker="o", linestyle="", color=c, label=label) for label, c in colours.items()]
+    ax.legend(handles=handles, title="target modules", fontsize=8, title_fontsize=8, loc="upper left")
     return _png(fig)
 
 

@@ -13,7 +13,9 @@ report.md here and report.html in analysis.html, and writes, under EXPERIMENT_DI
 Everything is rendered in memory first and written only then, each file atomically where the
 filesystem allows, report.html last; a sweep still running gets a report marked as partial.
 Every memory figure carries its kind next to it (cuda_reserved = VRAM, host_rss = the CPU process's
-RSS), so nobody mistakes a CPU number for VRAM.
+RSS, cpu_tensor_peak = a CPU trial's live tensor bytes), so nobody mistakes a CPU number for VRAM.
+On a CPU run the quality-vs-memory chart plots the tensor peak (host RSS barely moves), with the
+estimator's prediction beside each point.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from trainables.metrics import COLUMNS
 
 PLOT_NAMES = {
     "quality_vs_memory": "Quality vs peak memory",
+    "predicted_vs_measured": "Predicted vs measured memory",
     "loss_curves": "Eval-loss curves",
     "importance": "Hyperparameter importance",
     "rank_targets": "Rank x target modules",
@@ -162,6 +165,7 @@ def render_plots(analysis: Analysis) -> dict[str, bytes]:
     highlight = [t for t in dict.fromkeys([best_id, analysis.cheapest["trial_id"] if analysis.cheapest is not None else None]) if t]
     charts = {
         "quality_vs_memory": plots.quality_vs_memory(analysis.ranked, analysis.memory_kind, analysis.budgets_gib, highlight),
+        "predicted_vs_measured": plots.predicted_vs_measured(analysis.exp.trials),
         "loss_curves": plots.loss_curves(
             analysis.exp.curves, analysis.exp.trials, asha_rung_steps(analysis.exp.saved_spec), best_id
         ),
@@ -211,21 +215,40 @@ def write_report(
 
 def bad_rows_section(exp: Experiment) -> list[str]:
     """report.md's list of the data rows the sweep skipped (from data_report.json, read at load)."""
+    from analysis.summary import skip_rules
+
     data = exp.data_report
-    if not data or not data.get("skipped_rows"):
+    if not data:
         return []
-    listed = list(data.get("skipped") or [])
-    more = int(data["skipped_rows"]) - len(listed)
-    return [
-        "## Bad rows skipped",
-        "",
-        f"`{data.get('path')}`: {data['skipped_rows']} of {data.get('rows_read')} rows were skipped "
-        "(data.on_bad_rows: skip). Fix them, or set on_bad_rows: error to stop on them.",
-        "",
-        *[f"- {message}" for message in listed],
-        *([f"- ... and {more} more"] if more > 0 else []),
-        "",
-    ]
+    lines: list[str] = []
+    if data.get("skipped_rows"):
+        listed = list(data.get("skipped") or [])
+        more = int(data["skipped_rows"]) - len(listed)
+        lines += [
+            "## Bad rows skipped",
+            "",
+            f"`{data.get('path')}`: {data['skipped_rows']} of {data.get('rows_read')} rows were skipped "
+            f"({skip_rules(data)}). Fix them, or set on_bad_rows / on_long_rows: error to stop on them.",
+            "",
+            *[f"- {message}" for message in listed],
+            *([f"- ... and {more} more"] if more > 0 else []),
+            "",
+        ]
+    if data.get("truncated_rows"):
+        listed = list(data.get("truncated") or [])
+        more = int(data["truncated_rows"]) - len(listed)
+        lines += [
+            "## Long rows truncated",
+            "",
+            f"`{data.get('path')}`: {data['truncated_rows']} rows were longer than data.max_seq_length "
+            f"({data.get('max_seq_length')}) and were cut to it (data.on_long_rows: truncate): the response loses its "
+            "end, the prompt is never cut.",
+            "",
+            *[f"- {message}" for message in listed],
+            *([f"- ... and {more} more"] if more > 0 else []),
+            "",
+        ]
+    return lines
 
 
 # --- publishing: never a half-written report that looks complete (see docs/reliability.md) ---------

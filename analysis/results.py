@@ -161,6 +161,8 @@ def _load_trial(
         "trial_dir": folder.trial_dir(path, trial_id),
         "best_step": _best(evals).get("step"),
         "predicted_memory_mib": _predicted_memory(results, params),
+        # The CPU tensor peak: measured once per attempt, carried by every later report (the last wins).
+        **{key: _last_reported(results, key) for key in TENSOR_PEAK_KEYS},
         "checkpoint_path": _best_checkpoint(path, trial_id, results),
         # Memory admission, packing and OOM handling (sweeps/admission.py, trainables/qlora.py).
         "gpu_fraction": last.get("gpu_fraction"),
@@ -190,6 +192,18 @@ def _best(evals: list[dict[str, Any]]) -> dict[str, Any]:
     """The report with the lowest finite eval_loss ({} if none); the earliest wins a tie."""
     finite = [r for r in evals if is_finite_number(r.get("eval_loss"))]
     return min(finite, key=lambda r: r["eval_loss"]) if finite else {}
+
+
+TENSOR_PEAK_KEYS = ("tensor_peak_mib", "tensor_peak_kind", "predicted_tensor_peak_mib", "tensor_peak_seq_len")
+
+
+def _last_reported(results: list[dict[str, Any]], key: str) -> Any:
+    """The value of `key` in the latest report that has one (None if none does)."""
+    for result in reversed(results):
+        value = result.get(key)
+        if value is not None and (isinstance(value, str) or is_finite_number(value)):
+            return value
+    return None
 
 
 def _predicted_memory(results: list[dict[str, Any]], params: dict[str, Any]) -> float | None:
@@ -268,6 +282,9 @@ def _typed_table(rows: list[dict[str, Any]], config_columns: list[str]) -> pd.Da
     vram = (frame["memory_kind"] == "cuda_reserved").fillna(False).astype(bool)
     error = (frame["predicted_memory_mib"] - frame["peak_memory_mib"]) / frame["peak_memory_mib"] * 100
     frame["memory_error_pct"] = error.where(vram).astype("float64")
+    # The CPU tensor peak against the estimator's allocated bytes for the same CPU setup (same quantity).
+    tensor_error = (frame["predicted_tensor_peak_mib"] - frame["tensor_peak_mib"]) / frame["tensor_peak_mib"] * 100
+    frame["tensor_peak_error_pct"] = tensor_error.astype("float64")
     return frame.sort_values(["status", "best_eval_loss"], key=_status_order, na_position="last").reset_index(drop=True)
 
 

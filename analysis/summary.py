@@ -188,6 +188,8 @@ def trial_table_columns(analysis: Analysis) -> list[str]:
     shown = ["trial_id", "status", *varying, QUALITY, "final_eval_loss", "best_step", "steps", MEMORY, "memory_kind"]
     if analysis.exp.trials["predicted_memory_mib"].notna().any():
         shown += ["predicted_memory_mib", "memory_error_pct"]
+    # CPU runs: the tensor peak, which moves with the configuration where host RSS does not.
+    shown += ["tensor_peak_mib", "predicted_tensor_peak_mib", "tensor_peak_error_pct"]
     shown += ["trainable_params", "tokens_per_s", "wall_s", "node"]
     trials = analysis.exp.trials
     shown = [c for c in shown if c not in constant_columns(analysis)]
@@ -278,6 +280,14 @@ def summary_lines(analysis: Analysis) -> list[str]:
     return lines
 
 
+def skip_rules(data: dict[str, Any]) -> str:
+    """Which data settings dropped rows, as data_report.json records them."""
+    rules = [f"data.{key}: skip" for key in ("on_bad_rows", "on_long_rows") if data.get(key) == "skip"]
+    if data.get("on_long_rows") == "skip" and data.get("on_bad_rows") == "skip":
+        rules = ["data.on_bad_rows: skip"]  # on_long_rows follows on_bad_rows unless set apart
+    return ", ".join(rules) or "data.on_bad_rows: skip"
+
+
 def input_lines(exp: Experiment) -> list[str]:
     """Summary lines about what went into the sweep: bad rows skipped, remote code trusted."""
     lines = []
@@ -286,8 +296,13 @@ def input_lines(exp: Experiment) -> list[str]:
         lines.append(f"data: {DATA_REPORT_FILE} is unreadable, so skipped bad rows cannot be counted")
     elif data and data.get("skipped_rows"):
         lines.append(
-            f"data: {data['skipped_rows']} bad rows skipped (data.on_bad_rows: skip) of {data.get('rows_read')} read; "
+            f"data: {data['skipped_rows']} bad rows skipped ({skip_rules(data)}) of {data.get('rows_read')} read; "
             f"trained on {data.get('train_rows')}, evaluated on {data.get('eval_rows')}; listed in the report"
+        )
+    if data and data.get("truncated_rows"):
+        lines.append(
+            f"data: {data['truncated_rows']} rows longer than data.max_seq_length ({data.get('max_seq_length')}) "
+            "were truncated (data.on_long_rows: truncate; the response cut, never the prompt); listed in the report"
         )
     model = exp.saved_spec.model
     if model.trust_remote_code:

@@ -95,16 +95,19 @@ class TrainerClock:
         return self.train_s - self.eval_s
 
 
-def run_ours(spec: Any, data: Any) -> dict[str, Any]:
+def run_ours(
+    spec: Any, data: Any, trial: dict[str, Any] | None = None, callbacks: Any = (), reports: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Our trial function; `trial` defaults to TINY_TRIAL, `reports` (if given) receives what it reported."""
     from sweeps.plan import trial_job
     from trainables.qlora import run_trial
 
-    reports: list[dict[str, Any]] = []
+    reports = [] if reports is None else reports
     start = time.perf_counter()
     with TrainerClock() as clock:
         last = run_trial(
-            dict(_common.TINY_TRIAL), trial_job(spec), report=lambda metrics, checkpoint_dir=None: reports.append(metrics),
-            data=data,
+            dict(trial or _common.TINY_TRIAL), trial_job(spec),
+            report=lambda metrics, checkpoint_dir=None: reports.append(metrics), data=data, callbacks=callbacks,
         )
     wall = time.perf_counter() - start
     return {
@@ -120,25 +123,29 @@ def run_ours(spec: Any, data: Any) -> dict[str, Any]:
     }
 
 
-def run_bare(spec: Any, model_path: str, data: Any) -> dict[str, Any]:
+def run_bare(
+    spec: Any, model_path: str, data: Any, trial: dict[str, Any] | None = None, device: str = "cpu"
+) -> dict[str, Any]:
     """The plain QLoRA recipe (as in the QLoRA paper's example), with the trainable's own TrainingSetup.
+
+    `trial` defaults to TINY_TRIAL; `device` "cuda" runs it on the GPU (benchmarks/gpu_truth.py).
 
     `spec.train.eval_every` only decides how many trailing per-step losses to average, to compare
     with the training loss our trainable reports for its last evaluation round.
     """
     import torch
-    from datasets import Dataset
     from trl import SFTTrainer
 
+    from trainables.data import trained_as_prepared
     from trainables.params import TrialConfig
     from trainables.training_setup import TrainingSetup, load_tokenizer
     from trainables.workarounds import keep_adapters_in_compute_dtype, remove_printer_callback
 
-    trial = TrialConfig.from_tune(_common.TINY_TRIAL, spec.train.batch_size)
+    trial = TrialConfig.from_tune(trial or _common.TINY_TRIAL, spec.train.batch_size)
     eval_every = spec.train.eval_every
     start = time.perf_counter()
-    torch.set_num_threads(1)  # one CPU per trial, as the sweep gives it
-    setup = TrainingSetup.resolve(spec.model, spec.train, "cpu")  # fp32 compute, adamw_torch
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_trial)))  # as run_trial does (1 in TINY_SPEC)
+    setup = TrainingSetup.resolve(spec.model, spec.train, device)  # on CPU: fp32 compute, adamw_torch
     tokenizer = load_tokenizer(model_path, spec.model)
     # NF4 + double quant, prepare_model_for_kbit_training (and the CPU repack fix, a no-op without evaluation).
     model = setup.load_model(model_path, spec.model)
@@ -146,10 +153,12 @@ def run_bare(spec: Any, model_path: str, data: Any) -> dict[str, Any]:
     try:
         trainer = SFTTrainer(
             model=model,
+            # The tokens preflight made, as the trainable trains on them (trainables/data.py).
             args=setup.sft_config(
-                trial, spec.train, spec.data, output_dir, spec.train.grad_accum, eval_strategy="no", save_strategy="no"
+                trial, spec.train, spec.data, output_dir, spec.train.grad_accum, eval_strategy="no", save_strategy="no",
+                **trained_as_prepared(data),
             ),
-            train_dataset=Dataset.from_list(data.train),
+            train_dataset=data.datasets()[0],
             processing_class=tokenizer,
             peft_config=setup.lora_config(trial, model.config.model_type),
         )

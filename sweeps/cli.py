@@ -60,8 +60,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"schema ok: {args.spec}")
     checked = preflight(spec, offline=args.offline)
     rows = (
-        f"{len(checked.data.train)} train / {len(checked.data.eval)} eval rows"
+        f"{checked.data.train_rows} train / {checked.data.eval_rows} eval rows"
         + (f", {len(checked.data.skipped)} bad rows will be skipped" if checked.data.skipped else "")
+        + (f", {len(checked.data.truncated)} long rows will be truncated" if checked.data.truncated else "")
         if checked.data is not None
         else "data not read"
     )

@@ -24,7 +24,7 @@ from core import experiment_folder, storage
 from core.run_plan import write_run_plan
 from sweeps.local_env import QUIET_ENV
 from sweeps.memory_plan import MemoryPlan, detect_gpu_size, gpu_names, memory_plan
-from sweeps.plan import make_run_plan, trial_job, trial_model_path
+from sweeps.plan import make_run_plan, resolved_data, trial_job, trial_model_path
 from sweeps.spec import SpecError, SweepSpec
 from trainables.job import TrialJob
 from trainables.metrics import tune_mode
@@ -65,14 +65,14 @@ def preflight(spec: SweepSpec, *, check_storage: bool = True, offline: bool = Fa
     Raises:
         SpecError: With every problem found: model config, target modules, data rows, storage.
     """
-    from trainables.data import DataError, is_local_data, prepare_data
+    from trainables.data import DataError, prepare_data
     from trainables.targets import check_targets
     from trainables.tiny_models import is_builtin
 
     problems: list[str] = []
     skipped: list[str] = []
     model_path, config, tokenizer = spec.model.path, None, None
-    hub_model = not is_builtin(spec.model.path) and not Path(spec.resolve_path(spec.model.path)).exists()
+    hub_model = not is_builtin(spec.model.path) and spec.is_hub_id(spec.model.path)
     if offline and hub_model:
         skipped.append(f"model config, tokenizer and target modules of hub model '{spec.model.path}'")
     else:
@@ -91,15 +91,19 @@ def preflight(spec: SweepSpec, *, check_storage: bool = True, offline: bool = Fa
             f"data.format: 'chat' needs a tokenizer with a chat template, and {spec.model.path} has none; "
             "use format: instruction or text, or a chat model"
         )
+        tokenizer = None  # the rows are still checked; without a template they cannot be tokenized
     data = None
     data_path = spec.resolve_path(spec.data.path)
-    if offline and not is_local_data(data_path):
-        skipped.append(f"rows of hub dataset '{spec.data.path}'")
+    data_spec = resolved_data(spec)
+    hub_data = [p for p in (spec.data.path, spec.data.eval_path) if p and spec.is_hub_id(p)]
+    if offline and hub_data:
+        skipped.extend(f"rows of hub dataset '{p}'" for p in hub_data)
     else:
         if tokenizer is None and not problems:
             skipped.append("row lengths against data.max_seq_length (they need the tokenizer)")
         try:
-            data = prepare_data(data_path, spec.data, tokenizer)
+            # Every row is read, checked and tokenized here, once: trials train on these tokens.
+            data = prepare_data(data_path, data_spec, tokenizer)
         except DataError as exc:
             problems.extend(f"data: {p}" for p in exc.problems[:10])
             if exc.total > 10:
@@ -165,6 +169,14 @@ def read_model_config(spec: SweepSpec) -> tuple[str, Any, str | None]:
                 f"model.path: '{spec.model.path}' needs its own Python code to load ({first.split('. ')[0]}), "
                 "and model.trust_remote_code is false, so it was not run. Read that code; only if you trust it, "
                 "set model.trust_remote_code: true"
+            )
+        if spec.is_hub_id(spec.model.path):
+            from core.hub import hub_advice
+
+            revision = f" at revision {spec.model.revision!r}" if spec.model.revision else ""
+            return model_path, None, (
+                f"model.path: cannot read the model config of '{spec.model.path}'{revision}, a hub model id that "
+                f"could not be reached ({first}). {hub_advice('model')}"
             )
         return model_path, None, (
             f"model.path: cannot read the model config of '{spec.model.path}' ({first}). "
@@ -267,7 +279,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> tuple[str, 
 # secrets stay in the environment. (Test fault injection does not travel here: tests name their
 # plug-ins in train.callbacks, see tests/fault_plugins.py.)
 FORWARDED_ENV = (
-    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HOME", "HF_HUB_OFFLINE", "QLORA_SWEEP_CACHE",
+    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_ENDPOINT", "QLORA_SWEEP_CACHE",
     # S3 storage: cloud nodes use instance profiles and set none of these, but an S3-compatible
     # endpoint (MinIO, moto) or explicit keys must reach the workers, which write results directly.
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
@@ -450,7 +462,9 @@ def make_trainable(checked: Preflight, job: TrialJob, plan: MemoryPlan | None = 
     resources: Any = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial, **spec.resources.custom}
     if spec.resources.pack and plan is not None:
         resources = partial(trial_resources, plan=plan)
-    return tune.with_resources(tune.with_parameters(train_qlora, job=job, data=checked.data), resources)
+    # The tokens preflight made, without their text: trials train on them and never re-tokenize.
+    data = checked.data.for_trials() if checked.data is not None else None
+    return tune.with_resources(tune.with_parameters(train_qlora, job=job, data=data), resources)
 
 
 def trial_dirname(trial: Any) -> str:
@@ -479,6 +493,8 @@ def saved_spec(checked: Preflight, storage_path: str) -> dict[str, Any]:
     raw = spec.model_dump(mode="json")
     raw["model"]["path"] = trial_model_path(spec, checked.model_path)
     raw["data"]["path"] = spec.resolve_path(spec.data.path)
+    if spec.data.eval_path:
+        raw["data"]["eval_path"] = spec.resolve_path(spec.data.eval_path)
     raw["storage"] = storage_path
     return raw
 
@@ -496,11 +512,20 @@ def data_report(checked: Preflight) -> dict[str, Any]:
         "path": spec.resolve_path(spec.data.path),
         "checked": True,
         "on_bad_rows": spec.data.on_bad_rows,
+        "on_long_rows": spec.data.long_rows,
         "rows_read": data.rows_read,
-        "train_rows": len(data.train),
-        "eval_rows": len(data.eval),
+        "train_rows": data.train_rows,
+        "eval_rows": data.eval_rows,
         "skipped_rows": len(data.skipped),
         "skipped": data.skipped[:MAX_SKIPPED_KEPT],
+        "truncated_rows": len(data.truncated),
+        "truncated": data.truncated[:MAX_SKIPPED_KEPT],
+        "max_seq_length": spec.data.max_seq_length,
+        **(
+            {"train_tokens": data.train_tokens.tokens, "train_loss_tokens": data.train_tokens.loss_tokens}
+            if data.train_tokens is not None
+            else {}
+        ),
     }
 
 
@@ -550,8 +575,9 @@ def run_sweep(
         )
     checked = _with_study(checked, experiment_dir, experiment_name, resuming=False)
     log(
-        f"[qlora-sweep] data: {len(checked.data.train)} train / {len(checked.data.eval)} eval rows"
+        f"[qlora-sweep] data: {checked.data.train_rows} train / {checked.data.eval_rows} eval rows"
         + (f", {len(checked.data.skipped)} bad rows skipped" if checked.data.skipped else "")
+        + (f", {len(checked.data.truncated)} long rows truncated" if checked.data.truncated else "")
     )
     return _sweep(checked, _Experiment(experiment_dir, experiment_name, storage_path), address, log, sampler)
 

@@ -18,6 +18,7 @@ from core import provenance
 from core.run_plan import PLAN_FORMAT_VERSION, MemorySummary, ModelSummary, RunPlan
 from sweeps.spec import SweepSpec
 from trainables.job import TrialJob
+from trainables.settings import DataSpec
 from trainables.tiny_models import is_builtin
 from trainables.training_setup import TrainingSetup
 from trainables.trial_memory import not_modelled
@@ -37,6 +38,15 @@ def trial_model_path(spec: SweepSpec, resolved: str | None = None) -> str:
     return resolved or spec.resolve_path(spec.model.path)
 
 
+def resolved_data(spec: SweepSpec) -> DataSpec:
+    """The data section with data.path and data.eval_path resolved against the spec file's folder
+    (hub ids stay ids)."""
+    update = {"path": spec.resolve_path(spec.data.path)}
+    if spec.data.eval_path:
+        update["eval_path"] = spec.resolve_path(spec.data.eval_path)
+    return spec.data.model_copy(update=update)
+
+
 def trial_job(spec: SweepSpec, *, model_path: str | None = None, model_config: Any = None) -> TrialJob:
     """The job every trial of this sweep receives: paths resolved, the model config read once.
 
@@ -51,7 +61,7 @@ def trial_job(spec: SweepSpec, *, model_path: str | None = None, model_config: A
         model=spec.model,
         model_path=trial_model_path(spec, model_path),
         base_config=dict(config) if config is not None else None,
-        data=spec.data.model_copy(update={"path": spec.resolve_path(spec.data.path)}),
+        data=resolved_data(spec),
         train=spec.train,
         cpus_per_trial=spec.resources.cpus_per_trial,
         gpus_per_trial=spec.resources.gpus_per_trial,

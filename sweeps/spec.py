@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from core.errors import ProblemsError
+from core.hub import is_hub_id
 from trainables.metrics import OBJECTIVE
 from trainables.params import SpaceSpec
 from trainables.settings import DataSpec, ModelSpec, PathText, Seed, TrainSpec
@@ -253,21 +254,17 @@ class SweepSpec(_Strict):
     def resolve_path(self, value: str) -> str:
         """Resolve a data/model path written in the spec against the spec file's folder.
 
-        Hub ids and builtin: names pass through unchanged.
+        Hub ids (core/hub.py: `namespace/name` that is not a local path), builtin: names and URIs
+        pass through unchanged.
         """
-        if value.startswith("builtin:") or "://" in value:
+        if value.startswith("builtin:") or "://" in value or self.is_hub_id(value):
             return value
         path = Path(value).expanduser()
-        if not path.is_absolute():
-            candidate = (self.base_dir / path).resolve()
-            if candidate.exists() or not _looks_like_hub_id(value):
-                return str(candidate)
-        return str(path)
+        return str(path if path.is_absolute() else (self.base_dir / path).resolve())
 
-
-def _looks_like_hub_id(value: str) -> bool:
-    parts = value.split("/")
-    return len(parts) == 2 and all(parts) and not value.startswith((".", "~")) and "." not in Path(value).suffix
+    def is_hub_id(self, value: str) -> bool:
+        """Whether a model or data path of this spec names a hub repository (see core/hub.py)."""
+        return not value.startswith("builtin:") and "://" not in value and is_hub_id(value, self.base_dir)
 
 
 # --- loading and error rendering --------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from analysis.results import read_trials_csv
 from sweeps.local_env import use_local_env
 
 use_local_env()  # before anything imports ray: every local Ray service binds to 127.0.0.1 only
@@ -22,7 +23,6 @@ from typing import Any
 import psutil
 import pytest
 import yaml
-from analysis.results import read_trials_csv
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_DATA = REPO / "sweeps" / "data" / "smoke_instructions.jsonl"

@@ -105,3 +105,17 @@ def test_memory_effects_quick(tmp_path: Path) -> None:
     (rss,) = payload["tiny_rss"].values()
     assert rss["memory_kind"] == "host_rss" and rss["peak_rss_mib"]["n"] == 1
     assert len(payload["target_quality"]["rows"]) == 1
+
+
+def test_preflight_quick(tmp_path: Path) -> None:
+    stdout, payload = run_quick("preflight", tmp_path)
+    assert "## Preflight of 2,000 instruction rows" in stdout and "## A trial's data setup" in stdout
+    assert payload["before_rev"] and set(payload["runs"]) == {"tiny-llama", "bpe"}
+    for tokenizer in ("tiny-llama", "bpe"):
+        (before,) = payload["runs"][tokenizer]["before"]
+        (after,) = payload["runs"][tokenizer]["after"]
+        # The same rows either way; only the new data module keeps their tokens.
+        assert before["train_rows"] == after["train_rows"] == 1000 and not before["tokenized"] and after["tokenized"]
+    (before,) = payload["runs"]["tiny-llama"]["before"]
+    (after,) = payload["runs"]["tiny-llama"]["after"]
+    assert before["trial"]["train_rows"] == after["trial"]["train_rows"] == 1000

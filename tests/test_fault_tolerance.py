@@ -19,9 +19,9 @@ from typing import Any
 import psutil
 import pytest
 
+from analysis.results import read_trials_csv
 from sweeps.spec import parse_spec
 from tests.conftest import make_spec_dict, ray_pids, wait_for_no_ray_processes
-from analysis.results import read_trials_csv
 
 pytestmark = pytest.mark.integration
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
+from analysis.results import read_trials_csv
 from tests.cli_runs import CliRun, private_ray_tmp, processes_of, run_cli
 from tests.conftest import SMOKE_DATA, make_spec_dict, write_spec
 from tests.fault_plugins import SLOW_TEARDOWN, SLOW_TEARDOWN_ENV
-from analysis.results import read_trials_csv
 
 GOOD_ROWS = SMOKE_DATA.read_text(encoding="utf-8").splitlines()
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from analysis.results import read_trials_csv
 from sweeps.driver import run_sweep
 from sweeps.spec import parse_spec
 from tests.conftest import make_spec_dict, wait_for_no_ray_processes
-from analysis.results import read_trials_csv
 
 pytestmark = pytest.mark.integration
 

@@ -129,3 +129,64 @@ def test_markdown_and_html_say_the_same_about_predictions() -> None:
     mixed = _predicted(["cuda_reserved", "host_rss"], [-10.0, 50.0])
     assert predictions(mixed).text.startswith("Mean absolute error 10.0% over 1 trials")
     assert predictions(_predicted([], [])) is None
+
+
+# --- the CPU tensor peak ------------------------------------------------------------------------------
+
+
+def _cpu_trials() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "trial_id": ["small", "large", "old"],
+            "status": ["completed", "early_stopped", "completed"],
+            "r": [4, 32, 8],
+            "target_modules": ["qv", "all-linear", "qv"],
+            "micro_batch_size": [8, 8, 8],
+            "best_eval_loss": [0.5, 0.4, 0.6],
+            "peak_memory_mib": [630.0, 640.0, 635.0],
+            "memory_kind": ["host_rss", "host_rss", "host_rss"],
+            "predicted_memory_mib": [30.0, 32.0, 31.0],
+            "memory_error_pct": [NAN, NAN, NAN],
+            "tensor_peak_mib": [15.7, 16.4, NAN],  # "old": an experiment from before the tensor peak existed
+            "tensor_peak_kind": ["cpu_tensor_peak", "cpu_tensor_peak", None],
+            "predicted_tensor_peak_mib": [15.8, 17.2, NAN],
+            "tensor_peak_seq_len": [16, 16, None],
+            "tensor_peak_error_pct": [(15.8 - 15.7) / 15.7 * 100, (17.2 - 16.4) / 16.4 * 100, NAN],
+        }
+    )
+
+
+def test_the_cpu_tensor_peak_is_compared_with_its_prediction_and_with_host_rss() -> None:
+    from analysis.memory_report import tensor_peaks
+
+    peaks = tensor_peaks(_cpu_trials())
+    assert peaks is not None and list(peaks.rows["trial_id"]) == ["small", "large"]
+    assert "15.700-16.400 MiB over 2 trials" in peaks.text and "mean absolute 2.8%, largest 4.9%" in peaks.text
+    assert "Host RSS of the same trials spans 630-640 MiB" in peaks.text
+    assert peaks.line.startswith("CPU tensor peak (cpu_tensor_peak, not VRAM)")
+    assert peaks.line in memory_summary_lines(_cpu_trials(), {})
+    md = "\n".join(memory_markdown(_cpu_trials(), {}, _cpu_trials().iloc[0:0], markdown_table))
+    assert "## CPU tensor peak: predicted vs measured" in md and "| small | completed | 4 | qv | 8 | 16 | 15.800 | 15.700 | +0.6% |" in md
+    assert "compared with the estimator's CPU prediction below" in md
+    from analysis.html import data_table
+
+    html = memory_html(_cpu_trials(), {}, _cpu_trials().iloc[0:0], data_table)
+    assert "<h2>CPU tensor peak: predicted vs measured</h2>" in html and "measured (MiB, cpu_tensor_peak)" in html
+    # A GPU run (no tensor peak) has no such section.
+    gpu = _cpu_trials().assign(tensor_peak_mib=NAN)
+    assert tensor_peaks(gpu) is None and "CPU tensor peak" not in "\n".join(memory_markdown(gpu, {}, gpu.iloc[0:0], markdown_table))
+
+
+def test_the_quality_vs_memory_chart_plots_the_tensor_peak_on_a_cpu_run() -> None:
+    from analysis import plots
+    from analysis.memory_report import chart_memory
+
+    ranked = _cpu_trials().iloc[:2]
+    frame, kind = chart_memory(ranked, "host_rss")
+    assert kind == "cpu_tensor_peak" and list(frame["peak_memory_mib"]) == [15.7, 16.4]
+    assert chart_memory(ranked, "cuda_reserved") == (ranked, "cuda_reserved")  # VRAM is charted as measured
+    assert chart_memory(_cpu_trials(), "host_rss")[1] == "host_rss"  # not every trial has one: RSS, as before
+    png = plots.quality_vs_memory(ranked, "host_rss")
+    assert png is not None and png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plots.predicted_vs_measured(_cpu_trials())[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plots.predicted_vs_measured(_cpu_trials().assign(tensor_peak_mib=NAN)) is None

@@ -21,10 +21,10 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from analysis.results import read_trials_csv
 from core import storage
 from sweeps.spec import parse_spec
 from tests.conftest import make_spec_dict, wait_for_no_ray_processes
-from analysis.results import read_trials_csv
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, ray_processes, wait_for_no_ray_processes
 from analysis.results import read_trials_csv
+from tests.conftest import REPO, ray_processes, wait_for_no_ray_processes
 
 pytestmark = pytest.mark.integration
 
@@ -47,6 +47,23 @@ def test_smoke_sweep_runs_end_to_end_and_writes_its_report(tmp_path: Path) -> No
     assert (trials["peak_memory_mib"] > 100).all() and (trials["trainable_params"] > 0).all()
     assert (trials["node"] == "127.0.0.1").all()
     assert "host RSS (CPU, not VRAM)" in (experiment / "report" / "report.md").read_text()
+    # Beside host RSS every trial measured its CPU tensor peak, which moves with the configuration
+    # (RSS barely does) and which the estimator's CPU prediction meets within 10%.
+    assert set(trials["tensor_peak_kind"]) == {"cpu_tensor_peak"}
+    assert (trials["tensor_peak_mib"] > 0).all() and trials["tensor_peak_mib"].nunique() > 1
+    error = (trials["predicted_tensor_peak_mib"] - trials["tensor_peak_mib"]) / trials["tensor_peak_mib"]
+    assert (error.abs() <= 0.10).all(), trials[["trial_id", "tensor_peak_mib", "predicted_tensor_peak_mib"]]
+    assert (trials["tensor_peak_error_pct"] - 100 * error).abs().max() < 1e-6
+    # Larger r on the same targets costs more, measured and predicted alike.
+    same = trials.sort_values("r").groupby(["target_modules", "lora_dropout"])
+    for _, group in same:
+        for lower, higher in zip(group.itertuples(), group.iloc[1:].itertuples()):
+            if higher.r > lower.r:
+                assert higher.predicted_tensor_peak_mib > lower.predicted_tensor_peak_mib
+                assert higher.tensor_peak_mib > lower.tensor_peak_mib, (lower.trial_id, higher.trial_id)
+    report = (experiment / "report" / "report.md").read_text()
+    assert "## CPU tensor peak: predicted vs measured" in report and "cpu_tensor_peak" in report
+    assert (experiment / "report" / "plots" / "predicted_vs_measured.png").exists()
 
     # Preflight's run plan is saved next to sweep_spec.yaml, with the provenance the report shows.
     from core.run_plan import load_run_plan

@@ -134,6 +134,48 @@ BAD_SPECS = [
         r"resources\.cpus_per_trial: got 0; input should be greater than 0",
         id="zero-cpus",
     ),
+    # Data keys (issue 12): configurations, files, split slicing, held-out sets, samples, long rows.
+    pytest.param(
+        with_("data", {"path": "d", "split": "train[:two]"}),
+        r"data\.split: got 'train\[:two\]'; not a split: write a split name, optionally sliced, e\.g\. train, train\[:2000\]",
+        id="bad-split-slice",
+    ),
+    pytest.param(
+        with_("data", {"path": "d", "eval_split": "test[5]"}),
+        r"data\.eval_split: got 'test\[5\]'; not a split",
+        id="bad-eval-split",
+    ),
+    pytest.param(
+        with_("data", {"path": "d", "eval_size": 200, "eval_split": "test"}),
+        r"data: data\.eval_size carves held-out rows out of data\.path, and data\.eval_split names a held-out set of its own; "
+        r"keep one",
+        id="eval-size-and-eval-split",
+    ),
+    pytest.param(
+        with_("data", {"path": "d", "eval_size": 0.2, "eval_path": "held.jsonl"}),
+        r"data: data\.eval_size carves held-out rows .* data\.eval_path names a held-out set of its own",
+        id="eval-size-and-eval-path",
+    ),
+    pytest.param(
+        with_("data", {"path": "d", "max_rows": 0}),
+        r"data\.max_rows: got 0; input should be greater than 0",
+        id="zero-max-rows",
+    ),
+    pytest.param(
+        with_("data", {"path": "d", "data_files": []}),
+        r"data\.data_files: got \[\]; an empty list names no files",
+        id="empty-data-files",
+    ),
+    pytest.param(
+        with_("data", {"path": "d", "on_long_rows": "cut"}),
+        r"data\.on_long_rows: got 'cut'; allowed values: 'error', 'skip' or 'truncate'",
+        id="bad-on-long-rows",
+    ),
+    pytest.param(
+        with_("data", {"path": "d", "config": "main"}),
+        r"data\.config: unknown key 'config'\. Allowed keys here: .*data_files, eval_path, eval_size, eval_split, format, .*max_rows, .*name, on_bad_rows, on_long_rows",
+        id="config-is-name",
+    ),
     # Memory: admission, packing, OOM handling, multi-objective (sweeps/admission.py, docs/memory.md).
     pytest.param(
         with_("resources", {"gpu_memory_gib": 0}),
@@ -214,6 +256,42 @@ def test_all_problems_are_reported_at_once() -> None:
     for key in ("model.quantization", "data.format", "space.r", "space.lora_dropout", "search.max_concurrent"):
         assert key in rendered
     assert "5 problems" in rendered
+
+
+def test_the_data_keys_report_every_problem_at_once() -> None:
+    raw = with_(
+        "data",
+        {"path": "d", "split": "train[", "eval_split": "test", "eval_size": 5, "max_rows": -3, "on_long_rows": "drop",
+         "data_files": 7},
+    )
+    with pytest.raises(SpecError) as info:
+        parse_spec(raw)
+    rendered = info.value.render()
+    for key in ("data.split", "data.max_rows", "data.on_long_rows", "data.data_files"):
+        assert key in rendered, rendered
+    assert "4 problems" in rendered
+
+
+def test_data_keys_round_trip_and_default() -> None:
+    import yaml
+
+    spec = parse_spec(with_("data", {"path": "openai/gsm8k", "name": "main", "data_files": "main/train-*.parquet",
+                                      "split": "train[:2000]", "eval_split": "test[:200]", "max_rows": 500}))
+    assert spec.data.data_files == ("main/train-*.parquet",) and spec.data.held_out and spec.data.long_rows == "error"
+    assert parse_spec(yaml.safe_load(yaml.safe_dump(spec.model_dump(mode="json")))) == spec
+    plain = parse_spec(MINIMAL).data
+    assert plain.eval_size is None and plain.eval_amount == 0.1 and not plain.held_out
+    assert parse_spec(with_("data", {"path": "d", "on_bad_rows": "skip"})).data.long_rows == "skip"
+
+
+def test_every_data_key_is_in_the_readme_table() -> None:
+    from trainables.settings import DataSpec
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## Sweep spec reference") : readme.index("### `space:` keys")]
+    for key in DataSpec.model_fields:
+        shown = f"`data.{key}`" in table or (key.endswith("_field") and "`data.*_field`" in table)
+        assert shown, f"data.{key} is not in README's 'Sweep spec reference' table"
 
 
 def test_defaults_fill_what_a_spec_leaves_out() -> None:

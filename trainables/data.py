@@ -1,14 +1,27 @@
-"""Training data: read rows, check them, and format them the way trl's SFTTrainer expects.
+"""Training data: read rows, check them, tokenize them once, exactly as training sees them.
 
 Formats:
     instruction  rows with `instruction`, optional `input`, and `output` (Alpaca style). They become
-                 prompt/completion pairs, so the loss covers only the response.
-    text         rows with `text`: plain language modelling on the whole row.
-    chat         rows with `messages`: a list of {role, content}, rendered with the tokenizer's chat template.
+                 prompt/completion pairs; the loss covers only the response (and the EOS after it).
+    text         rows with `text`: plain language modelling on the whole row (plus EOS).
+    chat         rows with `messages`: a list of {role, content} (ShareGPT's {from, value} too),
+                 rendered with the model's own chat template; the loss covers only the assistant
+                 turns, each with its end-of-turn tokens.
+
+Where rows come from: a local .jsonl/.json/.csv/.parquet file (or a folder and `data.data_files`),
+or a hub dataset (`data.name`, `data.data_files`, `data.split` with slicing such as `train[:2000]`).
+The held-out rows are carved out of them (`data.eval_size`), or come from their own split or file
+(`data.eval_split`, `data.eval_path`). `data.max_rows` keeps a seeded random sample.
+
+With a tokenizer, every kept row is tokenized here, in batches, the way the trainer would: the
+token ids and the loss mask (TokenizedRows) are what trials train on, so they never re-tokenize
+(trainables/qlora.py hands them to trl's SFTTrainer with `labels`, -100 off the loss). A row longer
+than `data.max_seq_length` follows `data.on_long_rows`: error, skip, or truncate (cut the response,
+never the prompt; the rows cut are counted).
 
 Every problem names the file, the row (1-based, as an editor shows it) and the field. With
-`on_bad_rows: error` (the default) any bad row stops the sweep before a trial starts; with
-`skip` bad rows are dropped and counted.
+`on_bad_rows: error` (the default) any malformed row stops the sweep before a trial starts; with
+`skip` malformed rows are dropped and counted.
 """
 
 from __future__ import annotations
@@ -16,20 +29,31 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+import random
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.errors import ProblemsError
+from core.hub import DATA_SUFFIXES, hub_advice, is_local_path
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from trainables.settings import DataSpec
 
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 PROMPT_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 CHAT_ROLES = ("system", "user", "assistant")
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# ShareGPT-style messages ({from, value}) and the roles they use.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+LOCAL_SUFFIXES = DATA_SUFFIXES
 MAX_LISTED = 10
+# Rows tokenized per batch call: large enough for the fast tokenizer's batch path, small enough that
+# one batch's Python lists (ids and character offsets) stay a few MB.
+TOKENIZE_BATCH = 1000
+_SLICE = re.compile(r"^(?P<name>[A-Za-z0-9_][A-Za-z0-9_.-]*)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
 
 
 class DataError(ProblemsError):
@@ -47,56 +71,250 @@ class Row:
 
     number: int
     values: dict[str, Any]
+    file: str | None = None  # the file's name, when data.path is a folder of several
+
+
+@dataclass
+class TokenizedRows:
+    """Examples as trained: every row's token ids and loss mask, in flat arrays (cheap to pickle and
+    to put in Ray's object store), row i spanning offsets[i]:offsets[i + 1].
+
+    Attributes:
+        input_ids: int32 token ids of all rows, one after the other.
+        loss_mask: True where the token is a training target (response / assistant tokens).
+        offsets: int64, one more than there are rows.
+    """
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[Any, Any]]) -> TokenizedRows:
+        import numpy as np
+
+        lengths = np.fromiter((len(ids) for ids, _ in rows), dtype=np.int64, count=len(rows))
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.concatenate([np.asarray(ids, dtype=np.int32) for ids, _ in rows]) if rows else np.zeros(0, np.int32)
+        mask = np.concatenate([np.asarray(m, dtype=bool) for _, m in rows]) if rows else np.zeros(0, bool)
+        return cls(ids, mask, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        import numpy as np
+
+        return np.diff(self.offsets)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+    def row(self, i: int) -> tuple[list[int], list[bool]]:
+        start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.input_ids[start:stop].tolist(), self.loss_mask[start:stop].tolist()
+
+    def labels(self, i: int) -> list[int]:
+        """Row i's labels as the trainer gets them: the token id, or -100 where there is no loss."""
+        ids, mask = self.row(i)
+        return [t if m else -100 for t, m in zip(ids, mask)]
+
+    def select(self, indices: list[int]) -> TokenizedRows:
+        return TokenizedRows.from_rows([self.row(i) for i in indices])
+
+    def to_dataset(self) -> Any:
+        """A datasets.Dataset with `input_ids` and `labels` (-100 off the loss), built from the arrays
+        without going through Python lists. trl's SFTTrainer takes it as already tokenized."""
+        import numpy as np
+        import pyarrow as pa
+        from datasets import Dataset
+        from datasets.table import InMemoryTable
+
+        offsets = pa.array(self.offsets.astype(np.int32 if self.tokens < 2**31 else np.int64))
+        list_of = pa.ListArray if offsets.type == pa.int32() else pa.LargeListArray
+        labels = np.where(self.loss_mask, self.input_ids.astype(np.int64), -100)
+        table = pa.table(
+            {
+                "input_ids": list_of.from_arrays(offsets, pa.array(self.input_ids)),
+                "labels": list_of.from_arrays(offsets, pa.array(labels)),
+            }
+        )
+        return Dataset(InMemoryTable(table))
 
 
 @dataclass
 class PreparedData:
-    """Formatted train/eval examples plus what was dropped."""
+    """Train/eval examples, their tokens (when prepared with a tokenizer), and what was dropped or cut.
+
+    Attributes:
+        train, eval: The formatted examples (text; trl's dataset shapes). Emptied by `for_trials`.
+        rows_read: Rows read (or sampled, with data.max_rows) from data.path and eval_path, bad ones included.
+        skipped: One line per row dropped (on_bad_rows / on_long_rows: skip, or uncuttable under truncate).
+        truncated: One line per row cut to data.max_seq_length (on_long_rows: truncate).
+        train_tokens, eval_tokens: What trials train and evaluate on; None without a tokenizer.
+        train_rows, eval_rows: How many examples each split holds.
+    """
 
     train: list[dict[str, Any]]
     eval: list[dict[str, Any]]
     rows_read: int
     skipped: list[str] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)
+    train_tokens: TokenizedRows | None = None
+    eval_tokens: TokenizedRows | None = None
+    train_rows: int = -1
+    eval_rows: int = -1
+
+    def __post_init__(self) -> None:
+        if self.train_rows < 0:
+            self.train_rows = len(self.train_tokens) if self.train_tokens is not None else len(self.train)
+        if self.eval_rows < 0:
+            self.eval_rows = len(self.eval_tokens) if self.eval_tokens is not None else len(self.eval)
+
+    @property
+    def tokenized(self) -> bool:
+        return self.train_tokens is not None and self.eval_tokens is not None
+
+    def for_trials(self) -> PreparedData:
+        """What goes to the trials through the object store: the tokens, without the text they came from."""
+        if not self.tokenized:
+            return self
+        return replace(self, train=[], eval=[])
+
+    def datasets(self) -> tuple[Any, Any]:
+        """(train, eval) datasets.Dataset for trl's SFTTrainer: the tokens when there are some, else the text."""
+        if self.tokenized:
+            return self.train_tokens.to_dataset(), self.eval_tokens.to_dataset()
+        from datasets import Dataset
+
+        return Dataset.from_list(self.train), Dataset.from_list(self.eval)
+
+
+def trained_as_prepared(data: PreparedData) -> dict[str, Any]:
+    """SFTConfig arguments for training on `data`: tokenized rows skip trl's dataset preparation
+    (it would only re-check what preflight made: tokens with labels, none longer than
+    max_seq_length), which costs seconds per trial on a large dataset. Text rows get trl's."""
+    return {"dataset_kwargs": {"skip_prepare_dataset": True}} if data.tokenized else {}
 
 
 # --- reading ----------------------------------------------------------------------------------
 
 
 def is_local_data(path: str) -> bool:
-    """A local file path (existing or not) rather than a hub dataset id."""
-    return Path(path).suffix.lower() in LOCAL_SUFFIXES or Path(path).exists() or path.startswith(("/", ".", "~"))
+    """A local file or folder (existing or not) rather than a hub dataset id (core/hub.py's rule)."""
+    return is_local_path(path)
 
 
-def read_rows(path: str, spec: DataSpec) -> tuple[list[Row], list[str]]:
-    """Read every row of a local file or a hub dataset.
+def read_rows(path: str, spec: DataSpec, *, split: str | None = None, held_out: bool = False) -> tuple[list[Row], list[str]]:
+    """Read every row of a local file (or folder) or a hub dataset.
+
+    Args:
+        path: The resolved path or hub id.
+        spec: The data section (name, data_files, split).
+        split: The split to read; default data.split. A local file is one split, "train", that may be sliced.
+        held_out: Reading eval_path or eval_split (which data.name and data.data_files do not apply to
+            when eval_path is another dataset).
 
     Returns:
         The rows that could be parsed, and a problem line for each row that could not
         (bad JSON, bad UTF-8).
 
     Raises:
-        DataError: If the file is missing, unreadable, of an unknown kind, or holds no rows.
+        DataError: If the file is missing, unreadable, of an unknown kind, or holds no rows; or if a
+            hub dataset cannot be loaded.
     """
-    local = Path(path)
+    split = split or spec.split
+    key = "data.eval_path" if held_out and spec.eval_path else "data.path"
+    split_key = "data.eval_split" if held_out else "data.split"
     if is_local_data(path):
+        local = Path(path).expanduser()
+        # data.name (a hub configuration) has no meaning for a local file, which is one configuration.
+        part = _local_slice(split)
+        if part is None:
+            raise DataError(
+                split_key,
+                [
+                    f"{split_key}: {split!r} names a split of a hub dataset; a local file is one split, 'train', which "
+                    "may be sliced (train[:2000], train[10%:50%])"
+                    + ("; for held-out rows from another file use data.eval_path" if held_out else "")
+                ],
+            )
         if not local.exists():
-            raise DataError(
-                "data.path", [f"file not found: {path}. Relative paths are read from the spec file's folder"]
-            )
+            raise DataError(key, [f"file not found: {path}. Relative paths are read from the spec file's folder"])
         if local.is_dir():
-            raise DataError("data.path", [f"{path} is a folder; point data.path at a {'/'.join(LOCAL_SUFFIXES)} file"])
-        suffix = local.suffix.lower()
-        if suffix not in LOCAL_SUFFIXES:
-            raise DataError(
-                "data.path", [f"{path}: unknown file type '{suffix}'; use one of {', '.join(LOCAL_SUFFIXES)}"]
-            )
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-        rows, problems = readers[suffix](local)
+            files = _folder_files(local, spec.data_files if not (held_out and spec.eval_path) else None, key)
+        else:
+            if spec.data_files and not held_out:
+                raise DataError(key, [f"{path} is a file; data.data_files names files of a hub dataset or of a data.path folder"])
+            files = [local]
+        rows, problems = [], []
+        for file in files:
+            file_rows, file_problems = _read_local(file, key)
+            if local.is_dir():
+                for row in file_rows:
+                    row.file = file.name
+            rows += file_rows
+            problems += file_problems
+        rows = _apply_slice(rows, part)
     else:
-        rows, problems = _read_hub(path, spec), []
+        rows, problems = _read_hub(path, spec, split, key, held_out), []
     if not rows and not problems:
-        raise DataError(path, [f"{path} holds no rows; add data or point data.path at another file"])
+        which = path if is_local_data(path) else f"{path} ({split})"
+        raise DataError(path, [f"{which} holds no rows; add data or point {key} at another file"])
     return rows, problems
+
+
+def _folder_files(folder: Path, patterns: tuple[str, ...] | None, key: str) -> list[Path]:
+    if not patterns:
+        raise DataError(
+            key,
+            [f"{folder} is a folder; point {key} at a {'/'.join(LOCAL_SUFFIXES)} file, or name its files with data.data_files"],
+        )
+    files: list[Path] = []
+    for pattern in patterns:
+        matched = sorted(p for p in folder.glob(pattern) if p.is_file())
+        if not matched:
+            raise DataError(key, [f"data.data_files: {pattern!r} matches no file in {folder}"])
+        files += [p for p in matched if p not in files]
+    return files
+
+
+def _read_local(local: Path, key: str) -> tuple[list[Row], list[str]]:
+    suffix = local.suffix.lower()
+    if suffix not in LOCAL_SUFFIXES:
+        raise DataError(key, [f"{local}: unknown file type '{suffix}'; use one of {', '.join(LOCAL_SUFFIXES)}"])
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    return readers[suffix](local)
+
+
+def _local_slice(split: str) -> tuple[str | None, str | None] | None:
+    """(start, stop) of a local file's split ("train" or "train[a:b]"), or None for another split name."""
+    match = _SLICE.match(split)
+    if not match or match["name"] != "train":
+        return None
+    return match["start"], match["stop"]
+
+
+def _bound(value: str | None, n: int) -> int | None:
+    if value is None:
+        return None
+    if value.endswith("%"):
+        return round(n * int(value[:-1]) / 100)
+    return int(value)
+
+
+def _apply_slice(rows: list[Row], part: tuple[str | None, str | None]) -> list[Row]:
+    start, stop = part
+    if start is None and stop is None:
+        return rows
+    return rows[_bound(start, len(rows)) : _bound(stop, len(rows))]
 
 
 def _read_jsonl(path: Path) -> tuple[list[Row], list[str]]:
@@ -163,21 +381,42 @@ def _read_parquet(path: Path) -> tuple[list[Row], list[str]]:
     return [Row(number, item) for number, item in enumerate(table.to_pylist(), start=1)], []
 
 
-def _read_hub(name: str, spec: DataSpec) -> list[Row]:
+def _read_hub(name: str, spec: DataSpec, split: str, key: str, held_out: bool) -> list[Row]:
+    """Rows of a hub dataset: data.name and data.data_files apply to data.path's dataset (and to its
+    eval_split), not to an eval_path naming another one."""
     import datasets
 
+    own = not (held_out and spec.eval_path)
+    config = spec.name if own else None
+    files = list(spec.data_files) if own and spec.data_files else None
     try:
-        dataset = datasets.load_dataset(name, split=spec.split)
-    except Exception as exc:  # offline, unknown id, gated, bad split: all end the same way for the user
+        dataset = datasets.load_dataset(name, name=config, data_files=files, split=split)
+    except Exception as exc:  # offline, unknown id, gated, bad config or split: all end the same way for the user
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        what = ", ".join(
+            part for part in (f"config {config!r}" if config else "", f"split {split!r}", f"data_files {files}" if files else "") if part
+        )
         raise DataError(
-            "data.path",
+            key,
             [
-                f"'{name}' is not a local file and could not be loaded from the Hugging Face hub "
-                f"(split '{spec.split}'): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-                "Use a local .jsonl/.json/.csv/.parquet path, or check the dataset id, split and network"
+                f"'{name}' is a hub dataset id and could not be loaded ({what}): {type(exc).__name__}: {first}. "
+                f"{_capitalized(hub_advice('dataset'))}"
             ],
         )
+    if own and spec.max_rows and not held_out and len(dataset) > spec.max_rows:
+        dataset = dataset.select(sample_indices(len(dataset), spec.max_rows, spec.seed))
     return [Row(number, dict(item)) for number, item in enumerate(dataset, start=1)]
+
+
+def _capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def sample_indices(n: int, k: int, seed: int) -> list[int]:
+    """k of range(n), a seeded random sample, in their original order (data.max_rows)."""
+    if k >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), k))
 
 
 # --- checking and formatting ------------------------------------------------------------------
@@ -200,11 +439,17 @@ def format_example(values: dict[str, Any], spec: DataSpec) -> dict[str, Any]:
         return {"prompt": prompt, "completion": values[spec.output_field].strip()}
     if spec.format == "text":
         return {"text": values[spec.text_field]}
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in values[spec.messages_field]]}
+    return {"messages": [_message(m) for m in values[spec.messages_field]]}
+
+
+def _message(message: dict[str, Any]) -> dict[str, str]:
+    if "role" in message:
+        return {"role": message["role"], "content": message["content"]}
+    return {"role": SHAREGPT_ROLES[message["from"]], "content": message["value"]}
 
 
 def example_text(example: dict[str, Any], tokenizer: Any = None) -> str:
-    """The full text of a formatted example, as the model sees it (without special tokens)."""
+    """The full text of a formatted example, as the model sees it (without the EOS the trainer adds)."""
     if "prompt" in example:
         return example["prompt"] + example["completion"]
     if "text" in example:
@@ -249,80 +494,439 @@ def _field_key(spec: DataSpec, name: str) -> str:
 def _check_messages(messages: Any, where: str, name: str) -> str | None:
     if not isinstance(messages, list) or not messages:
         return f"{where}: field '{name}' should be a non-empty list of {{role, content}} messages"
+    roles = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            return f"{where}: {name}[{i}] should be an object with 'role' and 'content'"
-        if message["role"] not in CHAT_ROLES:
-            return f"{where}: {name}[{i}].role is {message['role']!r}; allowed roles: {', '.join(CHAT_ROLES)}"
-        if not isinstance(message["content"], str):
-            return f"{where}: {name}[{i}].content should be text, got {type(message['content']).__name__}"
-    if not any(m["role"] == "assistant" for m in messages):
+        sharegpt = isinstance(message, dict) and "role" not in message and "from" in message and "value" in message
+        if not isinstance(message, dict) or not (sharegpt or ("role" in message and "content" in message)):
+            return f"{where}: {name}[{i}] should be an object with 'role' and 'content' (or ShareGPT's 'from' and 'value')"
+        role, content = (message["from"], message["value"]) if sharegpt else (message["role"], message["content"])
+        allowed = SHAREGPT_ROLES if sharegpt else CHAT_ROLES
+        if role not in allowed:
+            key = "from" if sharegpt else "role"
+            return f"{where}: {name}[{i}].{key} is {role!r}; allowed roles: {', '.join(allowed)}"
+        if not isinstance(content, str):
+            key = "value" if sharegpt else "content"
+            return f"{where}: {name}[{i}].{key} should be text, got {type(content).__name__}"
+        roles.append(SHAREGPT_ROLES[role] if sharegpt else role)
+    if "assistant" not in roles:
         return f"{where}: {name} has no assistant message, so there is nothing to learn; add one or drop the row"
     return None
 
 
+# --- tokenizing, exactly as trained -------------------------------------------------------------
+
+
+@dataclass
+class _Rendered:
+    """One example as text, with the character spans that carry the loss."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    special_tokens: bool  # whether the tokenizer adds its own BOS/EOS (not for chat: the template has them)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # binary search on the first differing character
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def render(example: dict[str, Any], tokenizer: Any) -> _Rendered:
+    """The text the model trains on and where its loss is, in characters.
+
+    Instruction rows: prompt + completion + EOS, the loss on completion + EOS (trl's prompt/completion
+    rule). Text rows: text + EOS, all of it. Chat rows: the conversation through the model's chat
+    template; each assistant turn spans from where the conversation so far, rendered with the
+    generation prompt, stops matching the whole, to where the conversation up to and including that
+    turn does, so the turn's content and its end-of-turn tokens carry the loss and no prompt token does.
+
+    Raises:
+        ValueError: If the chat template refuses the conversation (e.g. roles that must alternate).
+    """
+    eos = tokenizer.eos_token or ""
+    if "prompt" in example:
+        completion = example["completion"] if example["completion"].endswith(eos) else example["completion"] + eos
+        text = example["prompt"] + completion
+        return _Rendered(text, [(len(example["prompt"]), len(text))], True)
+    if "text" in example:
+        text = example["text"] if example["text"].endswith(eos) else example["text"] + eos
+        return _Rendered(text, [(0, len(text))], True)
+    messages = example["messages"]
+
+    def chat(upto: int, generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
+
+    try:
+        text = chat(len(messages), False)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = _common_prefix(chat(i, True), text) if i else 0
+            stop = _common_prefix(chat(i + 1, False), text)
+            if stop > start:
+                spans.append((start, stop))
+    except Exception as exc:  # jinja's TemplateError, a template's raise_exception(...)
+        raise ValueError(f"the model's chat template refuses this conversation ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    return _Rendered(text, spans, False)
+
+
+class _Encoded:
+    """One batch's token ids, and where a character of each text falls among its tokens."""
+
+    def __init__(self, ids: list[list[int]], char_to_token: Any, token_start: Any):
+        self.ids = ids
+        self.char_to_token = char_to_token  # (row, char) -> token index or None
+        self.token_start = token_start  # (row, token) -> its first character
+
+    def first_token_from(self, row: int, char: int, text_length: int) -> int:
+        """The token holding `char` (also when it starts before), or the next one that holds any."""
+        for c in range(char, text_length):
+            token = self.char_to_token(row, c)
+            if token is not None:
+                return token
+        return len(self.ids[row])
+
+    def first_token_after(self, row: int, char: int, text_length: int) -> int:
+        """The first token that starts at or after `char` (a token holding char but starting before
+        it belongs to what precedes)."""
+        for c in range(char, text_length):
+            token = self.char_to_token(row, c)
+            if token is not None:
+                return token if self.token_start(row, token) >= char else token + 1
+        return len(self.ids[row])
+
+
+def _encode(tokenizer: Any, texts: list[str], special: bool) -> _Encoded:
+    """Token ids of `texts` in one batch call, with character positions (fast tokenizers).
+
+    A fast tokenizer is called through its Rust backend directly, with the settings transformers'
+    own call would apply (no padding, no truncation, special tokens in the text kept whole): the same
+    ids, without building a BatchEncoding of Python lists per row, which costs as much as tokenizing.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch"):
+        if backend.truncation is not None:
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
+        split = bool(getattr(tokenizer, "split_special_tokens", False))
+        if backend.encode_special_tokens != split:
+            backend.encode_special_tokens = split
+        encodings = backend.encode_batch(texts, add_special_tokens=special)
+        return _Encoded(
+            [e.ids for e in encodings],
+            lambda row, char: encodings[row].char_to_token(char),
+            lambda row, token: encodings[row].token_to_chars(token)[0],
+        )
+    encoded = tokenizer(texts, add_special_tokens=special, return_attention_mask=False)
+    return _Encoded(
+        encoded["input_ids"],
+        lambda row, char: encoded.char_to_token(row, char),
+        lambda row, token: encoded.token_to_chars(row, token).start,
+    )
+
+
+def _masks(encoded: _Encoded, rendered: list[_Rendered]) -> tuple[Any, Any, Any]:
+    """Flat ids, flat loss mask and row offsets of one batch. A span's tokens run from the token
+    holding its first character to the last one starting before its end; a span that reaches the end
+    of the text takes every token after it too (an EOS the tokenizer's post-processor appends)."""
+    from itertools import chain
+
+    import numpy as np
+
+    ids = encoded.ids
+    lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
+    total = int(lengths.sum())
+    bounds = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=bounds[1:])
+    flat = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=total)
+    token_spans: list[list[tuple[int, int]]] = []
+    for i, r in enumerate(rendered):
+        n, size = len(ids[i]), len(r.text)
+        spans = []
+        for start, stop in r.spans:
+            first = 0 if start == 0 else encoded.first_token_from(i, start, size)
+            last = n if stop >= size else encoded.first_token_after(i, stop, size)
+            if last > first:
+                spans.append((first, last))
+        token_spans.append(spans)
+    row = np.repeat(np.arange(len(ids), dtype=np.int64), lengths)
+    position = np.arange(total, dtype=np.int64) - bounds[:-1][row]
+    if all(len(spans) == 1 for spans in token_spans):
+        first = np.fromiter((spans[0][0] for spans in token_spans), dtype=np.int64, count=len(ids))
+        last = np.fromiter((spans[0][1] for spans in token_spans), dtype=np.int64, count=len(ids))
+        mask = (position >= first[row]) & (position < last[row])
+    else:
+        mask = np.zeros(total, dtype=bool)
+        for i, spans in enumerate(token_spans):
+            for first_token, last_token in spans:
+                mask[bounds[i] + first_token : bounds[i] + last_token] = True
+    return flat, mask, bounds
+
+
+def _token_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _mask_by_prefixes(tokenizer: Any, rendered: _Rendered, ids: list[int]) -> list[bool]:
+    """For tokenizers without character offsets (slow ones): tokenize the text up to each span
+    boundary and take where it stops matching the whole."""
+    mask = [False] * len(ids)
+    for start, stop in rendered.spans:
+        first = _token_prefix(tokenizer(rendered.text[:start], add_special_tokens=rendered.special_tokens)["input_ids"], ids) if start else 0
+        last = len(ids) if stop == len(rendered.text) else _token_prefix(
+            tokenizer(rendered.text[:stop], add_special_tokens=rendered.special_tokens)["input_ids"], ids
+        )
+        for k in range(first, last):
+            mask[k] = True
+    return mask
+
+
+def tokenize_examples(examples: list[dict[str, Any]], tokenizer: Any) -> list[tuple[Any, Any] | str]:
+    """Token ids and loss masks of formatted examples, as the trainer will see them, in batch calls.
+
+    Returns:
+        Per example (ids, mask) as numpy arrays, or a problem (without the row's name) when its chat
+        template refuses it or leaves it nothing to learn.
+    """
+    import numpy as np
+
+    out: list[tuple[Any, Any] | str] = []
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    for begin in range(0, len(examples), TOKENIZE_BATCH):
+        batch: list[_Rendered | str] = []
+        for example in examples[begin : begin + TOKENIZE_BATCH]:
+            try:
+                batch.append(render(example, tokenizer))
+            except ValueError as exc:
+                batch.append(str(exc))
+        encoded: dict[int, tuple[Any, Any]] = {}
+        for special in (True, False):
+            chosen = [i for i, r in enumerate(batch) if isinstance(r, _Rendered) and r.special_tokens == special]
+            if not chosen:
+                continue
+            rendered = [batch[i] for i in chosen]
+            if fast:
+                flat, mask, bounds = _masks(_encode(tokenizer, [r.text for r in rendered], special), rendered)
+                for k, i in enumerate(chosen):
+                    encoded[i] = (flat[bounds[k] : bounds[k + 1]], mask[bounds[k] : bounds[k + 1]])
+            else:
+                ids = tokenizer([r.text for r in rendered], add_special_tokens=special)["input_ids"]
+                for k, i in enumerate(chosen):
+                    mask = np.asarray(_mask_by_prefixes(tokenizer, rendered[k], ids[k]), dtype=bool)
+                    encoded[i] = (np.asarray(ids[k], dtype=np.int32), mask)
+        for i, item in enumerate(batch):
+            if isinstance(item, str):
+                out.append(item)
+            elif not encoded[i][1].any():
+                out.append(
+                    "the model's chat template leaves no assistant tokens to learn from in this conversation"
+                    if not item.special_tokens
+                    else "no token of the response is left to learn from"
+                )
+            else:
+                out.append(encoded[i])
+    return out
+
+
 def token_count(example: dict[str, Any], tokenizer: Any) -> int:
-    """Tokens of one example as trained, including BOS/EOS the tokenizer adds."""
-    if "messages" in example and getattr(tokenizer, "chat_template", None):
-        return len(tokenizer.apply_chat_template(example["messages"], tokenize=True))
-    ids = tokenizer(example_text(example, tokenizer))["input_ids"]
-    return len(ids) + (1 if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id) else 0)
+    """Tokens of one example as trained (BOS/EOS and chat-template tokens included)."""
+    result = tokenize_examples([example], tokenizer)[0]
+    if isinstance(result, str):
+        return len(tokenizer(render(example, tokenizer).text, add_special_tokens="messages" not in example)["input_ids"])
+    return len(result[0])
+
+
+def truncate(ids: Any, mask: Any, max_length: int) -> tuple[Any, Any] | None:
+    """Cut a row to max_length tokens without cutting into a prompt: keep the first max_length tokens
+    and drop what follows the last loss token among them (a later turn's prompt, cut off). None when
+    no loss token is left (the prompt alone fills max_length)."""
+    import numpy as np
+
+    ids, mask = ids[:max_length], mask[:max_length]
+    loss = np.flatnonzero(mask)
+    if not len(loss):
+        return None
+    return ids[: loss[-1] + 1], mask[: loss[-1] + 1]
+
+
+# --- the whole preparation --------------------------------------------------------------------
 
 
 def eval_count(spec: DataSpec, rows: int) -> int:
-    return int(spec.eval_size) if spec.eval_size >= 1 else int(rows * spec.eval_size)
+    size = spec.eval_amount
+    return int(size) if size >= 1 else int(rows * size)
+
+
+@dataclass
+class _Checked:
+    """One source's rows after checking, formatting and tokenizing."""
+
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    tokens: list[tuple[Any, Any]] = field(default_factory=list)
+    unparsed: list[str] = field(default_factory=list)  # lines that are no row at all (bad JSON, bad UTF-8)
+    bad: list[str] = field(default_factory=list)  # malformed: on_bad_rows
+    long: list[str] = field(default_factory=list)  # over max_seq_length: on_long_rows
+    skipped_long: list[str] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)
+    rows_read: int = 0
+
+
+def _source_name(path: str, split: str) -> str:
+    if is_local_data(path):
+        return Path(path).name
+    return f"{path} {split}"
+
+
+def _check_source(rows: list[Row], unparsed: list[str], spec: DataSpec, source: str, tokenizer: Any) -> _Checked:
+    checked = _Checked(unparsed=list(unparsed), rows_read=len(rows) + len(unparsed))
+    kept: list[tuple[Row, dict[str, Any]]] = []
+    for row in rows:
+        problem = check_row(row, spec, row.file or source)
+        if problem is None:
+            kept.append((row, format_example(row.values, spec)))
+        else:
+            checked.bad.append(problem)
+    if tokenizer is None:
+        checked.examples = [example for _, example in kept]
+        return checked
+    limit = spec.max_seq_length
+    for (row, example), result in zip(kept, tokenize_examples([e for _, e in kept], tokenizer)):
+        if isinstance(result, str):
+            checked.bad.append(f"{row.file or source} row {row.number}: {result}; fix the row or set data.on_bad_rows: skip")
+            continue
+        ids, mask = result
+        if len(ids) > limit:
+            where = f"{row.file or source} row {row.number}"
+            message = (
+                f"{where}: {len(ids)} tokens exceeds data.max_seq_length ({limit}); raise max_seq_length, "
+                "shorten the row, or set data.on_long_rows: skip or truncate"
+            )
+            if spec.long_rows == "error":
+                checked.long.append(message)
+                continue
+            if spec.long_rows == "skip":
+                checked.skipped_long.append(message)
+                continue
+            cut = truncate(ids, mask, limit)
+            if cut is None:
+                prompt = int(mask.argmax()) if mask.any() else len(ids)
+                checked.bad.append(
+                    f"{where}: the prompt alone is {prompt} tokens and data.max_seq_length is {limit}; truncating "
+                    "cuts only the response, so nothing would be left to learn. Raise max_seq_length, shorten the "
+                    "prompt, or set data.on_bad_rows: skip"
+                )
+                continue
+            checked.truncated.append(f"{where}: {len(ids)} -> {len(cut[0])} tokens (response cut to data.max_seq_length)")
+            ids, mask = cut
+        checked.examples.append(example)
+        checked.tokens.append((ids, mask))
+    return checked
+
+
+_ROW_NUMBER = re.compile(r" (?:row|line) (\d+):")
+
+
+def _by_row(problems: list[str]) -> list[str]:
+    """Problems in row order (stable; those naming no row first)."""
+    def number(problem: str) -> int:
+        match = _ROW_NUMBER.search(problem)
+        return int(match.group(1)) if match else 0
+
+    return sorted(problems, key=number)
 
 
 def prepare_data(path: str, spec: DataSpec, tokenizer: Any = None) -> PreparedData:
-    """Read, check, format and split the data.
+    """Read, check, format, tokenize and split the data.
 
     Args:
-        path: The resolved data path (spec.resolve_path(spec.data.path)).
+        path: The resolved data path (spec.resolve_path(spec.data.path)); data.eval_path, if set,
+            must be resolved in `spec` already (sweeps.plan.trial_job and preflight do).
         spec: The data section of the sweep spec.
-        tokenizer: When given, rows longer than data.max_seq_length are problems too.
+        tokenizer: When given, every kept row is tokenized as trained (PreparedData.train_tokens /
+            eval_tokens), and rows longer than data.max_seq_length follow data.on_long_rows.
 
     Raises:
-        DataError: With every problem found, when on_bad_rows is "error" or nothing usable is left.
+        DataError: With every problem found: malformed rows under on_bad_rows "error", long rows under
+            on_long_rows "error", or nothing usable left.
     """
-    import random
-
-    rows, problems = read_rows(path, spec)
-    unparsed = len(problems)
-    source = Path(path).name if Path(path).exists() else path
-    examples: list[dict[str, Any]] = []
-    for row in rows:
-        problem = check_row(row, spec, source)
-        if problem is None:
-            example = format_example(row.values, spec)
-            if tokenizer is not None:
-                length = token_count(example, tokenizer)
-                if length > spec.max_seq_length:
-                    problem = (
-                        f"{source} row {row.number}: {length} tokens exceeds data.max_seq_length "
-                        f"({spec.max_seq_length}); raise max_seq_length, shorten the row, or set data.on_bad_rows: skip"
-                    )
-        if problem is None:
-            examples.append(example)
-        else:
-            problems.append(problem)
-    if problems and spec.on_bad_rows == "error":
-        raise DataError(path, problems)
-    n_eval = eval_count(spec, len(examples))
-    if n_eval < 1 or len(examples) - n_eval < 1:
+    if spec.format == "chat" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise DataError(path, ["data.format: 'chat' needs a tokenizer with a chat template, and this model has none"])
+    if spec.eval_split and not spec.eval_path and is_local_data(path):
         raise DataError(
-            path,
+            "data.eval_split",
             [
-                f"{source}: {len(examples)} usable rows and data.eval_size {spec.eval_size} leave "
-                f"{n_eval} eval and {len(examples) - n_eval} train rows; both need at least one. "
-                "Add rows or change data.eval_size (a fraction like 0.1, or a row count like 20)"
+                f"data.eval_split ({spec.eval_split!r}) names a split of a hub dataset, and data.path is a local file; "
+                "use data.eval_path for a separate eval file, or data.eval_size to carve eval rows out of data.path"
             ],
         )
-    order = list(range(len(examples)))
-    random.Random(spec.seed).shuffle(order)
-    eval_ids = set(order[:n_eval])
+    rows, unparsed = read_rows(path, spec)
+    if spec.max_rows and len(rows) > spec.max_rows and is_local_data(path):
+        # A seeded sample of the parsed rows, in file order (a hub dataset is sampled as it loads).
+        rows = [rows[i] for i in sample_indices(len(rows), spec.max_rows, spec.seed)]
+    sources = [(_source_name(path, spec.split), rows, unparsed)]
+    if spec.held_out:
+        eval_path = spec.eval_path or path
+        eval_split = spec.eval_split or "train"
+        eval_rows, eval_unparsed = read_rows(eval_path, spec, split=eval_split, held_out=True)
+        sources.append((_source_name(eval_path, eval_split), eval_rows, eval_unparsed))
+    parts = [_check_source(r, u, spec, source, tokenizer) for source, r, u in sources]
+    # Problems in the order of the file: unparsable lines (found while reading) first, then by row.
+    if spec.on_bad_rows == "error":
+        errors = [p for part in parts for p in part.unparsed + _by_row(part.bad + part.long)]
+    else:
+        errors = [p for part in parts for p in part.long]
+    if errors:
+        raise DataError(path, errors)
+    skipped = [p for part in parts for p in part.unparsed + _by_row(part.bad + part.skipped_long)]
+    truncated = [p for part in parts for p in part.truncated]
+    rows_read = sum(part.rows_read for part in parts)
+    train_part = parts[0]
+    source = sources[0][0]
+    if spec.held_out:
+        train_ids = list(range(len(train_part.examples)))
+        eval_part, eval_ids = parts[1], list(range(len(parts[1].examples)))
+        if not eval_ids or not train_ids:
+            which = "eval" if not eval_ids else "train"
+            raise DataError(path, [f"no usable {which} rows are left; check data.{'eval_path/eval_split' if which == 'eval' else 'path'}"])
+    else:
+        n = len(train_part.examples)
+        n_eval = eval_count(spec, n)
+        if n_eval < 1 or n - n_eval < 1:
+            raise DataError(
+                path,
+                [
+                    f"{source}: {n} usable rows and data.eval_size {spec.eval_amount:g} leave "
+                    f"{n_eval} eval and {n - n_eval} train rows; both need at least one. "
+                    "Add rows or change data.eval_size (a fraction like 0.1, or a row count like 20)"
+                ],
+            )
+        order = list(range(n))
+        random.Random(spec.seed).shuffle(order)
+        eval_set = set(order[:n_eval])
+        train_ids = [i for i in range(n) if i not in eval_set]
+        eval_part, eval_ids = train_part, order[:n_eval]
+    tokenized = tokenizer is not None
     return PreparedData(
-        train=[e for i, e in enumerate(examples) if i not in eval_ids],
-        eval=[examples[i] for i in order[:n_eval]],
-        rows_read=len(rows) + unparsed,
-        skipped=problems,
+        train=[train_part.examples[i] for i in train_ids],
+        eval=[eval_part.examples[i] for i in eval_ids],
+        rows_read=rows_read,
+        skipped=skipped,
+        truncated=truncated,
+        train_tokens=TokenizedRows.from_rows([train_part.tokens[i] for i in train_ids]) if tokenized else None,
+        eval_tokens=TokenizedRows.from_rows([eval_part.tokens[i] for i in eval_ids]) if tokenized else None,
     )

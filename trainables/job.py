@@ -23,7 +23,7 @@ class TrialJob(BaseModel):
             (built on the worker's own disk, so multi-node trials need no shared folder).
         base_config: The base model's config.json as a dict, for this trial's memory prediction
             (None when the driver could not read it).
-        data: The data section with `data.path` absolute.
+        data: The data section with `data.path` and `data.eval_path` resolved (absolute, or hub ids).
         train: The train section.
         cpus_per_trial: Threads the trial's torch may use.
         gpus_per_trial: GPUs (or a share) each trial asks for; 0 trains on CPU.

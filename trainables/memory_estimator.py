@@ -68,8 +68,10 @@ LORA_PARAM_BYTES = 4
 # DoRA's magnitude vectors (peft lora_magnitude_vector, one value per output feature) stay fp32:
 # peft upcasts them with the adapters and trl's bf16 cast of QLoRA adapters leaves them out.
 DORA_MAGNITUDE_BYTES = 4
-# CUDA's native_dropout keeps a bool mask; CPU's dropout keeps a mask in the input's dtype.
+# CUDA's native_dropout keeps a bool mask; CPU's dropout keeps a mask in the input's dtype
+# (estimate_peak_memory(device="cpu")).
 _DROPOUT_MASK_BYTES = 1
+DEVICES: tuple[str, ...] = ("cuda", "cpu")
 
 # TRL's fused LM head (trl/kernels/chunked_logprob.py): logits tiles of 4096 tokens x 32768
 # vocabulary entries, and per token seven fp32 statistics plus the int64 target.
@@ -557,12 +559,19 @@ class _Precision:
         lora: Bytes per LoRA weight element.
         upcast: Whether prepare_model_for_kbit_training upcast the non-4-bit parameters to fp32,
             which makes the residual stream and bitsandbytes' layer outputs fp32.
+        cpu: Whether the step runs on CPU, where dropout is not fused: it keeps its mask in the
+            dtype of its input instead of CUDA's bool mask.
     """
 
     e: int
     autocast: bool
     lora: int
     upcast: bool
+    cpu: bool = False
+
+    def mask(self, input_bytes: int) -> int:
+        """Bytes per element of a dropout mask over an input of `input_bytes` per element."""
+        return input_bytes if self.cpu else _DROPOUT_MASK_BYTES
 
     @property
     def attention(self) -> int:
@@ -602,7 +611,7 @@ def _block_stages(shape: ModelShape, p: _Precision) -> list[tuple[tuple[str, ...
         # output stays whole because q, k, v are views of it, and SDPA adds its logsumexp and output.
         # The tanh GELU keeps its input and 0.5x in the MLP's dtype and tanh and 1 + tanh in fp32
         # (autocast runs pow and tanh in fp32). Resid dropout keeps a bool mask after each c_proj.
-        mask = _DROPOUT_MASK_BYTES * h if shape.resid_dropout > 0 else 0
+        mask = p.mask(em) * h if shape.resid_dropout > 0 else 0
         return [
             ((), 4 * h + 8),
             (("attn.c_attn",), 3 * ea * h + 4 * a),
@@ -634,7 +643,7 @@ def _lora_bytes_per_token(targets: Sequence[LinearLayer], r: int, p: _Precision,
         lora_in = p.e if p.autocast else p.lora
         total += lora_in * r
         if lora_dropout > 0:
-            total += (lora_in + _DROPOUT_MASK_BYTES) * layer.in_features
+            total += (lora_in + p.mask(lora_in)) * layer.in_features
         elif reads != lora_in:
             total += lora_in * layer.in_features
         elif reads_sdpa_output:
@@ -666,7 +675,7 @@ def _skipped_before_first_target(
         if lora_dropout > 0:
             # These layers' inputs need no gradient, so their dropout keeps no mask.
             first = [t for t in targets if any(t.name.endswith("." + s) for s in hit)]
-            skipped += _DROPOUT_MASK_BYTES * sum(t.in_features for t in first)
+            skipped += p.mask(p.e if p.autocast else p.lora) * sum(t.in_features for t in first)
         if shape.family == "gated" and hit & {"mlp.gate_proj", "mlp.up_proj"} == hit:
             # SiLU(gate) * up keeps only the factor the other side's gradient needs: with LoRA on
             # gate_proj alone up's output is kept, on up_proj alone SiLU's output is.
@@ -692,6 +701,7 @@ def activation_bytes(
     lora_bytes: int = LORA_PARAM_BYTES,
     upcast_non_quantized: bool = False,
     fused_lm_head: bool = False,
+    device: str = "cuda",
 ) -> int:
     """Bytes of the tensors saved for backward at the start of the backward pass.
 
@@ -718,6 +728,7 @@ def activation_bytes(
         lora_bytes: Bytes per element of the LoRA weights (4 for PEFT's fp32 adapters).
         upcast_non_quantized: Whether peft's prepare_model_for_kbit_training upcast the model.
         fused_lm_head: Whether the LM head runs through TRL's fused, tiled log-prob kernel.
+        device: "cuda" or "cpu" (CPU dropout keeps its masks in the input's dtype, not as bools).
 
     Returns:
         Bytes.
@@ -726,7 +737,7 @@ def activation_bytes(
         ValueError: If the model's family has no activation model.
     """
     e = compute_bytes
-    p = _Precision(e=e, autocast=autocast and e < 4, lora=lora_bytes, upcast=upcast_non_quantized)
+    p = _Precision(e=e, autocast=autocast and e < 4, lora=lora_bytes, upcast=upcast_non_quantized, cpu=device == "cpu")
     tokens = batch_size * seq_len
     by_block: dict[int, list[LinearLayer]] = {}
     outside: list[LinearLayer] = []
@@ -766,6 +777,7 @@ def logits_bytes(
     autocast: bool = True,
     upcast_non_quantized: bool = False,
     fused_lm_head: bool = False,
+    device: str = "cuda",
 ) -> int:
     """Bytes the loss holds at its peak, at the start of backward.
 
@@ -774,6 +786,9 @@ def logits_bytes(
     and vocabulary entry. TRL's fused LM head (SFTTrainer, `fused_lm_head=True`) never builds the
     logits: it projects tiles of 4096 tokens x 32768 vocabulary entries, keeps a copy of the
     hidden states for backward and accumulates their gradient in fp32 (trl/kernels/chunked_logprob.py).
+    It scores the shifted positions only (each row but its last token). On CUDA (Triton) it keeps
+    just the labelled ones, a number the config cannot tell, so b x s stands as the bound there; on
+    CPU it scores every shifted position, b x (s - 1).
 
     Args:
         shape: From `model_shape`.
@@ -783,6 +798,7 @@ def logits_bytes(
         autocast: Whether the forward runs under torch.autocast (16-bit compute only).
         upcast_non_quantized: Whether prepare_model_for_kbit_training upcast the model to fp32.
         fused_lm_head: Whether TRL's fused LM head computes the loss.
+        device: "cuda" or "cpu" (how many positions the fused head scores, see above).
 
     Returns:
         Bytes.
@@ -790,13 +806,17 @@ def logits_bytes(
     tokens = batch_size * seq_len
     if not fused_lm_head:
         return 3 * 4 * tokens * shape.vocab
+    if device == "cpu":
+        tokens = batch_size * (seq_len - 1)
     autocast = autocast and compute_bytes < 4
     hidden = 4 if upcast_non_quantized else compute_bytes  # the final norm's output dtype
     tile_dtype = compute_bytes if autocast else hidden
-    tile_tokens, tile_vocab = min(tokens, _TRL_TOKEN_TILE), min(shape.vocab, _TRL_VOCAB_TILE)
-    tile = tile_tokens * tile_vocab * tile_dtype
+    tile_tokens, tile_rows = min(tokens, _TRL_TOKEN_TILE), min(shape.vocab, _TRL_VOCAB_TILE)
+    # trl allocates its tile buffer at the full tile width, whatever the vocabulary: a model with
+    # fewer than 32768 entries (the builtin tiny ones) still holds tokens x 32768 values.
+    tile = tile_tokens * _TRL_VOCAB_TILE * tile_dtype
     # Per-tile casts of the hidden states and the lm_head rows when their dtype differs.
-    casts = (tile_tokens + tile_vocab) * shape.hidden * tile_dtype if tile_dtype != hidden else 0
+    casts = (tile_tokens + tile_rows) * shape.hidden * tile_dtype if tile_dtype != hidden else 0
     per_token = shape.hidden * (hidden + 4) + _TRL_PER_TOKEN_STATS
     return tile + casts + per_token * tokens
 
@@ -831,6 +851,7 @@ def estimate_peak_memory(
     lora_dtype: ComputeDType = "float32",
     upcast_non_quantized: bool = False,
     fused_lm_head: bool = False,
+    device: str = "cuda",
     blocksize: int = DEFAULT_BLOCKSIZE,
     nested_blocksize: int = DEFAULT_NESTED_BLOCKSIZE,
     fragmentation: float = DEFAULT_FRAGMENTATION,
@@ -877,6 +898,10 @@ def estimate_peak_memory(
             layer outputs. Only for quantized models.
         fused_lm_head: Whether the loss comes from TRL's fused LM head (SFTTrainer in TRL 1.x passes
             fused_lm_head=True) instead of full (batch, seq, vocab) logits.
+        device: "cuda" (the default: what every prediction of VRAM uses) or "cpu", for the tensor bytes
+            of a CPU step (a trial's measured tensor peak): CPU dropout keeps its masks in the
+            input's dtype instead of bools, and TRL's fused head scores all b x (s - 1) shifted
+            positions. Nothing else differs; the dtypes are the caller's (fp32 on CPU).
         blocksize: 4-bit absmax block (64 in bitsandbytes).
         nested_blocksize: Double-quantization second-level block (256 in bitsandbytes).
         fragmentation: Caching-allocator overhead as a fraction of allocated bytes.
@@ -893,6 +918,7 @@ def estimate_peak_memory(
     problems += _check_choice("compute_dtype", compute_dtype, tuple(DTYPE_BYTES))
     problems += _check_choice("optimizer", optimizer, OPTIMIZERS)
     problems += _check_choice("lora_dtype", lora_dtype, tuple(DTYPE_BYTES))
+    problems += _check_choice("device", device, DEVICES)
     for name, value in (("r", r), ("batch_size", batch_size), ("seq_len", seq_len)):
         problems += _check_positive_int(name, value)
     if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
@@ -951,6 +977,7 @@ def estimate_peak_memory(
         lora_bytes=lora_bytes,
         upcast_non_quantized=upcast_non_quantized,
         fused_lm_head=fused_lm_head,
+        device=device,
     )
     logits = logits_bytes(
         shape,
@@ -960,6 +987,7 @@ def estimate_peak_memory(
         autocast=autocast,
         upcast_non_quantized=upcast_non_quantized,
         fused_lm_head=fused_lm_head,
+        device=device,
     )
     other_bytes = 4 if upcast_non_quantized else e
 

@@ -8,7 +8,11 @@ the same GPU and the CUDA context) are reported alongside.
 On CPU the figure is the peak resident set size of the trial's process (memory_kind "host_rss"),
 reset at the start of the trial through /proc/self/clear_refs so that a reused Ray actor does not
 carry the previous trial's peak. It includes the Python interpreter and imported libraries; it
-is host RAM, never to be read as VRAM.
+is host RAM, never to be read as VRAM. Beside it a CPU trial reports its tensor peak
+(`TensorPeakProbe`, kind "cpu_tensor_peak"): the most bytes of tensor storage alive at once during
+its first optimizer steps and its first evaluation, counted from the allocator's own events by
+torch.profiler. That figure moves with r, target modules and batch size, and is what the
+estimator's allocated bytes predict for the same device and dtypes.
 """
 
 from __future__ import annotations
@@ -169,3 +173,275 @@ def free_memory(device: str) -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed arenas otherwise
         except OSError:
             pass
+
+
+# --- the CPU tensor peak ----------------------------------------------------------------------------
+#
+# Host RSS drowns a small model in Python and its libraries (every smoke-sweep trial reads 620-680
+# MiB). The tensor peak is what moves with the configuration: the most bytes of tensor storage alive
+# at once (parameters, gradients, optimizer states, activations, temporaries) during the first
+# optimizer steps and around the first evaluation. torch.profiler(profile_memory=True) reports every
+# allocation and free of PyTorch's CPU allocator ("[memory]" events, + and - bytes); their running
+# sum in time order, plus the storages the trial already held when the window opened, is the number
+# of live tensor bytes at every moment of the window, and its maximum is the peak.
+#
+# What the allocator reports, and what follows from it (torch 2.13, c10 ProfiledCPUMemoryReporter):
+# * A free is reported only for a block allocated while a profiler ran in this process (the
+#   allocator keeps their sizes; "Memory block of unknown size..." is logged for the others). So the
+#   frees of tensors that were alive before the window do not show: if the window freed one, the
+#   figure would be high by its size. The windows open where nothing the trial held is freed: at the
+#   start of training (model and optimizer only) and after an optimizer step has zeroed the
+#   gradients (model and optimizer states only). The allocator keeps the sizes of a window's blocks
+#   after it closes, so a later window does see the free of a block from an earlier one (and counts
+#   it right: such a block is in that window's starting total if it is still alive).
+# * Only allocations through PyTorch's allocator are seen: oneDNN's or OpenMP's own scratch memory
+#   and Python objects are not (the GPU estimator does not count them either).
+# * Recording every op costs time: only TENSOR_PEAK_STEPS optimizer steps and the first
+#   TENSOR_PEAK_EVAL_BATCHES batches of the first evaluation are profiled, and `overhead_s` (the
+#   profiler's start, stop and this module's bookkeeping) is reported with the figure: about 0.3 s a
+#   trial on the builtin tiny model, plus about a second for the profiler's first start in a
+#   process (docs/memory.md).
+
+TENSOR_PEAK_KIND = "cpu_tensor_peak"
+TENSOR_PEAK_STEPS = 3  # optimizer steps profiled from the start of training: the states exist from step 1
+TENSOR_PEAK_EVAL_BATCHES = 4  # batches of the first evaluation profiled (the eval set can be large)
+_MEMORY_EVENT = "[memory]"
+
+
+def running_peak(deltas: Any) -> tuple[int, int]:
+    """(highest running sum, final sum) of allocations (+bytes) and frees (-bytes) in time order.
+
+    The highest is at least 0 (the start of the window counts).
+    """
+    running = peak = 0
+    for delta in deltas:
+        running += int(delta)
+        if running > peak:
+            peak = running
+    return peak, running
+
+
+def storage_bytes(tensors: Any) -> int:
+    """Bytes of the distinct CPU storages behind `tensors` (views and tied weights counted once)."""
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        try:
+            if tensor.device.type != "cpu" or tensor.is_sparse:
+                continue
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensors without a storage (meta, some subclasses)
+            continue
+        seen.setdefault(storage.data_ptr(), storage.nbytes())
+    return sum(seen.values())
+
+
+def _quant_state_tensors(state: Any, depth: int = 0) -> Any:
+    """The tensors of a bitsandbytes QuantState (absmax, code, offset) and of its nested state2."""
+    import torch
+
+    if depth > 2:
+        return
+    for value in vars(state).values():
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif value is not None and hasattr(value, "absmax"):
+            yield from _quant_state_tensors(value, depth + 1)
+
+
+def trial_tensors(model: Any, optimizer: Any = None) -> Any:
+    """What a trial holds between steps: parameters, gradients, buffers, 4-bit quantization states, optimizer states."""
+    import torch
+
+    for param in model.parameters():
+        yield param
+        if param.grad is not None:
+            yield param.grad
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            yield from _quant_state_tensors(state)
+    yield from model.buffers()
+    for state in (getattr(optimizer, "state", None) or {}).values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                yield value
+
+
+@dataclass
+class TensorWindow:
+    """One profiled stretch of a trial: what was live at its start, and its highest live total."""
+
+    phase: str  # "train" (the first optimizer steps) or "eval" (the first evaluation)
+    baseline_bytes: int
+    peak_bytes: int  # baseline + the highest running sum of the window's allocator events
+    events: int
+    steps: int  # optimizer steps inside the window
+
+
+@dataclass
+class TensorPeakReading:
+    """The CPU tensor peak of a trial: the highest of its profiled windows (memory kind cpu_tensor_peak)."""
+
+    windows: list[TensorWindow]
+    batch_size: int | None  # the largest training micro-batch the windows saw (rows)
+    seq_len: int | None  # the longest padded sequence length among those batches
+    overhead_s: float
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(w.peak_bytes for w in self.windows)
+
+    @property
+    def phase(self) -> str:
+        return max(self.windows, key=lambda w: w.peak_bytes).phase
+
+    def as_metrics(self) -> dict[str, Any]:
+        def peak_of(phase: str) -> float | None:
+            peaks = [w.peak_bytes for w in self.windows if w.phase == phase]
+            return round(max(peaks) / MIB, 4) if peaks else None
+
+        return {
+            "tensor_peak_mib": round(self.peak_bytes / MIB, 4),
+            "tensor_peak_kind": TENSOR_PEAK_KIND,
+            "tensor_peak_phase": self.phase,
+            "tensor_peak_train_mib": peak_of("train"),
+            "tensor_peak_eval_mib": peak_of("eval"),
+            "tensor_baseline_mib": round(min(w.baseline_bytes for w in self.windows) / MIB, 4),
+            "tensor_peak_steps": sum(w.steps for w in self.windows if w.phase == "train"),
+            "tensor_peak_batch_size": self.batch_size,
+            "tensor_peak_seq_len": self.seq_len,
+            "tensor_peak_overhead_s": round(self.overhead_s, 3),
+        }
+
+
+class TensorPeakProbe:
+    """Measures the CPU tensor peak of a trial over a few profiled windows (see the section comment).
+
+    The trainable's reporter opens the train window at the start of training, closes it after
+    `steps` optimizer steps, opens the eval window after the step that triggers the first evaluation
+    and closes it when that evaluation ends. `reading()` is the result so far; None before a window
+    has closed, or when the profiler could not be started (e.g. another profiler runs in this process:
+    `unavailable` says why).
+
+    Args:
+        steps: Optimizer steps the train window covers.
+    """
+
+    def __init__(self, steps: int = TENSOR_PEAK_STEPS) -> None:
+        self.steps = steps
+        self.windows: list[TensorWindow] = []
+        self.unavailable: str | None = None
+        self.eval_done = False
+        self.train_done = False
+        self._profiler: Any = None
+        self._phase = ""
+        self._baseline = 0
+        self._steps_in_window = 0
+        self._hook: Any = None
+        self._shapes: list[tuple[int, int]] = []
+        self._overhead = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self._profiler is not None
+
+    @property
+    def phase(self) -> str:
+        return self._phase if self.active else ""
+
+    @property
+    def steps_in_window(self) -> int:
+        return self._steps_in_window if self.active else 0
+
+    def start(self, phase: str, model: Any, optimizer: Any = None) -> None:
+        """Open a window: count what the trial holds now, start the profiler and watch the batch shapes."""
+        if self.active or self.unavailable:
+            return
+        import time as _time
+
+        began = _time.perf_counter()
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # kineto prints a line per start and stop otherwise
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        if torch.autograd.profiler._is_profiler_enabled or torch._C._autograd._profiler_enabled():
+            # A second profiler would take over the first one's session and end it: leave the user's alone.
+            self.unavailable = "another torch.profiler is running in this process"
+            return
+        self._baseline = storage_bytes(trial_tensors(model, optimizer))
+        profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        try:
+            profiler.__enter__()
+        except RuntimeError as exc:  # "profiler already enabled" (a user's own profiler) and the like
+            self.unavailable = f"torch.profiler could not start: {str(exc).splitlines()[0] if str(exc) else exc}"
+            return
+        self._profiler, self._phase, self._steps_in_window = profiler, phase, 0
+        if phase == "train":
+            self._hook = model.register_forward_pre_hook(self._record_shape, with_kwargs=True)
+        self._overhead += _time.perf_counter() - began
+
+    def step_done(self) -> None:
+        if self.active:
+            self._steps_in_window += 1
+
+    def stop(self) -> None:
+        """Close the open window and record its peak."""
+        if not self.active:
+            return
+        import time as _time
+
+        began = _time.perf_counter()
+        profiler, self._profiler = self._profiler, None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        profiler.__exit__(None, None, None)
+        deltas = [
+            (event.start_ns(), i, event.nbytes())
+            for i, event in enumerate(profiler.profiler.kineto_results.events())
+            if event.name() == _MEMORY_EVENT and _is_host(event.device_type())
+        ]
+        deltas.sort()
+        peak, _ = running_peak(d for _, _, d in deltas)
+        self.windows.append(
+            TensorWindow(self._phase, self._baseline, self._baseline + peak, len(deltas), self._steps_in_window)
+        )
+        if self._phase == "train":
+            self.train_done = True
+        else:
+            self.eval_done = True
+        self._overhead += _time.perf_counter() - began
+
+    def close(self) -> None:
+        """Stop a window left open (the trial ended or failed inside it) without recording it."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._profiler is not None:
+            profiler, self._profiler = self._profiler, None
+            try:
+                profiler.__exit__(None, None, None)
+            except Exception:  # already torn down with the failing trial; nothing to record
+                pass
+
+    def reading(self) -> TensorPeakReading | None:
+        if not self.windows:
+            return None
+        return TensorPeakReading(
+            windows=list(self.windows),
+            batch_size=max((b for b, _ in self._shapes), default=None),
+            seq_len=max((s for _, s in self._shapes), default=None),
+            overhead_s=self._overhead,
+        )
+
+    def _record_shape(self, module: Any, args: Any, kwargs: Any) -> None:
+        ids = kwargs.get("input_ids") if kwargs else None
+        if ids is None and args:
+            ids = args[0]
+        shape = getattr(ids, "shape", None)
+        if module.training and shape is not None and len(shape) == 2:
+            self._shapes.append((int(shape[0]), int(shape[1])))
+
+
+def _is_host(device_type: Any) -> bool:
+    """CPU, MKLDNN and IDEEP allocations count as host tensor memory (as torch.profiler's own tables count them)."""
+    return str(device_type).rsplit(".", 1)[-1] in ("CPU", "MKLDNN", "IDEEP")

@@ -75,6 +75,32 @@ REPORTED_METRICS: tuple[Column, ...] = (
         "(trainables/trial_memory.py); on a CPU run still the VRAM prediction; empty without a prediction.",
     ),
     Column("oom_message", "string", "", None, "First line of the out-of-memory error, on an oom trial's terminal report."),
+    # The CPU tensor peak (trainables/memory_probe.py TensorPeakProbe): what moves with the configuration on CPU.
+    Column(
+        "tensor_peak_mib",
+        "float64",
+        "MiB",
+        "lower",
+        "CPU runs: the most tensor bytes alive at once (parameters, gradients, optimizer states, activations, "
+        "temporaries) during the first optimizer steps and the first evaluation, from torch.profiler's CPU allocator "
+        "events plus what the trial held when each window opened (memory kind cpu_tensor_peak; host RAM, not VRAM).",
+    ),
+    Column("tensor_peak_kind", "string", "", None, "cpu_tensor_peak where tensor_peak_mib was measured."),
+    Column(
+        "predicted_tensor_peak_mib",
+        "float64",
+        "MiB",
+        "lower",
+        "The estimator's allocated bytes (trainables/trial_memory.py) for the trial's CPU setup (fp32, no autocast) at "
+        "the batch shape its profiled steps trained on; what tensor_peak_mib is compared with.",
+    ),
+    Column(
+        "tensor_peak_seq_len",
+        "Int64",
+        "tokens",
+        None,
+        "Longest padded sequence length among the profiled training batches (the CPU prediction's seq_len).",
+    ),
     Column("oom_batch_size", "Int64", "examples", None, "Micro-batch the trial ran out of memory with."),
 )
 
@@ -100,6 +126,17 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
     Column("best_step", "Int64", "steps", None, "Step of the evaluation with the lowest eval_loss."),
     REPORTED["total_params"],
     REPORTED["predicted_memory_mib"],
+    REPORTED["tensor_peak_mib"],
+    REPORTED["tensor_peak_kind"],
+    REPORTED["predicted_tensor_peak_mib"],
+    REPORTED["tensor_peak_seq_len"],
+    Column(
+        "tensor_peak_error_pct",
+        "float64",
+        "%",
+        None,
+        "(predicted_tensor_peak_mib - tensor_peak_mib) / tensor_peak_mib x 100 (CPU runs).",
+    ),
     Column(
         "memory_error_pct",
         "float64",
@@ -144,6 +181,7 @@ OBJECTIVE = "eval_loss"
 MEMORY_KINDS = {
     "cuda_reserved": "VRAM: torch.cuda.max_memory_reserved",
     "host_rss": "host RAM: peak RSS of the trial process (CPU run, not VRAM)",
+    "cpu_tensor_peak": "host RAM: peak of live tensor bytes over the first steps and evaluation (torch.profiler, CPU run, not VRAM)",
 }
 
 COLUMNS: dict[str, Column] = {c.name: c for c in (*REPORTED_METRICS, *TRIAL_COLUMNS, *CONFIG_COLUMNS)}

@@ -29,14 +29,21 @@ from functools import lru_cache
 from typing import Any
 
 from core.status import TrialStatus
-from trainables.data import PreparedData, prepare_data
+from trainables.data import PreparedData, prepare_data, trained_as_prepared
 from trainables.job import TrialJob
-from trainables.memory_probe import MemoryReading, PeakMemoryProbe, free_memory
+from trainables.memory_probe import (
+    TENSOR_PEAK_EVAL_BATCHES,
+    MemoryReading,
+    PeakMemoryProbe,
+    TensorPeakProbe,
+    TensorPeakReading,
+    free_memory,
+)
 from trainables.params import TrialConfig
 from trainables.settings import CALLBACK_PATTERN, ModelSpec
 from trainables.tiny_models import is_builtin, materialize
 from trainables.training_setup import TrainingSetup, load_tokenizer
-from trainables.trial_memory import MemoryKnobs, estimate_for_trial, predicted_mib
+from trainables.trial_memory import MemoryKnobs, estimate_for_trial, predicted_allocated_mib, predicted_mib
 from trainables.workarounds import keep_adapters_in_compute_dtype, remove_printer_callback, skip_model_card
 
 # Written into each checkpoint next to the Trainer's own state: what the Trainer does not keep.
@@ -157,6 +164,14 @@ class TrialReport:
     def note_oom_retry(self, note: str) -> None:
         self.trial_facts["oom_retry"] = note
 
+    def tensor_peak(self, reading: TensorPeakReading, predicted_mib: float | None) -> None:
+        """A CPU attempt's tensor peak (trainables/memory_probe.py) and the estimator's allocated bytes for it.
+
+        Kept with the attempt, so every later report of the attempt (and an OOM's) carries it.
+        """
+        self.attempt_facts.update(reading.as_metrics())
+        self.attempt_facts["predicted_tensor_peak_mib"] = predicted_mib
+
     def model_loaded(self, trainer: Any, setup: TrainingSetup, trial: Any, data: PreparedData) -> None:
         trainable, total = trainer.model.get_nb_trainable_parameters()
         self.model_facts = {
@@ -166,8 +181,8 @@ class TrialReport:
             "compute_dtype": setup.compute_dtype,
             "optimizer": setup.optimizer,
             "lora_alpha_value": trial.lora_alpha,
-            "train_rows": len(data.train),
-            "eval_rows": len(data.eval),
+            "train_rows": data.train_rows,
+            "eval_rows": data.eval_rows,
             "skipped_rows": len(data.skipped),
         }
 
@@ -313,7 +328,9 @@ def run_trial(
     model_path = materialize(job.model_path) if is_builtin(job.model_path) else job.model_path
     model_config = job.base_config if job.base_config is not None else _read_model_config(model_path, job.model)
     tokenizer = load_tokenizer(model_path, job.model)
-    if data is None:
+    if data is None or not data.tokenized:
+        # Without the driver's tokens (a direct call, a driver without the tokenizer) the trial
+        # prepares the data itself, the same way preflight does.
         data = prepare_data(job.data.path, job.data, tokenizer)
     trial_report = TrialReport(started=started, trial_facts={"started_at": round(started, 3), **_gpu_share(device, gpu_fraction)})
     grad_accum = job.train.grad_accum
@@ -331,7 +348,10 @@ def run_trial(
         trial_report.start_attempt(
             batch_size=trial.batch_size, grad_accum=grad_accum, predicted_memory_mib=context.predicted_memory_mib
         )
-        last, oom, reading = _attempt(context, model_path, tokenizer, data, trial_report, report, resume_from, factories)
+        predict = None if setup.on_cuda else _tensor_peak_predictor(model_config, setup, trial)
+        last, oom, reading = _attempt(
+            context, model_path, tokenizer, data, trial_report, report, resume_from, factories, predict
+        )
         if oom is None:
             return last
         if job.train.oom_retry and attempt == 1 and not last and trial.batch_size > 1:
@@ -384,6 +404,24 @@ def _predicted_memory_mib(model_config: Any, setup: TrainingSetup, trial: Any, s
         return None  # an architecture the estimator does not model: no prediction, training goes on
 
 
+def _tensor_peak_predictor(model_config: Any, setup: TrainingSetup, trial: Any) -> Callable[[int, int], float | None]:
+    """The estimator's allocated bytes (MiB) for a CPU attempt, at the batch shape its profiled steps saw.
+
+    The VRAM prediction uses data.max_seq_length; batches are padded to their longest row only, so
+    the comparison with the measured tensor peak takes the padded length the window really trained on.
+    """
+    from dataclasses import asdict
+
+    def predict(batch_size: int, seq_len: int) -> float | None:
+        try:
+            knobs = MemoryKnobs.from_config({**asdict(trial), "batch_size": batch_size}, batch_size, seq_len)
+            return predicted_allocated_mib(estimate_for_trial(model_config, setup, knobs))
+        except ValueError:
+            return None  # an architecture the estimator does not model
+
+    return predict
+
+
 def _attempt(
     context: TrialContext,
     model_path: str,
@@ -393,12 +431,15 @@ def _attempt(
     report: Any,
     resume_from: str | None,
     factories: Sequence[CallbackFactory],
+    predict_tensor_peak: Callable[[int, int], float | None] | None = None,
 ) -> tuple[dict[str, Any], str | None, MemoryReading | None]:
     """Train once. Returns (last metrics reported, OOM message or None, the memory reading at the OOM)."""
     import torch
 
     probe = PeakMemoryProbe(context.device)
     probe.reset()
+    # On CPU also the tensor peak of the first steps and evaluation (host RSS hides the model).
+    tensor_probe = TensorPeakProbe() if predict_tensor_peak is not None else None
     last: dict[str, Any] = {}
 
     def report_and_keep(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
@@ -413,7 +454,8 @@ def _attempt(
     try:
         extra = [callback for callback in (factory(context) for factory in factories) if callback is not None]
         trainer, reporter = _build_trainer(
-            context, model_path, tokenizer, data, probe, trial_report, report_and_keep, output_dir, extra
+            context, model_path, tokenizer, data, probe, trial_report, report_and_keep, output_dir, extra,
+            tensor_probe, predict_tensor_peak,
         )
         if resume_from:
             reporter.restore(resume_from)
@@ -427,6 +469,8 @@ def _attempt(
         # Runs on normal end, on OOM, on error, and when Tune stops the trial (it raises SystemExit in report).
         trainer = None
         probe.close()
+        if tensor_probe is not None:
+            tensor_probe.close()
         free_memory(context.device)
         shutil.rmtree(output_dir, ignore_errors=True)
         for callback in extra:
@@ -446,17 +490,20 @@ def _build_trainer(
     report: Any,
     output_dir: str,
     callbacks: Sequence[Any] = (),
+    tensor_probe: TensorPeakProbe | None = None,
+    predict_tensor_peak: Callable[[int, int], float | None] | None = None,
 ) -> tuple[Any, Any]:
-    from datasets import Dataset
     from trl import SFTTrainer
 
     setup, trial, job = context.setup, context.trial, context.job
     model = setup.load_model(model_path, job.model)
+    # Token ids with labels (-100 off the loss), already cut to max_seq_length: trl takes them as they are.
+    train_dataset, eval_dataset = data.datasets()
     trainer = SFTTrainer(
         model=model,
-        args=setup.sft_config(trial, job.train, job.data, output_dir, context.grad_accum),
-        train_dataset=Dataset.from_list(data.train),
-        eval_dataset=Dataset.from_list(data.eval),
+        args=setup.sft_config(trial, job.train, job.data, output_dir, context.grad_accum, **trained_as_prepared(data)),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=setup.lora_config(trial, model.config.model_type),
     )
@@ -466,7 +513,12 @@ def _build_trainer(
     remove_printer_callback(trainer)
     trial_report.model_loaded(trainer, setup, trial, data)
     reporter = _tune_reporter_class()(
-        report=report, probe=probe, trial_report=trial_report, checkpointing=job.train.checkpoint
+        report=report,
+        probe=probe,
+        trial_report=trial_report,
+        checkpointing=job.train.checkpoint,
+        tensor_probe=tensor_probe,
+        predict_tensor_peak=predict_tensor_peak,
     )
     trainer.add_callback(reporter)
     for callback in callbacks:
@@ -482,19 +534,73 @@ def _tune_reporter_class() -> type:
     class TuneReporter(TrainerCallback):
         """Turns trainer events into Tune reports: one per evaluation, plus a terminal one on divergence."""
 
-        def __init__(self, report: Any, probe: PeakMemoryProbe, trial_report: TrialReport, checkpointing: bool):
+        def __init__(
+            self,
+            report: Any,
+            probe: PeakMemoryProbe,
+            trial_report: TrialReport,
+            checkpointing: bool,
+            tensor_probe: TensorPeakProbe | None = None,
+            predict_tensor_peak: Callable[[int, int], float | None] | None = None,
+        ):
             self.report = report
             self.probe = probe
             self.trial_report = trial_report
             self.checkpointing = checkpointing
+            self.tensor_probe = tensor_probe
+            self.predict_tensor_peak = predict_tensor_peak
             self.pending: dict[str, Any] | None = None
             self.train_losses: list[float] = []
             self.train_seconds = 0.0
             self.segment_start = time.time()
             self.diverged_at: int | None = None
 
-        def on_train_begin(self, args, state, control, **kwargs):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if self.tensor_probe is not None and model is not None:
+                self.tensor_probe.start("train", model, optimizer)
+                if self.tensor_probe.unavailable:
+                    self.trial_report.attempt_facts["tensor_peak_unavailable"] = self.tensor_probe.unavailable
             self.segment_start = time.time()
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            """The tensor-peak windows: the first optimizer steps, then the step that triggers the first evaluation."""
+            tensor = self.tensor_probe
+            if tensor is None or model is None:
+                return
+            tensor.step_done()
+            if tensor.phase == "train" and tensor.steps_in_window >= tensor.steps:
+                self._close_tensor_window()
+            if control.should_evaluate and not tensor.eval_done and not tensor.active:
+                began = time.time()
+                tensor.start("eval", model, optimizer)
+                self.segment_start += time.time() - began  # not training time
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            """The eval window covers the first evaluation's first TENSOR_PEAK_EVAL_BATCHES batches (bounded cost)."""
+            tensor = self.tensor_probe
+            if tensor is not None and tensor.phase == "eval":
+                tensor.step_done()
+                if tensor.steps_in_window >= TENSOR_PEAK_EVAL_BATCHES:
+                    self._close_tensor_window(in_evaluation=True)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._close_tensor_window()
+
+        def _close_tensor_window(self, in_evaluation: bool = False) -> None:
+            tensor = self.tensor_probe
+            if tensor is None or not tensor.active:
+                return
+            began = time.time()
+            tensor.stop()
+            reading = tensor.reading()
+            if reading is not None:
+                predicted = None
+                if self.predict_tensor_peak is not None and reading.batch_size and reading.seq_len:
+                    predicted = self.predict_tensor_peak(reading.batch_size, reading.seq_len)
+                self.trial_report.tensor_peak(reading, predicted)
+            if not in_evaluation:  # evaluation time is off the throughput clock already
+                # The profiler's bookkeeping is not training: keep it off the throughput clock.
+                self.segment_start += time.time() - began
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             loss = (logs or {}).get("loss")
@@ -508,6 +614,9 @@ def _tune_reporter_class() -> type:
                 self.report(self._metrics(state, float("nan"), TrialStatus.DIVERGED))
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if self.tensor_probe is not None and self.tensor_probe.active:
+                self.tensor_probe.eval_done = True  # an evaluation inside the train window counts as its eval
+                self._close_tensor_window(in_evaluation=True)
             if self.diverged_at is not None:
                 return
             metrics = metrics or {}

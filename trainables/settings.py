@@ -77,28 +77,101 @@ class ModelSpec(Strict):
     trust_remote_code: bool = False
 
 
+# A split as the datasets library names it, optionally sliced: train, train[:2000], test[10%:20%],
+# train[-500:], and parts joined with '+'.
+_SPLIT_PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]*(\[(-?\d+%?)?:(-?\d+%?)?\])?"
+SPLIT_PATTERN = re.compile(rf"^{_SPLIT_PART}(\+{_SPLIT_PART})*$")
+
+
+def _split(value: str) -> str:
+    if not SPLIT_PATTERN.match(value):
+        raise ValueError(
+            "not a split: write a split name, optionally sliced, e.g. train, train[:2000], train[10%:20%], "
+            "test[-500:] (parts may be joined with '+')"
+        )
+    return value
+
+
+Split = Annotated[str, AfterValidator(_split)]
+DEFAULT_EVAL_SIZE = 0.1
+
+
 class DataSpec(Strict):
     """The training data and how each row becomes a training example."""
 
-    path: PathText = Field(description="Local .jsonl/.json/.csv/.parquet file, or a hub dataset id.")
+    path: PathText = Field(description="Local .jsonl/.json/.csv/.parquet file or folder, or a hub dataset id.")
     format: Literal["instruction", "text", "chat"] = "instruction"
-    eval_size: Annotated[float, Field(gt=0)] = 0.1
+    name: str | None = Field(default=None, min_length=1, description="The hub dataset's configuration, e.g. main.")
+    # A tuple, so the frozen spec stays hashable; YAML may write one file or a list.
+    data_files: tuple[PathText, ...] | None = Field(
+        default=None,
+        description="Files of a hub dataset to read (globs), or of a local data.path folder.",
+    )
+    split: Split = "train"
+    eval_size: Annotated[float, Field(gt=0)] | None = Field(
+        default=None,
+        description="Held-out rows carved out of data.path: a fraction, or a whole number of rows. Omitted: 0.1.",
+    )
+    eval_split: Split | None = Field(
+        default=None, description="A held-out split of the same hub dataset (or of eval_path), e.g. test or test[:500]."
+    )
+    eval_path: PathText | None = Field(default=None, description="A separate held-out file or hub dataset.")
+    max_rows: PositiveInt | None = Field(
+        default=None, description="Train on a seeded random sample of this many rows of the split (data.seed)."
+    )
     max_seq_length: PositiveInt = 256
-    split: str = "train"
     seed: Seed = 0
     on_bad_rows: Literal["error", "skip"] = "error"
+    on_long_rows: Literal["error", "skip", "truncate"] | None = Field(
+        default=None,
+        description="Rows longer than max_seq_length: error, skip, or truncate (the response). Omitted: as on_bad_rows.",
+    )
     instruction_field: str = "instruction"
     input_field: str = "input"
     output_field: str = "output"
     text_field: str = "text"
     messages_field: str = "messages"
 
+    @field_validator("data_files", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list names no files; list at least one, or leave data_files out")
+        return value
+
     @field_validator("eval_size")
     @classmethod
-    def _fraction_or_count(cls, value: float) -> float:
-        if value >= 1 and value != int(value):
+    def _fraction_or_count(cls, value: float | None) -> float | None:
+        if value is not None and value >= 1 and value != int(value):
             raise ValueError(f"{value} is neither a fraction in (0, 1) nor a whole number of rows")
         return value
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataSpec:
+        if self.eval_size is not None and (self.eval_split or self.eval_path):
+            given = "eval_split" if self.eval_split else "eval_path"
+            raise ValueError(
+                f"data.eval_size carves held-out rows out of data.path, and data.{given} names a held-out set of its "
+                f"own; keep one: remove eval_size to evaluate on {given}, or remove {given}"
+            )
+        return self
+
+    @property
+    def long_rows(self) -> str:
+        """What happens to a row longer than max_seq_length: on_long_rows, or on_bad_rows when omitted."""
+        return self.on_long_rows or self.on_bad_rows
+
+    @property
+    def eval_amount(self) -> float:
+        """eval_size as used: a fraction (below 1) or a row count; 0.1 when omitted."""
+        return DEFAULT_EVAL_SIZE if self.eval_size is None else self.eval_size
+
+    @property
+    def held_out(self) -> bool:
+        """Whether the eval rows come from their own split or file (not carved out by eval_size)."""
+        return bool(self.eval_split or self.eval_path)
 
 
 class TrainSpec(Strict):

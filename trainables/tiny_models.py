@@ -140,21 +140,34 @@ def _train_tokenizer(texts: list[str]) -> Any:
     return wrapped
 
 
+def _tokenizer_texts() -> tuple[list[str], list[str]]:
+    """(pretraining sentences, prompts): the texts the builtin tokenizer is trained on."""
+    from trainables import smoke_task
+    from trainables.data import PROMPT_TEMPLATE, PROMPT_TEMPLATE_WITH_INPUT
+
+    sentences = smoke_task.pretraining_sentences(4000, seed=1)
+    prompts = [
+        PROMPT_TEMPLATE_WITH_INPUT.format(**row) + row["output"] for row in smoke_task.instruction_rows(300, seed=7)
+    ]
+    return sentences, prompts + [PROMPT_TEMPLATE.format(instruction="")]
+
+
+def builtin_tokenizer() -> Any:
+    """The builtin models' word-level tokenizer alone (no model, no pretraining): for models built
+    elsewhere from a config with random weights (benchmarks/gpu_truth.py)."""
+    sentences, prompts = _tokenizer_texts()
+    return _train_tokenizer(sentences + prompts)
+
+
 def _build(name: str, out: Path) -> None:
     import random
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from trainables import smoke_task
-    from trainables.data import PROMPT_TEMPLATE, PROMPT_TEMPLATE_WITH_INPUT
-
     started = time.time()
-    sentences = smoke_task.pretraining_sentences(4000, seed=1)
-    prompts = [
-        PROMPT_TEMPLATE_WITH_INPUT.format(**row) + row["output"] for row in smoke_task.instruction_rows(300, seed=7)
-    ]
-    tokenizer = _train_tokenizer(sentences + prompts + [PROMPT_TEMPLATE.format(instruction="")])
+    sentences, prompts = _tokenizer_texts()
+    tokenizer = _train_tokenizer(sentences + prompts)
     ids = {
         "vocab": len(tokenizer),
         "bos": tokenizer.bos_token_id,

@@ -312,6 +312,8 @@ class TrainingSetup:
             "lora_dtype": self.lora_dtype,
             "upcast_non_quantized": self.upcast_non_quantized,
             "fused_lm_head": self.fused_lm_head,
+            # What differs on CPU (dropout masks, the positions trl's fused head scores): for the tensor peak.
+            "device": "cuda" if self.on_cuda else "cpu",
         }
 
 

@@ -98,6 +98,14 @@ def predicted_mib(estimate: MemoryEstimate) -> float:
     return round(estimate.reserved_bytes / MIB, 1)
 
 
+def predicted_allocated_mib(estimate: MemoryEstimate) -> float:
+    """The estimate's tensor bytes (allocated_bytes, MiB): what a CPU trial's measured tensor peak is compared with.
+
+    On CPU there is no caching allocator, so no fragmentation part: every byte is a live tensor.
+    """
+    return round(estimate.allocated_bytes / MIB, 4)
+
+
 def targeted_layers(model_config: Any, label: str) -> frozenset[str]:
     """Names of the layers a target-module label adapts in this model, for ordering labels by inclusion.
 

@@ -9,6 +9,7 @@ the same numbers as the trainable, and the measured quantization-constant bytes 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,11 @@ def test_memory_effects_quick(tmp_path: Path) -> None:
 
 
 def test_preflight_quick(tmp_path: Path) -> None:
+    # "before" is trainables/data.py as of the benchmark's BEFORE_REV, read from git history.
+    rev = re.search(r'^BEFORE_REV = "([0-9a-f]{40})"', (REPO / "benchmarks" / "preflight.py").read_text(), re.M)
+    assert rev, "benchmarks/preflight.py names its BEFORE_REV"
+    if subprocess.run(["git", "cat-file", "-e", f"{rev.group(1)}^{{commit}}"], cwd=REPO, capture_output=True).returncode:
+        pytest.skip(f"a shallow clone: commit {rev.group(1)[:7]} (the 'before' data module) is not in its history")
     stdout, payload = run_quick("preflight", tmp_path)
     assert "## Preflight of 2,000 instruction rows" in stdout and "## A trial's data setup" in stdout
     assert payload["before_rev"] and set(payload["runs"]) == {"tiny-llama", "bpe"}
@@ -119,3 +125,14 @@ def test_preflight_quick(tmp_path: Path) -> None:
     (before,) = payload["runs"]["tiny-llama"]["before"]
     (after,) = payload["runs"]["tiny-llama"]["after"]
     assert before["trial"]["train_rows"] == after["trial"]["train_rows"] == 1000
+
+
+def test_packing_quick(tmp_path: Path) -> None:
+    stdout, payload = run_quick("packing", tmp_path)
+    assert "## Sequence packing: useful tokens/s" in stdout and "Target (>= 1.5x useful tokens/s" in stdout
+    assert set(payload["runs"]) == {"smoke", "long-tailed"}
+    for data in ("smoke", "long-tailed"):
+        runs = payload["runs"][data]
+        assert set(runs) == {"off", "on", "padding-free"}
+        # Packed rows carry more examples per step; both packed variants train on the same tokens.
+        assert runs["on"][0]["tokens"] == runs["padding-free"][0]["tokens"] > runs["off"][0]["tokens"]

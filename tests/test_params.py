@@ -53,13 +53,19 @@ def test_no_column_is_declared_twice():
 
 
 def test_each_knob_feeds_a_real_peft_or_trl_argument():
+    import importlib
+
     from peft import LoraConfig
     from trl import SFTConfig
 
     lora_fields = {f.name for f in dataclasses.fields(LoraConfig)}
     sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
     for knob in KNOBS:
-        assert (knob.peft_arg in lora_fields) or (knob.trl_arg in sft_fields), knob.name
+        if knob.peft_arg or knob.trl_arg:
+            assert (knob.peft_arg in lora_fields) or (knob.trl_arg in sft_fields), knob.name
+        else:  # a function that shapes the train dataset with it (packing: trl's packer)
+            module, _, function = knob.feeds.rpartition(".")
+            assert callable(getattr(importlib.import_module(module), function)), knob.name
 
 
 @pytest.mark.parametrize(

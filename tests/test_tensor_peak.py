@@ -110,6 +110,9 @@ def test_the_tensor_peak_moves_with_the_configuration_as_predicted_and_within_10
         "larger r": run(r=64, target_modules="qv", batch_size=4),
         "all-linear": run(r=8, target_modules="all-linear", batch_size=4),
         "larger batch": run(r=8, target_modules="qv", batch_size=16),
+        # Packed: each of the 4 rows holds several examples, filled towards max_seq_length, with a
+        # block mask between them; more real tokens per step than padded rows of the same micro-batch.
+        "packed": run(r=8, target_modules="qv", batch_size=4, packing=True),
     }
     for name, last in trials.items():
         assert last["memory_kind"] == "host_rss" and last["tensor_peak_kind"] == TENSOR_PEAK_KIND, name
@@ -118,7 +121,9 @@ def test_the_tensor_peak_moves_with_the_configuration_as_predicted_and_within_10
         error = (predicted - measured) / measured
         assert abs(error) <= 0.10, f"{name}: predicted {predicted} MiB vs measured {measured} MiB ({error:+.1%})"
     base = trials["base"]
-    for name in ("larger r", "all-linear", "larger batch"):
+    packed = trials["packed"]
+    assert packed["tensor_peak_batch_size"] == 4 and packed["tensor_peak_seq_len"] > 2 * base["tensor_peak_seq_len"]
+    for name in ("larger r", "all-linear", "larger batch", "packed"):
         # The estimator says more, and the measurement (deterministic: same data, same seed) agrees.
         assert trials[name]["predicted_tensor_peak_mib"] > base["predicted_tensor_peak_mib"], name
         assert trials[name]["tensor_peak_mib"] > base["tensor_peak_mib"], (name, trials[name]["tensor_peak_mib"])

@@ -188,13 +188,61 @@ class PreparedData:
             return self
         return replace(self, train=[], eval=[])
 
-    def datasets(self) -> tuple[Any, Any]:
-        """(train, eval) datasets.Dataset for trl's SFTTrainer: the tokens when there are some, else the text."""
-        if self.tokenized:
-            return self.train_tokens.to_dataset(), self.eval_tokens.to_dataset()
-        from datasets import Dataset
+    def datasets(self, pack_to: int | None = None) -> tuple[Any, Any]:
+        """(train, eval) datasets.Dataset for trl's SFTTrainer: the tokens when there are some, else the text.
 
-        return Dataset.from_list(self.train), Dataset.from_list(self.eval)
+        Args:
+            pack_to: With the `packing` knob, data.max_seq_length: the train rows are packed into rows
+                of at most that many tokens by trl's best-fit-decreasing packer
+                (`trl.data_utils.pack_dataset`, which keeps each row whole and records its length in
+                `seq_lengths`). Train with `PackedCollator`. The eval rows are never packed.
+        """
+        if self.tokenized:
+            train, evaluation = self.train_tokens.to_dataset(), self.eval_tokens.to_dataset()
+        else:
+            from datasets import Dataset
+
+            if pack_to:
+                raise ValueError("packing needs the rows tokenized: prepare the data with the model's tokenizer")
+            return Dataset.from_list(self.train), Dataset.from_list(self.eval)
+        if pack_to:
+            from trl.data_utils import pack_dataset
+
+            train = pack_dataset(train, pack_to, strategy="bfd")
+        return train, evaluation
+
+    def trainer_inputs(self, tokenizer: Any, pack_to: int | None = None) -> dict[str, Any]:
+        """SFTTrainer's train_dataset, eval_dataset and data_collator (None: trl's own) for these rows,
+        packed into rows of `pack_to` tokens when given (the `packing` knob)."""
+        train, evaluation = self.datasets(pack_to)
+        collator = PackedCollator(tokenizer.pad_token_id) if pack_to else None
+        return {"train_dataset": train, "eval_dataset": evaluation, "data_collator": collator}
+
+
+class PackedCollator:
+    """Batches of packed rows: trl's collator with position ids that restart at each original row,
+    and no attention mask, so transformers builds a block-diagonal causal mask per packed row and no
+    row attends to another (masking_utils' packed-sequence detection).
+
+    Packed rows stay rows of the batch (b x longest packed row, padded), unlike trl's padding-free
+    mode, which joins the whole micro-batch into one sequence: with SDPA, that attends over (b s)^2
+    positions instead of b s^2, which on a long-tailed dataset cost more than the padding saved
+    (docs/benchmarks.md, section 7). Pads sit at position 0 with label -100: each is a row of its own.
+    Eval batches (rows not packed) go through it too, with the same result as padded rows and a mask.
+    """
+
+    def __init__(self, pad_token_id: int):
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        self.collate = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, return_position_ids=True)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collate(examples)
+        batch.pop("attention_mask", None)
+        # A row's first token has nothing before it in its own row: never a target (the token before
+        # it belongs to another row), as without packing.
+        batch["labels"][batch["position_ids"] == 0] = -100
+        return batch
 
 
 def trained_as_prepared(data: PreparedData) -> dict[str, Any]:

@@ -702,6 +702,7 @@ def activation_bytes(
     upcast_non_quantized: bool = False,
     fused_lm_head: bool = False,
     device: str = "cuda",
+    packing: bool = False,
 ) -> int:
     """Bytes of the tensors saved for backward at the start of the backward pass.
 
@@ -729,6 +730,8 @@ def activation_bytes(
         upcast_non_quantized: Whether peft's prepare_model_for_kbit_training upcast the model.
         fused_lm_head: Whether the LM head runs through TRL's fused, tiled log-prob kernel.
         device: "cuda" or "cpu" (CPU dropout keeps its masks in the input's dtype, not as bools).
+        packing: Rows of packed examples with their own position ids: rope's cos/sin per row, and
+            SDPA's block-diagonal boolean mask (b s^2).
 
     Returns:
         Bytes.
@@ -761,11 +764,15 @@ def activation_bytes(
         per_token = lora_outside  # only layers outside the blocks (e.g. lm_head) train
     labels = 8 * tokens
     rope = 2 * p.mlp * seq_len * shape.head_dim if shape.family == "gated" else 0
+    mask = 0
+    if packing:  # position ids per row: per-row rope tables, and the mask that keeps examples apart
+        rope *= batch_size
+        mask = batch_size * seq_len * seq_len
     lora_params = sum(r * (t.in_features + t.out_features) for t in targets)
     weight_copies = e * lora_params if p.autocast and e < lora_bytes else 0
     if p.autocast and p.upcast and not fused_lm_head:
         weight_copies += e * shape.vocab * shape.hidden  # the fp32 lm_head, cast for its matmul
-    return per_token * tokens + labels + rope + weight_copies
+    return per_token * tokens + labels + rope + mask + weight_copies
 
 
 def logits_bytes(
@@ -847,6 +854,7 @@ def estimate_peak_memory(
     optimizer: Optimizer,
     lora_dropout: float = 0.0,
     use_dora: bool = False,
+    packing: bool = False,
     autocast: bool = True,
     lora_dtype: ComputeDType = "float32",
     upcast_non_quantized: bool = False,
@@ -887,6 +895,11 @@ def estimate_peak_memory(
             their gradients and optimizer states. Not modelled: the activations DoRA adds for
             backward and its per-step weight-norm temporaries (trainables/trial_memory.py,
             `not_modelled`, says so to the user).
+        packing: Sequence packing (the `packing` knob, trainables/data.py `PackedCollator`): each of the
+            `batch_size` rows holds several examples, with position ids restarting per example, so
+            rope's tables are per row (b x s instead of s) and SDPA gets a block-diagonal boolean
+            mask (b s^2 bytes). Without packing every row counts as padded to seq_len (a bound); with
+            it, rows fill seq_len, so the bound is what a step really holds.
         autocast: Whether a 16-bit compute dtype runs under torch.autocast (Trainer bf16/fp16=True).
             Without it PEFT casts each LoRA input to fp32, one copy per targeted layer.
         lora_dtype: dtype of the LoRA weights, their gradients and adamw_torch's moments:
@@ -923,8 +936,9 @@ def estimate_peak_memory(
         problems += _check_positive_int(name, value)
     if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
         problems.append(f"lora_dropout: {lora_dropout!r} is outside [0, 1); use a fraction such as 0.05")
-    if not isinstance(use_dora, bool):
-        problems.append(f"use_dora: {use_dora!r} must be True or False")
+    for flag, value in (("use_dora", use_dora), ("packing", packing)):
+        if not isinstance(value, bool):
+            problems.append(f"{flag}: {value!r} must be True or False")
     if not isinstance(fragmentation, (int, float)) or fragmentation < 0:
         problems.append(f"fragmentation: {fragmentation!r} must be a fraction >= 0, e.g. 0.10")
     if not isinstance(cuda_context_mib, int) or cuda_context_mib < 0:
@@ -978,6 +992,7 @@ def estimate_peak_memory(
         upcast_non_quantized=upcast_non_quantized,
         fused_lm_head=fused_lm_head,
         device=device,
+        packing=packing,
     )
     logits = logits_bytes(
         shape,

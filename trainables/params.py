@@ -117,7 +117,8 @@ class Knob:
         default: The spec's default, as written in YAML.
         kinds: Value kinds accepted ("fixed", "choice", "loguniform", "uniform", "ratio").
         doc: One line for the README and the report legend.
-        feeds: The argument it becomes: "LoraConfig.<arg>" or "SFTConfig.<arg>".
+        feeds: The argument it becomes: "LoraConfig.<arg>" or "SFTConfig.<arg>"; or the function that
+            shapes the trial's train dataset with it ("trl.data_utils.pack_dataset").
         check: Problem with one value (None if fine); numbers arrive already cast to `dtype`.
         memory: How it moves peak memory, or None if it does not: "numeric" (more is more),
             "flag" (True costs more), "layers" (more targeted layers cost more).
@@ -206,6 +207,10 @@ KNOBS: tuple[Knob, ...] = (
     Knob("use_dora", bool, False, ("fixed", "choice"),
          "DoRA: learn a magnitude vector per adapted layer besides the low-rank update (peft, works on 4-bit layers).",
          "LoraConfig.use_dora", memory="flag", corner="max", example="[false, true]"),
+    Knob("packing", bool, False, ("fixed", "choice"),
+         "Sequence packing: train rows packed best-fit-decreasing into data.max_seq_length (trl's packer), "
+         "position ids restarting per row, no attention across rows; eval rows stay unpacked.",
+         "trl.data_utils.pack_dataset", memory="flag", corner="max", example="[false, true]"),
 )
 KNOB_BY_NAME: dict[str, Knob] = {k.name: k for k in KNOBS}
 MEMORY_KNOBS: tuple[Knob, ...] = tuple(k for k in KNOBS if k.memory)

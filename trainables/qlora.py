@@ -498,12 +498,10 @@ def _build_trainer(
     setup, trial, job = context.setup, context.trial, context.job
     model = setup.load_model(model_path, job.model)
     # Token ids with labels (-100 off the loss), already cut to max_seq_length: trl takes them as they are.
-    train_dataset, eval_dataset = data.datasets()
     trainer = SFTTrainer(
         model=model,
         args=setup.sft_config(trial, job.train, job.data, output_dir, context.grad_accum, **trained_as_prepared(data)),
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        **data.trainer_inputs(tokenizer, pack_to=job.data.max_seq_length if trial.packing else None),
         processing_class=tokenizer,
         peft_config=setup.lora_config(trial, model.config.model_type),
     )

@@ -222,33 +222,30 @@ def bad_rows_section(exp: Experiment) -> list[str]:
         return []
     lines: list[str] = []
     if data.get("skipped_rows"):
-        listed = list(data.get("skipped") or [])
-        more = int(data["skipped_rows"]) - len(listed)
-        lines += [
-            "## Bad rows skipped",
-            "",
+        lines += _rows_section(
+            "Bad rows skipped",
             f"`{data.get('path')}`: {data['skipped_rows']} of {data.get('rows_read')} rows were skipped "
             f"({skip_rules(data)}). Fix them, or set on_bad_rows / on_long_rows: error to stop on them.",
-            "",
-            *[f"- {message}" for message in listed],
-            *([f"- ... and {more} more"] if more > 0 else []),
-            "",
-        ]
+            data.get("skipped"),
+            int(data["skipped_rows"]),
+        )
     if data.get("truncated_rows"):
-        listed = list(data.get("truncated") or [])
-        more = int(data["truncated_rows"]) - len(listed)
-        lines += [
-            "## Long rows truncated",
-            "",
+        lines += _rows_section(
+            "Long rows truncated",
             f"`{data.get('path')}`: {data['truncated_rows']} rows were longer than data.max_seq_length "
             f"({data.get('max_seq_length')}) and were cut to it (data.on_long_rows: truncate): the response loses its "
             "end, the prompt is never cut.",
-            "",
-            *[f"- {message}" for message in listed],
-            *([f"- ... and {more} more"] if more > 0 else []),
-            "",
-        ]
+            data.get("truncated"),
+            int(data["truncated_rows"]),
+        )
     return lines
+
+
+def _rows_section(title: str, intro: str, listed: list[str] | None, total: int) -> list[str]:
+    """A report.md section listing data rows (data_report.json keeps the first few of `total`)."""
+    listed = list(listed or [])
+    more = total - len(listed)
+    return [f"## {title}", "", intro, "", *[f"- {m}" for m in listed], *([f"- ... and {more} more"] if more > 0 else []), ""]
 
 
 # --- publishing: never a half-written report that looks complete (see docs/reliability.md) ---------

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 # Exit statuses of the command line (README, "Exit statuses"): 2 is bad input.
 EXIT_BAD_INPUT = 2
+# Bounds on what one error prints, whatever the input: hostile input (a YAML alias bomb, a huge
+# value) must not turn into megabytes of error text.
+MAX_LISTED_PROBLEMS = 50
+MAX_PROBLEM_CHARS = 500
 
 
 class QloraSweepError(Exception):
@@ -39,8 +43,17 @@ class ProblemsError(QloraSweepError):
 
     def render(self) -> str:
         count = self.total
-        head = f"{self.source}: {count} problem{'s' if count != 1 else ''} in {self.noun}"
-        lines = [head, *(f"  - {p}" for p in self.problems)]
-        if self.total > len(self.problems):
-            lines.append(f"  - ... and {self.total - len(self.problems)} more")
+        head = f"{_clip(self.source)}: {count} problem{'s' if count != 1 else ''} in {self.noun}"
+        listed = self.problems[:MAX_LISTED_PROBLEMS]
+        lines = [head, *(f"  - {_clip(p)}" for p in listed)]
+        if self.total > len(listed):
+            lines.append(f"  - ... and {self.total - len(listed)} more")
         return "\n".join(lines)
+
+
+def _clip(text: str) -> str:
+    """One problem line, cut to MAX_PROBLEM_CHARS characters (saying how much was cut)."""
+    text = str(text)
+    if len(text) <= MAX_PROBLEM_CHARS:
+        return text
+    return f"{text[:MAX_PROBLEM_CHARS]}... ({len(text) - MAX_PROBLEM_CHARS:,} more characters)"

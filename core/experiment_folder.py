@@ -22,9 +22,8 @@ import json
 import re
 from typing import Any
 
-import yaml
 
-from core import storage
+from core import storage, yaml_limits
 
 SPEC_FILE = "sweep_spec.yaml"
 PLAN_FILE = "run_plan.json"
@@ -65,9 +64,9 @@ def read_spec(path: str) -> dict[str, Any]:
     if not storage.exists(location):
         raise FileNotFoundError(location)
     try:
-        value = yaml.safe_load(storage.read_text(location))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{SPEC_FILE} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        value = yaml_limits.load(storage.read_text(location))
+    except ValueError as exc:
+        raise ValueError(f"{SPEC_FILE}: {str(exc).splitlines()[0]}") from None
     return value if isinstance(value, dict) else {}
 
 

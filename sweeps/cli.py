@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from core.errors import QloraSweepError
 
@@ -84,6 +84,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = _load(args.spec)
     outcome = run_sweep(spec, storage_override=args.storage, name=args.name, address=args.address)
+    return _exit_status(outcome)
+
+
+def _exit_status(outcome: Any) -> int:
+    from sweeps.driver import INTERRUPTED_EXIT
+
+    if outcome.interrupted:
+        return INTERRUPTED_EXIT[outcome.interrupted]
     return 1 if outcome.num_errors and outcome.num_errors == outcome.num_trials else 0
 
 
@@ -91,7 +99,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from sweeps.driver import resume_sweep
 
     outcome = resume_sweep(args.resume, restart_errored=args.restart_errored, address=args.address)
-    return 1 if outcome.num_errors and outcome.num_errors == outcome.num_trials else 0
+    return _exit_status(outcome)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -169,6 +177,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help=ADDRESS_HELP)
 
 
+EXIT_STATUSES = """exit statuses:
+  0    the sweep ran (some trials may have failed: the report lists them); 1 if every trial errored
+  2    bad input (spec, data, model, storage, --name): nothing was started
+  130  stopped by Ctrl-C (SIGINT), 143 by SIGTERM: no new trials were started, the running ones were
+       saved at their last checkpoint and the partial report written; `qlora-sweep resume DIR` goes on.
+       A second signal stops at once.
+"""
+
 ADDRESS_HELP = (
     "Ray cluster to join (default: the running cluster if there is one, else a new local one; "
     "'local' always starts a local cluster bound to 127.0.0.1)"
@@ -181,7 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a sweep and write its report", description="Run a sweep and write its report.")
+    run = sub.add_parser(
+        "run",
+        help="run a sweep and write its report",
+        description="Run a sweep and write its report.",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("spec", metavar="SPEC", help="sweep YAML, e.g. sweeps/smoke.yaml")
     add_run_arguments(run)
     run.set_defaults(func=cmd_run)
@@ -263,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         "unfinished trials continue from their latest checkpoints, finished trials are kept, and the "
         "Optuna searcher continues its study. Only folders written by `qlora-sweep run` are accepted, "
         "because resuming unpickles the folder's Tune state. See docs/resume.md.",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     resume.add_argument("resume", metavar="EXPERIMENT_DIR", help="the folder (or s3:// URI) that `run` printed")
     resume.add_argument("--address", help=ADDRESS_HELP)

@@ -25,7 +25,7 @@ from core.run_plan import write_run_plan
 from sweeps.local_env import QUIET_ENV
 from sweeps.memory_plan import MemoryPlan, detect_gpu_size, gpu_names, memory_plan
 from sweeps.plan import make_run_plan, resolved_data, trial_job, trial_model_path
-from sweeps.spec import SpecError, SweepSpec
+from sweeps.spec import SpecError, SweepSpec, name_problem, safe_yaml
 from trainables.job import TrialJob
 from trainables.metrics import tune_mode
 from trainables.params import Fixed
@@ -481,6 +481,68 @@ class SweepOutcome:
     report_dir: str
     num_trials: int
     num_errors: int
+    interrupted: str | None = None  # "SIGINT" or "SIGTERM" when a signal stopped the sweep early
+
+
+# Exit statuses of an interrupted sweep (README, "Exit statuses"): 128 + the signal's number.
+INTERRUPTED_EXIT = {"SIGINT": 130, "SIGTERM": 143}
+
+
+class StopSignals:
+    """Ctrl-C and SIGTERM while Tune runs: the first stops the sweep the way Tune stops on Ctrl-C (no
+    new trials; the running ones checkpointed and left to resume; the experiment state saved), and
+    the sweep then writes its partial report; the second stops at once.
+
+    Tune's own handler (ray/tune/tune.py `_setup_signal_catching`) takes SIGINT while `fit` runs and,
+    on the first one, puts back the handler it found: this one, which so learns that the first came,
+    and turns a second into KeyboardInterrupt. SIGTERM, which Tune does not handle, is recorded and
+    passed on as SIGUSR1, which Tune handles as it handles a first Ctrl-C.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+        # One bound method object each, so `getsignal(...) is self._on_sigint` can recognise it.
+        self._on_sigint = self._sigint
+        self._on_sigterm = self._sigterm
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+            signal.signal(signal.SIGINT, self._on_sigint)
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._previous and self.received is None and signal.getsignal(signal.SIGINT) is self._on_sigint:
+            self.received = "SIGINT"  # Tune's handler ran, and handed SIGINT back
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def interrupted(self) -> str | None:
+        """The signal that stopped the sweep, once `fit` has returned; None if it ran to the end."""
+        import signal
+
+        if self.received is None and self._previous and signal.getsignal(signal.SIGINT) is self._on_sigint:
+            self.received = "SIGINT"
+        return self.received
+
+    def _sigint(self, signum: int, frame: Any) -> None:
+        self.received = self.received or "SIGINT"
+        raise KeyboardInterrupt  # the second Ctrl-C (Tune took the first): stop at once
+
+    def _sigterm(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if self.received is not None:
+            raise SystemExit(INTERRUPTED_EXIT["SIGTERM"])  # the second signal: stop at once
+        self.received = "SIGTERM"
+        os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def default_experiment_name(spec: SweepSpec) -> str:
@@ -558,6 +620,9 @@ def run_sweep(
         SpecError: Before anything starts, if the spec, model, data or storage is unusable.
     """
     quiet_driver()
+    problem = name_problem(name) if name is not None else None
+    if problem:  # --name names a folder inside the storage, as the spec's name does
+        raise SpecError("--name", [f"--name: {problem}"])
     if storage_override:
         spec = spec.model_copy(update={"storage": storage_override})
     log(f"[qlora-sweep] checking spec '{spec.name}': model, target modules, data, storage")
@@ -626,7 +691,7 @@ def resume_sweep(
              "there is nothing to resume. Start it again with `qlora-sweep run SPEC --name NEW_NAME`"],
         )
     spec_file = experiment_folder.file(experiment_dir, experiment_folder.SPEC_FILE)
-    raw = yaml.safe_load(storage.read_text(spec_file))
+    raw = safe_yaml(storage.read_text(spec_file), spec_file)
     if isinstance(raw, dict) and isinstance(raw.get("search"), dict):
         # Experiments saved before studies had a database kept theirs in Ray's searcher state.
         raw["search"].setdefault("optuna_storage", "memory")
@@ -687,9 +752,18 @@ def _sweep(
             )
         else:
             tuner = build_tuner(checked, job, experiment.name, experiment.storage_path, plan, sampler)
-        results = tuner.fit()
+        with StopSignals() as signals:
+            results = tuner.fit()
+            interrupted = signals.interrupted()
         _settle_study(spec, experiment.directory, log, finished=True)
-        return _finish(experiment.directory, len(results), results.num_errors, log)
+        outcome = _finish(experiment.directory, len(results), results.num_errors, log, interrupted=interrupted)
+        if interrupted:
+            log(
+                f"[qlora-sweep] stopped by {interrupted}: no new trials were started, the running ones were saved at "
+                f"their last checkpoint, and the report above is partial. Continue with:\n"
+                f"    qlora-sweep resume {experiment.directory}"
+            )
+        return outcome
     finally:
         if mode == "local":
             import ray
@@ -767,7 +841,9 @@ def _settle_study(spec: SweepSpec, experiment_dir: str, log: Callable[[str], Non
         log(f"[qlora-sweep] optuna study copied to {copied}")
 
 
-def _finish(experiment_dir: str, num_trials: int, num_errors: int, log: Callable[[str], None]) -> SweepOutcome:
+def _finish(
+    experiment_dir: str, num_trials: int, num_errors: int, log: Callable[[str], None], *, interrupted: str | None = None
+) -> SweepOutcome:
     from analysis.report import write_report
 
     report = write_report(experiment_dir)
@@ -776,7 +852,7 @@ def _finish(experiment_dir: str, num_trials: int, num_errors: int, log: Callable
         log(f"[qlora-sweep] {line}")
     log(f"[qlora-sweep] experiment: {experiment_dir}")
     log(f"[qlora-sweep] report:     {report.report_dir}")
-    return SweepOutcome(experiment_dir, report.report_dir, num_trials, num_errors)
+    return SweepOutcome(experiment_dir, report.report_dir, num_trials, num_errors, interrupted)
 
 
 def _memory_plan(checked: Preflight, cluster_resources: dict[str, float] | None, *, local: bool) -> MemoryPlan | None:

@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from core import yaml_limits
 from core.errors import ProblemsError
 from core.hub import is_hub_id
 from trainables.metrics import OBJECTIVE
@@ -37,6 +38,14 @@ from trainables.settings import DataSpec, ModelSpec, PathText, Seed, TrainSpec
 from trainables.settings import Strict as _Strict
 
 # search.objectives: metrics with a direction that every trial reports, and the short names accepted.
+# The spec's `name` (and `--name`): it names a folder inside the storage, so no separators, no
+# leading dot (no "..", no hidden folder).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+NAME_MAX_LENGTH = 100
+NAME_RULE = "use letters, digits, '_', '.', '-', starting with a letter or digit (it names the results folder)"
+# A spec is a few KB (hostile input: see also core/yaml_limits.py for alias bombs).
+MAX_SPEC_BYTES = 1_000_000
+
 OBJECTIVE_METRICS = ("eval_loss", "perplexity", "peak_memory_mib", "tokens_per_s")
 OBJECTIVE_ALIASES = {"peak_memory": "peak_memory_mib"}
 
@@ -215,7 +224,7 @@ class ResourcesSpec(_Strict):
 class SweepSpec(_Strict):
     """A whole sweep. See README "Sweep spec reference" for every key."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)]
+    name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=NAME_MAX_LENGTH)]
     model: ModelSpec
     data: DataSpec
     space: SpaceSpec = SpaceSpec()
@@ -290,18 +299,40 @@ def load_spec(path: str | Path) -> SweepSpec:
     """
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError(
+                str(path), [f"{path} is {size:,} bytes; a sweep spec is a few KB (at most {MAX_SPEC_BYTES:,}). Is it the right file?"]
+            )
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(str(path), [f"file not found: {path}. Pass the path to a sweep YAML, e.g. sweeps/smoke.yaml"])
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(str(path), [f"cannot read {path}: {exc}"])
+    return parse_spec(safe_yaml(text, str(path)), source=str(path), base_dir=path.resolve().parent)
+
+
+def safe_yaml(text: str, source: str = "<spec>") -> Any:
+    """Parse a spec's YAML within core/yaml_limits.py's bounds.
+
+    Raises:
+        SpecError: If the text is not YAML, expands too far through its aliases, or nests too deeply.
+    """
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(str(path), [f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"])
-    return parse_spec(raw, source=str(path), base_dir=path.resolve().parent)
+        return yaml_limits.load(text)
+    except ValueError as exc:
+        raise SpecError(source, [str(exc)]) from None
+
+
+def name_problem(name: str) -> str | None:
+    """What is wrong with an experiment name (the spec's `name`, or `--name`), or None."""
+    import re
+
+    if len(name) > NAME_MAX_LENGTH:
+        return f"got a name of {len(name)} characters; at most {NAME_MAX_LENGTH}"
+    if not re.match(NAME_PATTERN, name):
+        return f"got {name!r}; {NAME_RULE}"
+    return None
 
 
 def with_sections(raw: dict[str, Any], **overrides: Any) -> dict[str, Any]:
@@ -404,5 +435,5 @@ def _render_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
         expected = err.get("ctx", {}).get("expected", "")
         return f"{where}: got {shown!r}; allowed values: {expected}"
     if kind == "string_pattern_mismatch" and loc and loc[-1] == "name":
-        return f"{where}: got {shown!r}; use letters, digits, '_', '.', '-' (it names the results folder)"
+        return f"{where}: got {shown!r}; {NAME_RULE}"
     return f"{where}: got {shown!r}; {msg[0].lower() + msg[1:] if msg else 'invalid value'}"

@@ -10,6 +10,9 @@ on every local worker's sys.path (run the tests from the repository root).
                     predicted memory is above $QLORA_SWEEP_TEST_OOM_ABOVE_MIB (MiB)
     slow_teardown   sleep $QLORA_SWEEP_TEST_SLOW_TEARDOWN_S seconds in the attempt's teardown,
                     after its last report, while the trial would be freeing memory
+    oom_in_forward  raise RuntimeError($QLORA_SWEEP_TEST_OOM_MESSAGE) from inside the model's forward
+                    pass in the first training step of the first attempt: the allocation failures
+                    that are not torch.OutOfMemoryError (cuBLAS, cuDNN, the CPU allocator)
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from typing import Any
 
 OOM_ABOVE_ENV = "QLORA_SWEEP_TEST_OOM_ABOVE_MIB"
 SLOW_TEARDOWN_ENV = "QLORA_SWEEP_TEST_SLOW_TEARDOWN_S"
+OOM_MESSAGE_ENV = "QLORA_SWEEP_TEST_OOM_MESSAGE"
 OOM_ABOVE = "tests.fault_plugins:oom_above"
 SLOW_TEARDOWN = "tests.fault_plugins:slow_teardown"
+OOM_IN_FORWARD = "tests.fault_plugins:oom_in_forward"
 
 
 def _number(name: str, unit: str) -> float | None:
@@ -75,3 +80,33 @@ def slow_teardown(context: Any) -> Any:
             time.sleep(seconds)
 
     return SlowTeardown()
+
+
+def oom_in_forward(context: Any) -> Any:
+    """A callback that makes the first attempt's first training forward raise RuntimeError with the
+    message in $QLORA_SWEEP_TEST_OOM_MESSAGE (from a forward hook on the model's first decoder layer,
+    so the step is under way: activations allocated, autograd recording), or None when unset."""
+    message = os.environ.get(OOM_MESSAGE_ENV)
+    if not message or context.attempt != 1:
+        return None
+    from transformers import TrainerCallback
+
+    class RaiseInForward(TrainerCallback):
+        def __init__(self) -> None:
+            self.hook: Any = None
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if self.hook is not None or model is None:
+                return
+            layer = next(m for name, m in model.named_modules() if name.endswith("layers.0"))
+
+            def raise_it(module: Any, inputs: Any, output: Any) -> None:
+                raise RuntimeError(message)
+
+            self.hook = layer.register_forward_hook(raise_it)
+
+        def on_teardown(self, context: Any) -> None:
+            if self.hook is not None:
+                self.hook.remove()
+
+    return RaiseInForward()

@@ -436,3 +436,85 @@ def test_an_unloadable_callback_plugin_stops_the_run_before_ray_starts(
     run = run_cli(["run", str(spec), "--storage", str(storage)], ray_tmp, cwd=Path(__file__).resolve().parent.parent)
     assert_clean_failure(run, storage)
     assert re.search(message, run.stderr), run.stderr
+
+
+# --- Ctrl-C and SIGTERM (issue 14) ---------------------------------------------------------------------
+
+INTERRUPT_STEPS = 40
+
+
+def _results(experiment: Path) -> dict[str, list[dict[str, Any]]]:
+    out = {}
+    for path in sorted(experiment.glob("trial_*/result.json")):
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line being written
+        out[path.parent.name] = rows
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("signals, exit_status", [(["SIGINT"], 130), (["SIGTERM"], 143), (["SIGINT", "SIGINT"], 130)])
+def test_a_signal_stops_the_sweep_with_a_partial_report_and_resume_finishes_it(
+    tmp_path: Path, ray_tmp: Path, signals: list[str], exit_status: int
+) -> None:
+    """The first signal: no new trial, running ones saved, the partial report, the resume command,
+    exit 128 + signal; then `resume` completes every trial, none run twice (each reports rounds
+    10..40 exactly once). A second signal a second later: stop now, the same status, no Ray left."""
+    import signal
+    import time
+
+    from tests.cli_runs import QLORA_SWEEP, cli_env
+
+    spec = write_spec(
+        tmp_path / "sig.yaml",
+        make_spec_dict(
+            name="sig",
+            search={"num_samples": 4, "max_concurrent": 2},
+            train={"max_steps": INTERRUPT_STEPS, "eval_every": 10, "batch_size": 8, "grad_accum": 4},
+        ),
+    )
+    experiment = tmp_path / "results" / "sig"
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(
+            [QLORA_SWEEP, "run", str(spec), "--storage", str(tmp_path / "results"), "--name", "sig"],
+            env=cli_env(ray_tmp), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            deadline = time.time() + 300
+            while not any(rows and rows[-1]["step"] < INTERRUPT_STEPS for rows in _results(experiment).values()):
+                assert driver.poll() is None, log.read_text()[-3000:]
+                assert time.time() < deadline, "no trial reported a round"
+                time.sleep(0.2)
+            for i, name in enumerate(signals):
+                if i:
+                    time.sleep(1.0)
+                driver.send_signal(getattr(signal, name))  # the driver alone, as `kill` does
+            returncode = driver.wait(timeout=180)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+                driver.wait()
+    output = log.read_text()
+    assert returncode == exit_status, output[-4000:]
+    assert processes_of(ray_tmp) == [], "Ray processes left behind"
+    if len(signals) == 1:
+        assert f"stopped by {signals[0]}" in output and f"qlora-sweep resume {experiment}" in output, output[-3000:]
+        assert (experiment / "report" / "report.md").exists()
+        assert "Traceback" not in output
+    at_stop = _results(experiment)
+    assert len(at_stop) < 4 or any(rows[-1]["step"] < INTERRUPT_STEPS for rows in at_stop.values())  # stopped early
+    if len(signals) > 1:
+        return  # stopped at once: what resume then does is the SIGKILL case (tests/test_resume.py)
+
+    resumed = run_cli(["resume", str(experiment)], ray_tmp)
+    assert resumed.returncode == 0, resumed.output[-4000:]
+    trials = read_trials_csv(experiment / "report" / "trials.csv")
+    assert len(trials) == 4 and set(trials["status"]) == {"completed"}, trials[["trial_id", "status", "error"]]
+    for trial, rows in _results(experiment).items():
+        steps = [r["step"] for r in rows]
+        assert steps == [10, 20, 30, 40], (trial, steps)  # continued from its checkpoint, never rerun

@@ -46,7 +46,11 @@ def test_a_sweep_searches_rslora_and_dora(tmp_path: Path) -> None:
     assert params.loc[True, "min"] > params.loc[False, "max"]
     assert trials.groupby("use_rslora")["trainable_params"].nunique().max() <= 2
     # The predictions count DoRA's magnitude vectors too, and what is not modelled is said.
+    # (In MiB to 0.1, as predicted_memory_mib is, the tiny model's magnitude vectors vanish beside
+    # trl's 15 MiB LM-head tile; the CPU prediction is kept to 0.0001 MiB.)
     predicted = trials.groupby("use_dora")["predicted_memory_mib"].min()
-    assert predicted[True] > predicted[False]
+    assert predicted[True] >= predicted[False]
+    fine = trials.groupby("use_dora")["predicted_tensor_peak_mib"].min()
+    assert fine[True] > fine[False]
     assert any("DoRA" in line and "not modelled" in line for line in lines), lines
     assert "DoRA" in (Path(outcome.report_dir) / "report.md").read_text()

@@ -396,3 +396,89 @@ def test_preflight_reports_missing_target_modules_and_data_together(tmp_path: Pa
     assert "Traceback" not in result.stderr
     assert "no layer named query_key_value in this llama model; its linear layers are:" in result.stderr
     assert "q_proj" in result.stderr and "file not found" in result.stderr
+
+
+# --- hostile input (issue 14): alias bombs, huge files, unbounded errors, --name path tricks ------------
+
+
+def alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """A few hundred bytes of nested YAML aliases that expand to width**levels values."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]")
+    lines.append(f"name: [{', '.join([f'*a{levels - 1}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_before_it_is_built_in_a_few_lines(tmp_path: Path) -> None:
+    import time
+
+    import yaml
+
+    text = alias_bomb()
+    assert len(text) < 600
+    # The control: PyYAML builds it (shared lists), and what it stands for is 9**9 values, which
+    # validation and its error messages would walk and print.
+    built = yaml.safe_load(text)
+    assert len(built["name"]) == 9 and built["name"][0] is built["a8"]
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    started = time.perf_counter()
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert time.perf_counter() - started < 5
+    message = str(caught.value)
+    assert "expands to more than 100,000 nodes through its aliases" in message and len(message) < 1000
+    result = subprocess.run(
+        [sys.executable, "-m", "sweeps.cli", "validate", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr and len(result.stderr) < 2000, result.stderr[-2000:]
+    # A spec that uses an anchor or two, as people do, still loads.
+    spec = make_spec_dict()
+    reused = "train: &t {max_steps: 4, eval_every: 2}\n" + yaml.safe_dump({k: v for k, v in spec.items() if k != "train"})
+    (tmp_path / "anchors.yaml").write_text(reused.replace("train: &t", "train: &t", 1))
+    assert load_spec(tmp_path / "anchors.yaml").train.max_steps == 4
+
+
+def test_a_recursive_alias_a_huge_file_and_deep_nesting_are_spec_errors(tmp_path: Path) -> None:
+    recursive = tmp_path / "recursive.yaml"
+    recursive.write_text("name: &a [*a]\n")
+    with pytest.raises(SpecError, match="recursive structure"):
+        load_spec(recursive)
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("name: x\n" + "# padding\n" * 120_000)
+    with pytest.raises(SpecError, match=r"is 1,\d{3},\d{3} bytes; a sweep spec is a few KB"):
+        load_spec(huge)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("name: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(SpecError, match="nests too deeply|not valid YAML"):
+        load_spec(deep)
+
+
+def test_errors_stay_bounded_whatever_the_input() -> None:
+    from core.errors import MAX_LISTED_PROBLEMS, MAX_PROBLEM_CHARS
+
+    many = SpecError("spec.yaml", [f"key{i}: got {'v' * 10_000!r}" for i in range(1000)])
+    text = many.render()
+    assert text.count("\n  - ") == MAX_LISTED_PROBLEMS + 1 and "... and 950 more" in text
+    assert len(text) < (MAX_LISTED_PROBLEMS + 2) * (MAX_PROBLEM_CHARS + 40)
+    assert "(9,513 more characters)" in text  # each line says how much it cut (10,013 - 500)
+    # A huge value in a real validation error is cut the same way.
+    with pytest.raises(SpecError) as caught:
+        parse_spec(make_spec_dict(model={"path": "builtin:tiny-llama", "quantization": "x" * 100_000}))
+    assert len(str(caught.value)) < 1000 and "model.quantization" in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["../x", "", "a/b", ".hidden", "x" * 101, "/abs"])
+def test_run_refuses_a_name_that_is_not_a_folder_name_before_anything_is_written(tmp_path: Path, name: str) -> None:
+    from tests.cli_runs import private_ray_tmp, run_cli
+
+    (tmp_path / "spec").mkdir()
+    spec = write_spec(tmp_path / "spec" / "s.yaml", make_spec_dict())
+    storage = tmp_path / "store" / "results"
+    with private_ray_tmp() as ray_tmp:
+        run = run_cli(["run", str(spec), "--storage", str(storage), "--name", name], ray_tmp, timeout=120)
+        assert run.returncode == 2, run.output[-3000:]
+        assert not run.ray_sessions  # refused before Ray starts
+    assert "--name: " in run.stderr and "Traceback" not in run.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec"]  # nothing beside or inside the storage

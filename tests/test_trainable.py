@@ -164,3 +164,52 @@ def test_use_rslora_and_use_dora_reach_peft_and_a_dora_model_trains_on_nf4(tmp_p
     assert last["trainable_params"] == count_lora_params(config, 8, ["q_proj", "v_proj"], use_dora=True)
     assert last["trainable_params"] == 2 * ((8 * 64 + 64 * 8) + (8 * 64 + 32 * 8)) + 2 * (64 + 32)
     assert last["step"] == 10 and last["eval_loss"] == last["eval_loss"]  # finite, not NaN
+
+
+# Allocation failures as they surface from CUDA libraries, not as torch.OutOfMemoryError (issue 14).
+OOM_FORMS = [
+    "CUDA out of memory. Tried to allocate 2.00 GiB",  # accelerate's " out of memory." (as a plain RuntimeError)
+    "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input.",
+    "DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes.",
+    "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported",
+    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+]
+
+
+@pytest.mark.parametrize("message", OOM_FORMS, ids=["cuda-oom", "cudnn", "cpu-allocator", "cuda-runtime", "cublas"])
+def test_an_allocation_failure_raised_inside_a_training_step_ends_the_trial_as_oom(
+    monkeypatch: pytest.MonkeyPatch, message: str
+) -> None:
+    from tests.fault_plugins import OOM_IN_FORWARD, OOM_MESSAGE_ENV
+    from trainables.qlora import run_trial
+
+    monkeypatch.setenv(OOM_MESSAGE_ENV, message)
+    spec = spec_for(max_steps=4, eval_every=2, oom_retry=False, checkpoint=False, callbacks=[OOM_IN_FORWARD])
+    recorder = Recorder()
+    last = run_trial(dict(TRIAL), trial_job(spec), report=recorder)
+    assert last["trial_status"] == "oom" and last["oom_message"] == message.splitlines()[0][:300]
+    assert recorder.metrics[-1]["trial_status"] == "oom"
+
+
+def test_an_allocation_failure_by_message_gets_the_oom_retry_and_the_next_attempt_trains(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.fault_plugins import OOM_IN_FORWARD, OOM_MESSAGE_ENV
+    from trainables.qlora import run_trial
+
+    monkeypatch.setenv(OOM_MESSAGE_ENV, OOM_FORMS[-1])
+    spec = spec_for(max_steps=4, eval_every=2, oom_retry=True, checkpoint=False, callbacks=[OOM_IN_FORWARD])
+    last = run_trial(dict(TRIAL), trial_job(spec), report=Recorder())
+    assert "trial_status" not in last and last["step"] == 4 and last["micro_batch_size"] == 4  # trained to the end
+    assert "CUBLAS_STATUS_ALLOC_FAILED" in last["oom_retry"]
+
+
+def test_any_other_error_inside_a_training_step_is_not_taken_for_oom(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control: the same seam with an unrelated message raises, as a failed trial does."""
+    from tests.fault_plugins import OOM_IN_FORWARD, OOM_MESSAGE_ENV
+    from trainables.qlora import run_trial
+
+    monkeypatch.setenv(OOM_MESSAGE_ENV, "CUDA error: an illegal memory access was encountered")
+    spec = spec_for(max_steps=4, eval_every=2, oom_retry=True, checkpoint=False, callbacks=[OOM_IN_FORWARD])
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run_trial(dict(TRIAL), trial_job(spec), report=Recorder())

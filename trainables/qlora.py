@@ -460,7 +460,9 @@ def _attempt(
         if resume_from:
             reporter.restore(resume_from)
         trainer.train(resume_from_checkpoint=resume_from)
-    except torch.OutOfMemoryError as exc:  # torch.cuda.OutOfMemoryError is the same class
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
         # Only the message is kept: the traceback (and the tensors its frames hold) dies with `exc`
         # at the end of this block, before the finally below frees the memory.
         oom = (str(exc).strip().splitlines() or ["out of memory"])[0][:300]
@@ -478,6 +480,27 @@ def _attempt(
             if callable(teardown):
                 teardown(context)
     return dict(last), oom, reading
+
+
+# Allocation failures that do not surface as torch.OutOfMemoryError, besides those accelerate knows
+# (accelerate.utils.memory.should_reduce_batch_size: " out of memory.", cuDNN's NOT_SUPPORTED, the
+# CPU allocator's "can't allocate memory"): a CUDA runtime error raised as RuntimeError, and cuBLAS
+# failing to allocate its workspace or handle.
+OUT_OF_MEMORY_MESSAGES = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception raised while training means the attempt ran out of memory."""
+    import torch
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    if isinstance(exc, torch.OutOfMemoryError):  # torch.cuda.OutOfMemoryError is the same class
+        return True
+    if not isinstance(exc, Exception):
+        return False
+    if should_reduce_batch_size(exc):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in OUT_OF_MEMORY_MESSAGES)
 
 
 def _build_trainer(

@@ -7,7 +7,7 @@ EXIT_BAD_INPUT = 2
 # Bounds on what one error prints, whatever the input: hostile input (a YAML alias bomb, a huge
 # value) must not turn into megabytes of error text.
 MAX_LISTED_PROBLEMS = 50
-MAX_PROBLEM_CHARS = 500
+MAX_PROBLEM_CHARS = 2000
 
 
 class QloraSweepError(Exception):

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     Field,
@@ -37,7 +37,6 @@ from trainables.params import SpaceSpec
 from trainables.settings import DataSpec, ModelSpec, PathText, Seed, TrainSpec
 from trainables.settings import Strict as _Strict
 
-# search.objectives: metrics with a direction that every trial reports, and the short names accepted.
 # The spec's `name` (and `--name`): it names a folder inside the storage, so no separators, no
 # leading dot (no "..", no hidden folder).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -46,6 +45,7 @@ NAME_RULE = "use letters, digits, '_', '.', '-', starting with a letter or digit
 # A spec is a few KB (hostile input: see also core/yaml_limits.py for alias bombs).
 MAX_SPEC_BYTES = 1_000_000
 
+# search.objectives: metrics with a direction that every trial reports, and the short names accepted.
 OBJECTIVE_METRICS = ("eval_loss", "perplexity", "peak_memory_mib", "tokens_per_s")
 OBJECTIVE_ALIASES = {"peak_memory": "peak_memory_mib"}
 
@@ -326,8 +326,6 @@ def safe_yaml(text: str, source: str = "<spec>") -> Any:
 
 def name_problem(name: str) -> str | None:
     """What is wrong with an experiment name (the spec's `name`, or `--name`), or None."""
-    import re
-
     if len(name) > NAME_MAX_LENGTH:
         return f"got a name of {len(name)} characters; at most {NAME_MAX_LENGTH}"
     if not re.match(NAME_PATTERN, name):

@@ -8,6 +8,7 @@ running. The folder lives directly under /tmp: Ray's unix socket paths must stay
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 QLORA_SWEEP = str(Path(sys.executable).parent / "qlora-sweep")
 
@@ -102,3 +104,17 @@ def run_cli(
         preexec_fn=preexec_fn,
     )
     return CliRun(done.returncode, done.stdout, done.stderr, ray_tmp, time.time() - started)
+
+
+def read_results(experiment: Path) -> dict[str, list[dict[str, Any]]]:
+    """trial_id -> parsed result.json lines (a line cut short by a kill is skipped)."""
+    out = {}
+    for path in sorted(experiment.glob("trial_*/result.json")):
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        out[path.parent.name.removeprefix("trial_")] = rows
+    return out

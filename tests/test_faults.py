@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from analysis.results import read_trials_csv
-from tests.cli_runs import CliRun, private_ray_tmp, processes_of, run_cli
+from tests.cli_runs import CliRun, private_ray_tmp, processes_of, read_results, run_cli
 from tests.conftest import SMOKE_DATA, make_spec_dict, write_spec
 from tests.fault_plugins import SLOW_TEARDOWN, SLOW_TEARDOWN_ENV
 
@@ -443,19 +443,6 @@ def test_an_unloadable_callback_plugin_stops_the_run_before_ray_starts(
 INTERRUPT_STEPS = 40
 
 
-def _results(experiment: Path) -> dict[str, list[dict[str, Any]]]:
-    out = {}
-    for path in sorted(experiment.glob("trial_*/result.json")):
-        rows = []
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line being written
-        out[path.parent.name] = rows
-    return out
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize("signals, exit_status", [(["SIGINT"], 130), (["SIGTERM"], 143), (["SIGINT", "SIGINT"], 130)])
 def test_a_signal_stops_the_sweep_with_a_partial_report_and_resume_finishes_it(
@@ -486,7 +473,7 @@ def test_a_signal_stops_the_sweep_with_a_partial_report_and_resume_finishes_it(
         )
         try:
             deadline = time.time() + 300
-            while not any(rows and rows[-1]["step"] < INTERRUPT_STEPS for rows in _results(experiment).values()):
+            while not any(rows and rows[-1]["step"] < INTERRUPT_STEPS for rows in read_results(experiment).values()):
                 assert driver.poll() is None, log.read_text()[-3000:]
                 assert time.time() < deadline, "no trial reported a round"
                 time.sleep(0.2)
@@ -506,7 +493,7 @@ def test_a_signal_stops_the_sweep_with_a_partial_report_and_resume_finishes_it(
         assert f"stopped by {signals[0]}" in output and f"qlora-sweep resume {experiment}" in output, output[-3000:]
         assert (experiment / "report" / "report.md").exists()
         assert "Traceback" not in output
-    at_stop = _results(experiment)
+    at_stop = read_results(experiment)
     assert len(at_stop) < 4 or any(rows[-1]["step"] < INTERRUPT_STEPS for rows in at_stop.values())  # stopped early
     if len(signals) > 1:
         return  # stopped at once: what resume then does is the SIGKILL case (tests/test_resume.py)
@@ -515,6 +502,6 @@ def test_a_signal_stops_the_sweep_with_a_partial_report_and_resume_finishes_it(
     assert resumed.returncode == 0, resumed.output[-4000:]
     trials = read_trials_csv(experiment / "report" / "trials.csv")
     assert len(trials) == 4 and set(trials["status"]) == {"completed"}, trials[["trial_id", "status", "error"]]
-    for trial, rows in _results(experiment).items():
+    for trial, rows in read_results(experiment).items():
         steps = [r["step"] for r in rows]
         assert steps == [10, 20, 30, 40], (trial, steps)  # continued from its checkpoint, never rerun

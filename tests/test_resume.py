@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.cli_runs import read_results
 from tests.conftest import make_spec_dict, ray_pids, wait_for_no_ray_processes, write_spec
 
 BIN = Path(sys.executable).parent
@@ -173,20 +174,6 @@ def test_settling_leaves_continuing_trials_to_tune_and_resolves_every_other_runn
 
 
 # --- the kill-and-resume scenario --------------------------------------------------------------
-
-
-def read_results(experiment: Path) -> dict[str, list[dict[str, Any]]]:
-    """trial_id -> parsed result.json lines (a line cut short by a kill is skipped)."""
-    out = {}
-    for path in sorted(experiment.glob("trial_*/result.json")):
-        rows = []
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-        out[path.parent.name.removeprefix("trial_")] = rows
-    return out
 
 
 def free_port() -> int:

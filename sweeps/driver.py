@@ -519,8 +519,7 @@ class StopSignals:
     def __exit__(self, *exc: Any) -> None:
         import signal
 
-        if self._previous and self.received is None and signal.getsignal(signal.SIGINT) is self._on_sigint:
-            self.received = "SIGINT"  # Tune's handler ran, and handed SIGINT back
+        self.interrupted()  # read before the handlers are put back
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
@@ -529,7 +528,7 @@ class StopSignals:
         import signal
 
         if self.received is None and self._previous and signal.getsignal(signal.SIGINT) is self._on_sigint:
-            self.received = "SIGINT"
+            self.received = "SIGINT"  # Tune's handler ran, and handed SIGINT back
         return self.received
 
     def _sigint(self, signum: int, frame: Any) -> None:

@@ -48,7 +48,6 @@ PROMPT_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{in
 CHAT_ROLES = ("system", "user", "assistant")
 # ShareGPT-style messages ({from, value}) and the roles they use.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-LOCAL_SUFFIXES = DATA_SUFFIXES
 MAX_LISTED = 10
 # Rows tokenized per batch call: large enough for the fast tokenizer's batch path, small enough that
 # one batch's Python lists (ids and character offsets) stay a few MB.
@@ -255,11 +254,6 @@ def trained_as_prepared(data: PreparedData) -> dict[str, Any]:
 # --- reading ----------------------------------------------------------------------------------
 
 
-def is_local_data(path: str) -> bool:
-    """A local file or folder (existing or not) rather than a hub dataset id (core/hub.py's rule)."""
-    return is_local_path(path)
-
-
 def read_rows(path: str, spec: DataSpec, *, split: str | None = None, held_out: bool = False) -> tuple[list[Row], list[str]]:
     """Read every row of a local file (or folder) or a hub dataset.
 
@@ -281,7 +275,7 @@ def read_rows(path: str, spec: DataSpec, *, split: str | None = None, held_out: 
     split = split or spec.split
     key = "data.eval_path" if held_out and spec.eval_path else "data.path"
     split_key = "data.eval_split" if held_out else "data.split"
-    if is_local_data(path):
+    if is_local_path(path):
         local = Path(path).expanduser()
         # data.name (a hub configuration) has no meaning for a local file, which is one configuration.
         part = _local_slice(split)
@@ -314,7 +308,7 @@ def read_rows(path: str, spec: DataSpec, *, split: str | None = None, held_out: 
     else:
         rows, problems = _read_hub(path, spec, split, key, held_out), []
     if not rows and not problems:
-        which = path if is_local_data(path) else f"{path} ({split})"
+        which = path if is_local_path(path) else f"{path} ({split})"
         raise DataError(path, [f"{which} holds no rows; add data or point {key} at another file"])
     return rows, problems
 
@@ -323,7 +317,7 @@ def _folder_files(folder: Path, patterns: tuple[str, ...] | None, key: str) -> l
     if not patterns:
         raise DataError(
             key,
-            [f"{folder} is a folder; point {key} at a {'/'.join(LOCAL_SUFFIXES)} file, or name its files with data.data_files"],
+            [f"{folder} is a folder; point {key} at a {'/'.join(DATA_SUFFIXES)} file, or name its files with data.data_files"],
         )
     files: list[Path] = []
     for pattern in patterns:
@@ -336,8 +330,8 @@ def _folder_files(folder: Path, patterns: tuple[str, ...] | None, key: str) -> l
 
 def _read_local(local: Path, key: str) -> tuple[list[Row], list[str]]:
     suffix = local.suffix.lower()
-    if suffix not in LOCAL_SUFFIXES:
-        raise DataError(key, [f"{local}: unknown file type '{suffix}'; use one of {', '.join(LOCAL_SUFFIXES)}"])
+    if suffix not in DATA_SUFFIXES:
+        raise DataError(key, [f"{local}: unknown file type '{suffix}'; use one of {', '.join(DATA_SUFFIXES)}"])
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     return readers[suffix](local)
 
@@ -835,7 +829,7 @@ class _Checked:
 
 
 def _source_name(path: str, split: str) -> str:
-    if is_local_data(path):
+    if is_local_path(path):
         return Path(path).name
     return f"{path} {split}"
 
@@ -914,7 +908,7 @@ def prepare_data(path: str, spec: DataSpec, tokenizer: Any = None) -> PreparedDa
     """
     if spec.format == "chat" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
         raise DataError(path, ["data.format: 'chat' needs a tokenizer with a chat template, and this model has none"])
-    if spec.eval_split and not spec.eval_path and is_local_data(path):
+    if spec.eval_split and not spec.eval_path and is_local_path(path):
         raise DataError(
             "data.eval_split",
             [
@@ -923,7 +917,7 @@ def prepare_data(path: str, spec: DataSpec, tokenizer: Any = None) -> PreparedDa
             ],
         )
     rows, unparsed = read_rows(path, spec)
-    if spec.max_rows and len(rows) > spec.max_rows and is_local_data(path):
+    if spec.max_rows and len(rows) > spec.max_rows and is_local_path(path):
         # A seeded sample of the parsed rows, in file order (a hub dataset is sampled as it loads).
         rows = [rows[i] for i in sample_indices(len(rows), spec.max_rows, spec.seed)]
     sources = [(_source_name(path, spec.split), rows, unparsed)]

@@ -15,6 +15,7 @@ from sweeps.local_env import use_local_env
 use_local_env()  # before anything imports ray: every local Ray service binds to 127.0.0.1 only
 
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,18 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_DATA = REPO / "sweeps" / "data" / "smoke_instructions.jsonl"
+
+# Every process this test run starts inherits this variable (Ray's GCS, raylets and workers included),
+# so the leftover checks below count only Ray processes of this run: a contributor's own Ray job, or a
+# second test run, on the same machine is neither blamed nor waited for. Tests that build a subprocess
+# environment from scratch must copy it (`RUN_MARKER`).
+RUN_MARKER = "QLORA_SWEEP_TEST_RUN"
+os.environ.setdefault(RUN_MARKER, uuid.uuid4().hex)
+# Ray 2.60 turns token auth on for a new local cluster and, with no token given, writes one to the
+# invoking user's ~/.ray/auth_token. The test run brings its own token, so no dotfile is written.
+if "RAY_AUTH_TOKEN" not in os.environ and "RAY_AUTH_TOKEN_PATH" not in os.environ:
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ["RAY_AUTH_TOKEN"] = uuid.uuid4().hex
 
 # A small, fast sweep for integration tests that are not about the smoke sweep itself.
 TINY_SPEC: dict[str, Any] = {
@@ -80,14 +93,39 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
-def ray_processes() -> list[psutil.Process]:
-    """Ray's own processes (GCS, raylet, dashboard, workers) running on this machine."""
+def started_by_this_run(proc: psutil.Process) -> bool:
+    """Whether `proc` descends from this test run: it, or a process above it, carries the run's marker.
+
+    Ray's agents rename themselves (setproctitle reuses the memory /proc shows as their environment),
+    so for them the marker is read from the raylet that started them.
+    """
+    marker = os.environ[RUN_MARKER]
+    try:
+        for each in [proc, *proc.parents()]:
+            try:
+                if each.environ().get(RUN_MARKER) == marker:
+                    return True
+            except (psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+    except psutil.NoSuchProcess:
+        return False
+    return False
+
+
+def ray_processes(any_run: bool = False) -> list[psutil.Process]:
+    """Ray's own processes (GCS, raylet, dashboard, workers) that this test run started.
+
+    Args:
+        any_run: Count every Ray process on the machine, whoever started it.
+    """
     found = []
     for proc in psutil.process_iter(["name", "cmdline"]):
         try:
             cmdline = " ".join(proc.info["cmdline"] or [])
             name = proc.info["name"] or ""
         except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if not any_run and not started_by_this_run(proc):
             continue
         if (
             "gcs_server" in name
@@ -165,7 +203,7 @@ def recorded_sweep(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) 
     from sweeps.driver import run_sweep
     from sweeps.spec import parse_spec
 
-    assert not ray_processes(), "another Ray is running; this fixture must start and stop its own"
+    assert not ray_processes(), "a Ray of this test run is still up; this fixture must start and stop its own"
     root = tmp_path_factory.mktemp("recorded-sweep")
     spec = parse_spec(
         make_spec_dict(

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_smoke_sweep_runs_end_to_end_and_writes_its_report(tmp_path: Path) -> None:
-    assert not ray_processes(), "another Ray is running; this test must see its own processes only"
+    assert not ray_processes(), "a Ray of this test run is still up; this test must see its own processes only"
     result = subprocess.run(
         [sys.executable, "-m", "sweeps.cli", "run", "sweeps/smoke.yaml", "--storage", str(tmp_path), "--name", "smoke"],
         cwd=REPO,

@@ -226,7 +226,7 @@ def append_login_shell_env() -> None:
 
 def test_ray_up_submit_down_runs_the_smoke_sweep_over_loopback_ssh(tmp_path: Path) -> None:
     require_root_and_packages()
-    others = ray_processes()
+    others = ray_processes(any_run=True)
     if others:  # `ray up` starts with `ray stop`, which would kill them
         pytest.fail(f"other Ray processes are running ({len(others)}, e.g. pid {others[0].pid}); run the e2e test alone")
     results = tmp_path / "results"

@@ -60,6 +60,7 @@ class ReportOutcome:
     report_dir: str
     files: list[str]
     summary_lines: list[str] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)  # trials per status (core/status.py)
 
 
 # --- Markdown -----------------------------------------------------------------------------------
@@ -207,7 +208,8 @@ def write_report(
         "report.html": render_html(analysis, charts).encode(),
     }
     publish(report_dir, files, analysis.exp.path)
-    return ReportOutcome(report_dir=report_dir, files=list(files), summary_lines=analysis.summary)
+    statuses = {str(status): int(count) for status, count in analysis.exp.trials["status"].value_counts().items()}
+    return ReportOutcome(report_dir=report_dir, files=list(files), summary_lines=analysis.summary, statuses=statuses)
 
 
 # --- inputs: skipped data rows (see docs/reliability.md) -------------------------------------------

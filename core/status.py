@@ -37,6 +37,9 @@ RANKABLE_STATUSES: tuple[TrialStatus, ...] = (
     TrialStatus.COMPLETED, TrialStatus.EARLY_STOPPED, TrialStatus.RUNNING, TrialStatus.PAUSED,
 )
 ALL_STATUSES: tuple[TrialStatus, ...] = tuple(TrialStatus)
+# Trials that ended for a reason outside the search: they make `run` and `resume` exit 1. An OOM, a
+# diverged or an infeasible trial is an answer of the search about its configuration, not a failure.
+FAILURE_STATUSES: tuple[TrialStatus, ...] = (TrialStatus.FAILED,)
 
 # Tune's trial status -> ours, when the trial's own reports do not say more.
 FROM_TUNE: dict[str, TrialStatus] = {

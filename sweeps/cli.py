@@ -92,7 +92,7 @@ def _exit_status(outcome: Any) -> int:
 
     if outcome.interrupted:
         return INTERRUPTED_EXIT[outcome.interrupted]
-    return 1 if outcome.num_errors and outcome.num_errors == outcome.num_trials else 0
+    return 1 if outcome.num_failed else 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -178,7 +178,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 EXIT_STATUSES = """exit statuses:
-  0    the sweep ran (some trials may have failed: the report lists them); 1 if every trial errored
+  0    the sweep ran and every trial ended as the search decided (completed, stopped early, oom,
+       diverged or infeasible are answers about a configuration, not failures)
+  1    the sweep ran but some trials failed (raised after train.max_failures retries, or lost their
+       node for good): the report lists them, `qlora-sweep resume DIR --restart-errored` runs them again
   2    bad input (spec, data, model, storage, --name): nothing was started
   130  stopped by Ctrl-C (SIGINT), 143 by SIGTERM: no new trials were started, the running ones were
        saved at their last checkpoint and the partial report written; `qlora-sweep resume DIR` goes on.

@@ -482,6 +482,7 @@ class SweepOutcome:
     num_trials: int
     num_errors: int
     interrupted: str | None = None  # "SIGINT" or "SIGTERM" when a signal stopped the sweep early
+    num_failed: int = 0  # trials with a status of core.status.FAILURE_STATUSES, as the report counts them
 
 
 # Exit statuses of an interrupted sweep (README, "Exit statuses"): 128 + the signal's number.
@@ -845,13 +846,16 @@ def _finish(
 ) -> SweepOutcome:
     from analysis.report import write_report
 
+    from core.status import FAILURE_STATUSES
+
     report = write_report(experiment_dir)
-    log(f"[qlora-sweep] {num_trials} trials, {num_errors} errored")
+    num_failed = sum(report.statuses.get(str(status), 0) for status in FAILURE_STATUSES)
+    log(f"[qlora-sweep] {num_trials} trials, {num_failed} failed")
     for line in report.summary_lines:
         log(f"[qlora-sweep] {line}")
     log(f"[qlora-sweep] experiment: {experiment_dir}")
     log(f"[qlora-sweep] report:     {report.report_dir}")
-    return SweepOutcome(experiment_dir, report.report_dir, num_trials, num_errors, interrupted)
+    return SweepOutcome(experiment_dir, report.report_dir, num_trials, num_errors, interrupted, num_failed)
 
 
 def _memory_plan(checked: Preflight, cluster_resources: dict[str, float] | None, *, local: bool) -> MemoryPlan | None:

@@ -55,7 +55,10 @@ class SweepProgress(Callback):
         self.metric = metric
         self.status_every_s = status_every_s
         self.out = out or (lambda line: print(line, file=sys.stdout, flush=True))
-        self.started = 0
+        # Counters are derived from Tune's trial list, not from counting events: a retried trial starts
+        # again, and a resumed sweep's callback (unpickled from tuner.pkl) has seen none of the trials
+        # that ran before the resume.
+        self.numbers: dict[str, int] = {}  # trial id -> its "[trial k/N]" number, in launch order
         self.best: tuple[float, str] | None = None
         self.last_status = time.time()
         self.ended: dict[str, str] = {}
@@ -64,14 +67,44 @@ class SweepProgress(Callback):
         config = trial.config
         return " ".join(f"{k}={_fmt(config[k])}" for k in self.config_keys if k in config)
 
+    def _catch_up(self, trials: list) -> None:
+        """Count the trials that ran before this callback saw them (a resumed sweep), once."""
+        for each in trials:
+            if each.trial_id in self.numbers or each.status == "PENDING":
+                continue
+            self.numbers[each.trial_id] = len(self.numbers) + 1
+            if each.status in ("TERMINATED", "ERROR"):
+                self.ended.setdefault(each.trial_id, self._how_ended(each))
+            self._note_best(each.trial_id, self._best_value(each))
+
+    def _best_value(self, trial: Any) -> Any:
+        analysis = getattr(trial, "metric_analysis", None) or {}
+        value = analysis.get(self.metric, {}).get("min")
+        return value if value is not None else (trial.last_result or {}).get(self.metric)
+
+    def _note_best(self, trial_id: str, value: Any) -> None:
+        if is_finite_number(value) and (self.best is None or value < self.best[0]):
+            self.best = (value, trial_id)
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.started += 1
-        self.out(f"[trial {self.started}/{self.num_samples}] {trial.trial_id} started: {self._config(trial)}")
+        self._catch_up([t for t in trials if t is not trial])
+        if trial.trial_id in self.numbers:  # a retry after an error, or a trial the resume continues
+            again = f"attempt {trial.num_failures + 1}" if trial.num_failures else "resumed from its checkpoint"
+            self.out(f"[trial {self.numbers[trial.trial_id]}/{self.num_samples}] {trial.trial_id} restarted ({again})")
+            self.ended.pop(trial.trial_id, None)
+            return
+        self.numbers[trial.trial_id] = len(self.numbers) + 1
+        number = self.numbers[trial.trial_id]
+        rounds = (trial.last_result or {}).get("training_iteration")
+        how = f"resumed after round {rounds}" if rounds else "started"  # a resume continues a trial it restored
+        self.out(f"[trial {number}/{self.num_samples}] {trial.trial_id} {how}: {self._config(trial)}")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.out(f"[trial {trial.trial_id}] failed (failure {trial.num_failures}); Tune retries it from its last checkpoint")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         value = result.get(self.metric)
-        if is_finite_number(value) and (self.best is None or value < self.best[0]):
-            self.best = (value, trial.trial_id)
+        self._note_best(trial.trial_id, value)
         best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best n/a"
         memory = result.get("peak_memory_mib")
         kind = result.get("memory_kind", "")
@@ -81,16 +114,21 @@ class SweepProgress(Callback):
             f"step {result.get('step')}: {self.metric} {_fmt(value)}{memory_text}   [{best}]"
         )
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def _how_ended(self, trial: Any) -> str:
+        if trial.status == "ERROR":
+            return str(TrialStatus.FAILED)
         last = trial.last_result or {}
         rounds = last.get("training_iteration", 0)
         status = last.get("trial_status")
         if status:
-            how = str(status)
-        elif rounds >= self.max_rounds:
-            how = str(TrialStatus.COMPLETED)
-        else:
-            how = f"stopped early by ASHA after round {rounds}"
+            return str(status)
+        if rounds >= self.max_rounds:
+            return str(TrialStatus.COMPLETED)
+        return f"stopped early by ASHA after round {rounds}"
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        how = self._how_ended(trial)
         self.ended[trial.trial_id] = how
         self.out(f"[trial {trial.trial_id}] {how}: {self.metric} {_fmt(last.get(self.metric))} at step {last.get('step')}")
 
@@ -107,6 +145,7 @@ class SweepProgress(Callback):
         self.out(self.status_line(trials))
 
     def status_line(self, trials: list) -> str:
+        self._catch_up(trials)
         running = sum(1 for t in trials if t.status == "RUNNING")
         done = len(self.ended)
         early = sum(1 for how in self.ended.values() if how.startswith("stopped early"))

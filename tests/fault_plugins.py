@@ -13,6 +13,9 @@ on every local worker's sys.path (run the tests from the repository root).
     oom_in_forward  raise RuntimeError($QLORA_SWEEP_TEST_OOM_MESSAGE) from inside the model's forward
                     pass in the first training step of the first attempt: the allocation failures
                     that are not torch.OutOfMemoryError (cuBLAS, cuDNN, the CPU allocator)
+    fail_one_trial  raise RuntimeError at the first training step of every attempt of one trial, the
+                    first to start (it claims the file $QLORA_SWEEP_TEST_FAIL_ONE with its learning
+                    rate): an ordinary failure (a bug, a bad node), whatever the sampler proposes
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ OOM_MESSAGE_ENV = "QLORA_SWEEP_TEST_OOM_MESSAGE"
 OOM_ABOVE = "tests.fault_plugins:oom_above"
 SLOW_TEARDOWN = "tests.fault_plugins:slow_teardown"
 OOM_IN_FORWARD = "tests.fault_plugins:oom_in_forward"
+FAIL_ONE_ENV = "QLORA_SWEEP_TEST_FAIL_ONE"
+FAIL_ONE_TRIAL = "tests.fault_plugins:fail_one_trial"
 
 
 def _number(name: str, unit: str) -> float | None:
@@ -110,3 +115,25 @@ def oom_in_forward(context: Any) -> Any:
                 self.hook.remove()
 
     return RaiseInForward()
+
+
+def fail_one_trial(context: Any) -> Any:
+    """A callback that fails every attempt of the first trial to start, else None (see the module doc)."""
+    claim = os.environ.get(FAIL_ONE_ENV)
+    if not claim:
+        return None
+    mine = repr(context.trial.learning_rate)
+    try:
+        with open(claim, "x") as f:
+            f.write(mine)
+    except FileExistsError:
+        with open(claim) as f:
+            if f.read() != mine:
+                return None
+    from transformers import TrainerCallback
+
+    class InjectedFailure(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            raise RuntimeError(f"injected by {FAIL_ONE_ENV} (learning rate {mine})")
+
+    return InjectedFailure()

@@ -505,3 +505,32 @@ def test_a_signal_stops_the_sweep_with_a_partial_report_and_resume_finishes_it(
     for trial, rows in read_results(experiment).items():
         steps = [r["step"] for r in rows]
         assert steps == [10, 20, 30, 40], (trial, steps)  # continued from its checkpoint, never rerun
+
+
+@pytest.mark.integration
+def test_a_sweep_with_a_failed_trial_exits_1_and_counts_the_retry_once(tmp_path: Path, ray_tmp: Path) -> None:
+    """Exit status 1 when some (not all) trials failed; the console numbers a retried trial once.
+    Control: before, the exit status was 1 only when every trial errored, so this sweep exited 0;
+    and the retry printed as a new trial ("[trial 3/2]")."""
+    from tests.fault_plugins import FAIL_ONE_ENV, FAIL_ONE_TRIAL
+
+    spec = write_spec(
+        tmp_path / "partial.yaml",
+        make_spec_dict(
+            name="partial",
+            space={"r": 8, "lora_alpha": 16, "target_modules": "qv", "learning_rate": {"loguniform": [1e-3, 1e-2]}},
+            search={"num_samples": 2, "max_concurrent": 2, "seed": 0, "sampler": "random"},
+            train={"max_steps": 10, "eval_every": 10, "batch_size": 8, "max_failures": 1, "callbacks": [FAIL_ONE_TRIAL]},
+        ),
+    )
+    run = run_cli(
+        ["run", str(spec), "--storage", str(tmp_path / "results"), "--name", "partial"], ray_tmp,
+        timeout=300, **{FAIL_ONE_ENV: str(tmp_path / "failing-trial")},
+    )
+    assert run.returncode == 1, run.output[-4000:]
+    assert processes_of(ray_tmp) == [], "Ray processes left behind"
+    trials = read_trials_csv(tmp_path / "results" / "partial" / "report" / "trials.csv")
+    assert sorted(trials["status"]) == ["completed", "failed"]
+    assert "[qlora-sweep] 2 trials, 1 failed" in run.output
+    assert re.search(r"\[trial [12]/2\] \S+ restarted \(attempt 2\)", run.output), run.output[-4000:]
+    assert "[trial 3/2]" not in run.output

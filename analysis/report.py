@@ -24,6 +24,7 @@ import contextlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 import pyarrow.fs as pafs
@@ -61,6 +62,7 @@ class ReportOutcome:
     files: list[str]
     summary_lines: list[str] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)  # trials per status (core/status.py)
+    summary: dict[str, Any] = field(default_factory=dict)  # Analysis.json_summary(), what --json prints
 
 
 # --- Markdown -----------------------------------------------------------------------------------
@@ -208,8 +210,10 @@ def write_report(
         "report.html": render_html(analysis, charts).encode(),
     }
     publish(report_dir, files, analysis.exp.path)
-    statuses = {str(status): int(count) for status, count in analysis.exp.trials["status"].value_counts().items()}
-    return ReportOutcome(report_dir=report_dir, files=list(files), summary_lines=analysis.summary, statuses=statuses)
+    return ReportOutcome(
+        report_dir=report_dir, files=list(files), summary_lines=analysis.summary, statuses=dict(analysis.counts),
+        summary={**analysis.json_summary(), "report_dir": report_dir, "files": list(files)},
+    )
 
 
 # --- inputs: skipped data rows (see docs/reliability.md) -------------------------------------------

@@ -37,6 +37,7 @@ from analysis.pareto import (
 from analysis.results import Experiment
 from analysis.saved_spec import SavedSpec
 from core.experiment_folder import DATA_REPORT_FILE
+from core.numbers import plain_value
 from core.status import ALL_STATUSES, RANKABLE_STATUSES, TrialStatus
 
 IN_PROGRESS_STATUSES = (TrialStatus.RUNNING, TrialStatus.PENDING, TrialStatus.PAUSED)
@@ -93,6 +94,37 @@ class Analysis:
     def summary(self) -> list[str]:
         """The summary lines (console, report.md, report.html), computed once per analysis."""
         return summary_lines(self)
+
+    def json_summary(self) -> dict[str, Any]:
+        """What `--json` prints for an experiment (docs/scripting.md): plain JSON values only."""
+        from trainables.metrics import CONFIG_COLUMNS
+
+        config_names = [c.name for c in CONFIG_COLUMNS]
+
+        def trial_record(row: pd.Series) -> dict[str, Any]:
+            record = {
+                "trial_id": str(row["trial_id"]),
+                "status": str(row["status"]),
+                "params": {k: plain_value(row[k]) for k in config_names if plain_value(row.get(k)) is not None},
+            }
+            for column in (QUALITY, MEMORY, "memory_kind", "steps"):
+                if column in row.index:
+                    record[column] = plain_value(row[column])
+            return record
+
+        front = self.ranked[self.ranked["on_front"]] if "on_front" in self.ranked else self.ranked.iloc[:0]
+        return {
+            "experiment": self.name,
+            "experiment_dir": self.exp.path,
+            "trials": int(len(self.exp.trials)),
+            "statuses": dict(self.counts),
+            "quality": QUALITY,
+            "memory": MEMORY,
+            "memory_kind": self.memory_kind,
+            "best": trial_record(self.best) if self.best is not None else None,
+            "pareto_front": [trial_record(row) for _, row in front.iterrows()],
+            "summary": list(self.summary),
+        }
 
     @cached_property
     def provenance(self) -> list[str]:
@@ -336,4 +368,6 @@ def provenance_lines(exp: Experiment) -> list[str]:
         lines.append("GPUs: none (CPU trials)")
     if p.created_at:
         lines.append(f"recorded: {p.created_at}")
+    if exp.plan.overrides:
+        lines.append("spec overrides: " + " ".join(f"--set {item}" for item in exp.plan.overrides))
     return lines

@@ -69,6 +69,7 @@ class RunPlan(_Lenient):
         memory: The memory plan's summary.
         training_setup: The resolved training setup per device kind ({"cuda": {...}, "cpu": {...}}).
         provenance: Versions and hardware.
+        overrides: The `--set KEY=VALUE` overrides the spec was run with, as given (secrets redacted).
     """
 
     format_version: int = 0
@@ -81,6 +82,7 @@ class RunPlan(_Lenient):
     memory: MemorySummary = MemorySummary()
     training_setup: dict[str, dict[str, Any]] = {}
     provenance: Provenance = Provenance()
+    overrides: list[str] = []
 
 
 def write_run_plan(experiment_dir: str, plan: RunPlan) -> None:

@@ -15,7 +15,11 @@ fix; it never prints a traceback and never starts training.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,17 +51,58 @@ def find_spec(value: str) -> Path:
     return Path(value)  # load_spec reports it as missing
 
 
-def _load(spec_arg: str):
+def _load(spec_arg: str, overrides: list[str] | None = None):
     from sweeps.spec import load_spec
 
-    return load_spec(find_spec(spec_arg))
+    return load_spec(find_spec(spec_arg), overrides or ())
+
+
+@contextlib.contextmanager
+def json_stdout(enabled: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """With --json, stdout carries exactly one JSON object: everything else this process (and any
+    process it starts, Ray's included) writes to file descriptor 1 goes to stderr meanwhile.
+
+    Yields:
+        A function that writes the JSON object (call it once, at the end).
+    """
+    if not enabled:
+        yield lambda obj: None
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield lambda obj: os.write(saved, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    with json_stdout(args.json) as emit:
+        checked = _validate(args)
+        data = checked.data
+        emit({
+            "valid": True,
+            "spec": args.spec,
+            "overrides": list(checked.spec.overrides),
+            "model": checked.spec.model.path,
+            "model_type": checked.model_type,
+            "train_rows": data.train_rows if data is not None else None,
+            "eval_rows": data.eval_rows if data is not None else None,
+            "skipped_rows": len(data.skipped) if data is not None else None,
+            "truncated_rows": len(data.truncated) if data is not None else None,
+            "not_checked": list(checked.skipped),
+        })
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> Any:
     from sweeps.driver import preflight
 
-    spec = _load(args.spec)
-    print(f"schema ok: {args.spec}")
+    spec = _load(args.spec, args.set)
+    print(f"schema ok: {args.spec}" + "".join(f" --set {item}" for item in spec.overrides))
     checked = preflight(spec, offline=args.offline)
     rows = (
         f"{checked.data.train_rows} train / {checked.data.eval_rows} eval rows"
@@ -69,21 +114,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"preflight ok: model {spec.model.path} ({checked.model_type}), {rows}")
     for what in checked.skipped:
         print(f"not checked{' (--offline)' if args.offline else ''}: {what}")
-    return 0
+    return checked
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     from sweeps.estimate import run_estimate
 
-    print(run_estimate(_load(args.spec), args.gpu_gib, args.json))
+    print(run_estimate(_load(args.spec, args.set), args.gpu_gib, args.json))
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from sweeps.driver import run_sweep
 
-    spec = _load(args.spec)
-    outcome = run_sweep(spec, storage_override=args.storage, name=args.name, address=args.address)
+    with json_stdout(getattr(args, "json", False)) as emit:
+        spec = _load(args.spec, args.set)
+        outcome = run_sweep(spec, storage_override=args.storage, name=args.name, address=args.address)
+        emit(run_summary(outcome))
     return _exit_status(outcome)
 
 
@@ -95,30 +142,48 @@ def _exit_status(outcome: Any) -> int:
     return 1 if outcome.num_failed else 0
 
 
+def run_summary(outcome: Any) -> dict[str, Any]:
+    """The object `run --json` and `resume --json` print (docs/scripting.md)."""
+    return {
+        "exit_status": _exit_status(outcome),
+        "interrupted": outcome.interrupted,
+        "resume_command": f"qlora-sweep resume {outcome.experiment_dir}" if outcome.interrupted else None,
+        "failed": outcome.num_failed,
+        **outcome.summary,
+    }
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     from sweeps.driver import resume_sweep
 
-    outcome = resume_sweep(args.resume, restart_errored=args.restart_errored, address=args.address)
+    with json_stdout(getattr(args, "json", False)) as emit:
+        outcome = resume_sweep(args.resume, restart_errored=args.restart_errored, address=args.address)
+        emit(run_summary(outcome))
     return _exit_status(outcome)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import write_report
 
-    outcome = write_report(args.experiment, out_dir=args.out, budgets_gib=args.budget_gib)
-    for line in outcome.summary_lines:
-        print(line)
-    print(f"report: {outcome.report_dir}/report.html (and {', '.join(f for f in outcome.files if f != 'report.html')})")
+    with json_stdout(args.json) as emit:
+        outcome = write_report(args.experiment, out_dir=args.out, budgets_gib=args.budget_gib)
+        for line in outcome.summary_lines:
+            print(line)
+        print(f"report: {outcome.report_dir}/report.html (and {', '.join(f for f in outcome.files if f != 'report.html')})")
+        emit(outcome.summary)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from analysis.compare import compare_experiments
 
-    outcome = compare_experiments(args.experiments, out_dir=args.out, budgets_gib=args.budget_gib)
-    for line in outcome.summary_lines:
-        print(line)
-    print(f"comparison: {outcome.out_dir}/compare.html")
+    with json_stdout(args.json) as emit:
+        outcome = compare_experiments(args.experiments, out_dir=args.out, budgets_gib=args.budget_gib)
+        for line in outcome.summary_lines:
+            print(line)
+        print(f"comparison: {outcome.out_dir}/compare.html")
+        emit({"out_dir": outcome.out_dir, "files": list(outcome.files), "experiments": list(args.experiments),
+              "summary": list(outcome.summary_lines)})
     return 0
 
 
@@ -169,7 +234,21 @@ def add_budget_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    from sweeps.spec import OVERRIDE_HELP
+
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
+
+
+JSON_HELP = "print one JSON object on stdout (the rest of the output goes to stderr); see docs/scripting.md"
+
+
+def add_json_argument(parser: argparse.ArgumentParser, help: str = JSON_HELP) -> None:
+    parser.add_argument("--json", action="store_true", help=help)
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    add_set_argument(parser)
     parser.add_argument(
         "--storage", help="where experiments go: a folder or s3://bucket/prefix (default: the spec's storage key)"
     )
@@ -209,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("spec", metavar="SPEC", help="sweep YAML, e.g. sweeps/smoke.yaml")
     add_run_arguments(run)
+    add_json_argument(run)
     run.set_defaults(func=cmd_run)
 
     validate = sub.add_parser(
@@ -218,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Reports every problem at once and exits 2 if there is any.",
     )
     validate.add_argument("spec", metavar="SPEC")
+    add_set_argument(validate)
+    add_json_argument(validate)
     validate.add_argument(
         "--offline",
         action="store_true",
@@ -234,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sizes each fits. Reads only the model's config (no weights, no GPU). See docs/memory.md.",
     )
     estimate.add_argument("spec", metavar="SPEC")
+    add_set_argument(estimate)
     estimate.add_argument("--json", action="store_true", help="one JSON object per configuration, with every part")
     estimate.add_argument(
         "--gpu-gib",
@@ -254,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("experiment", metavar="EXPERIMENT_DIR", help="a folder (or s3:// URI) that `run` printed")
     add_budget_argument(report)
     report.add_argument("--out", help="write the report here instead of EXPERIMENT_DIR/report")
+    add_json_argument(report)
     report.set_defaults(func=cmd_report)
 
     compare = sub.add_parser(
@@ -265,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("experiments", nargs=2, metavar="EXPERIMENT_DIR", help="two folders (or s3:// URIs)")
     add_budget_argument(compare)
     compare.add_argument("--out", help="default: compare-A-vs-B next to the first experiment")
+    add_json_argument(compare)
     compare.set_defaults(func=cmd_compare)
 
     export = sub.add_parser(
@@ -294,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("resume", metavar="EXPERIMENT_DIR", help="the folder (or s3:// URI) that `run` printed")
     resume.add_argument("--address", help=ADDRESS_HELP)
     add_resume_arguments(resume)
+    add_json_argument(resume)
     resume.set_defaults(func=cmd_resume)
     return parser
 

@@ -24,7 +24,7 @@ from core import experiment_folder, storage
 from core.run_plan import write_run_plan
 from sweeps.local_env import QUIET_ENV
 from sweeps.memory_plan import MemoryPlan, detect_gpu_size, gpu_names, memory_plan
-from sweeps.plan import make_run_plan, resolved_data, trial_job, trial_model_path
+from sweeps.plan import make_run_plan, redact_location, resolved_data, trial_job, trial_model_path
 from sweeps.spec import SpecError, SweepSpec, name_problem, safe_yaml
 from trainables.job import TrialJob
 from trainables.metrics import tune_mode
@@ -483,6 +483,7 @@ class SweepOutcome:
     num_errors: int
     interrupted: str | None = None  # "SIGINT" or "SIGTERM" when a signal stopped the sweep early
     num_failed: int = 0  # trials with a status of core.status.FAILURE_STATUSES, as the report counts them
+    summary: dict[str, Any] = field(default_factory=dict)  # the report's JSON summary (analysis.summary)
 
 
 # Exit statuses of an interrupted sweep (README, "Exit statuses"): 128 + the signal's number.
@@ -778,9 +779,10 @@ def _write_experiment_files(
     folder = experiment.directory
     plan_file = experiment_folder.file(folder, experiment_folder.PLAN_FILE)
     if not experiment.resuming:
+        header = "".join(f"# run with --set {redact_location(item)}\n" for item in checked.spec.overrides)
         storage.write_text(
             experiment_folder.file(folder, experiment_folder.SPEC_FILE),
-            yaml.safe_dump(saved_spec(checked, experiment.storage_path), sort_keys=False),
+            header + yaml.safe_dump(saved_spec(checked, experiment.storage_path), sort_keys=False),
         )
         storage.write_text(
             experiment_folder.file(folder, experiment_folder.DATA_REPORT_FILE),
@@ -855,7 +857,7 @@ def _finish(
         log(f"[qlora-sweep] {line}")
     log(f"[qlora-sweep] experiment: {experiment_dir}")
     log(f"[qlora-sweep] report:     {report.report_dir}")
-    return SweepOutcome(experiment_dir, report.report_dir, num_trials, num_errors, interrupted, num_failed)
+    return SweepOutcome(experiment_dir, report.report_dir, num_trials, num_errors, interrupted, num_failed, report.summary)
 
 
 def _memory_plan(checked: Preflight, cluster_resources: dict[str, float] | None, *, local: bool) -> MemoryPlan | None:

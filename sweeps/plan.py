@@ -155,6 +155,7 @@ def make_run_plan(
         memory=memory_summary(spec, memory),
         training_setup=training_setups(spec),
         provenance=provenance.collect(gpu_names),
+        overrides=[redact_location(item) for item in spec.overrides],
     )
 
 

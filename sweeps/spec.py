@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -236,6 +237,9 @@ class SweepSpec(_Strict):
 
     # Where the spec file lives; relative data/model paths resolve against it. Not a YAML key.
     base_dir: Path = Field(default=Path("."), exclude=True, repr=False)
+    # The `--set KEY=VALUE` overrides applied on top of the file, as given; run_plan.json and the report
+    # record them. Not a YAML key.
+    overrides: tuple[str, ...] = Field(default=(), exclude=True, repr=False)
 
     @model_validator(mode="after")
     def _asha_fits_rounds(self) -> SweepSpec:
@@ -291,11 +295,12 @@ _SECTION_MODELS: dict[tuple[str, ...], type[BaseModel]] = {
 }
 
 
-def load_spec(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep YAML file.
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
+    """Read and validate a sweep YAML file, with `--set KEY=VALUE` overrides applied before validation.
 
     Raises:
-        SpecError: With every problem found, if the file is missing, is not YAML, or breaks the schema.
+        SpecError: With every problem found, if the file is missing, is not YAML, breaks the schema,
+            or an override is malformed.
     """
     path = Path(path)
     try:
@@ -309,7 +314,58 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise SpecError(str(path), [f"file not found: {path}. Pass the path to a sweep YAML, e.g. sweeps/smoke.yaml"])
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(str(path), [f"cannot read {path}: {exc}"])
-    return parse_spec(safe_yaml(text, str(path)), source=str(path), base_dir=path.resolve().parent)
+    raw = safe_yaml(text, str(path))
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    spec = parse_spec(raw, source=str(path), base_dir=path.resolve().parent)
+    return spec.model_copy(update={"overrides": tuple(overrides)}) if overrides else spec
+
+
+OVERRIDE_HELP = (
+    "set one spec key, e.g. --set search.num_samples=4 --set model.path=Org/Model (repeatable); the value is read "
+    "as YAML ([4, 8], {loguniform: [1e-4, 1e-3]}, null) and checked by the schema with the rest of the spec"
+)
+
+
+def apply_overrides(raw: Any, overrides: Sequence[str]) -> Any:
+    """A copy of the spec mapping `raw` with each `dotted.key=value` of `overrides` set in it.
+
+    Values are YAML (within core/yaml_limits.py's bounds), so the schema types and checks them as it
+    does the file's own values; missing sections are created, so an unknown key is reported by the
+    schema like one in the file.
+
+    Raises:
+        SpecError: Naming every override that is not KEY=VALUE, has an empty key part, or goes
+            through a value that is not a mapping.
+    """
+    if not isinstance(raw, dict):
+        return raw  # parse_spec reports that the file is not a mapping
+    result = copy.deepcopy(raw)
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(part.strip() for part in parts):
+            problems.append(f"--set {item!r}: write KEY=VALUE with a dotted key, e.g. --set search.num_samples=4")
+            continue
+        try:
+            value = yaml_limits.load(text) if text.strip() else ""
+        except ValueError as exc:
+            problems.append(f"--set {key}: {exc}")
+            continue
+        node = result
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                problems.append(f"--set {key}: {where} is {child!r} in the spec, not a mapping; set {where}=... instead")
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise SpecError("--set", problems)
+    return result
 
 
 def safe_yaml(text: str, source: str = "<spec>") -> Any:

@@ -520,11 +520,13 @@ def test_a_sweep_with_a_failed_trial_exits_1_and_counts_the_retry_once(tmp_path:
             name="partial",
             space={"r": 8, "lora_alpha": 16, "target_modules": "qv", "learning_rate": {"loguniform": [1e-3, 1e-2]}},
             search={"num_samples": 2, "max_concurrent": 2, "seed": 0, "sampler": "random"},
-            train={"max_steps": 10, "eval_every": 10, "batch_size": 8, "max_failures": 1, "callbacks": [FAIL_ONE_TRIAL]},
+            train={"max_steps": 10, "eval_every": 10, "batch_size": 8, "max_failures": 0, "callbacks": [FAIL_ONE_TRIAL]},
         ),
     )
-    run = run_cli(
-        ["run", str(spec), "--storage", str(tmp_path / "results"), "--name", "partial"], ray_tmp,
+    run = run_cli(  # --set rides along: the override is what allows the retry
+        ["run", str(spec), "--storage", str(tmp_path / "results"), "--name", "partial", "--set", "train.max_failures=1",
+         "--json"],
+        ray_tmp,
         timeout=300, **{FAIL_ONE_ENV: str(tmp_path / "failing-trial")},
     )
     assert run.returncode == 1, run.output[-4000:]
@@ -534,3 +536,15 @@ def test_a_sweep_with_a_failed_trial_exits_1_and_counts_the_retry_once(tmp_path:
     assert "[qlora-sweep] 2 trials, 1 failed" in run.output
     assert re.search(r"\[trial [12]/2\] \S+ restarted \(attempt 2\)", run.output), run.output[-4000:]
     assert "[trial 3/2]" not in run.output
+    experiment = tmp_path / "results" / "partial"
+    assert json.loads((experiment / "run_plan.json").read_text())["overrides"] == ["train.max_failures=1"]
+    assert (experiment / "sweep_spec.yaml").read_text().startswith("# run with --set train.max_failures=1\n")
+    assert "spec overrides: --set train.max_failures=1" in (experiment / "report" / "report.md").read_text()
+    summary = json.loads(run.stdout)  # --json: stdout is one JSON object, the console went to stderr
+    assert (summary["exit_status"], summary["failed"], summary["statuses"]) == (1, 1, {"completed": 1, "failed": 1})
+    completed = trials[trials["status"] == "completed"].iloc[0]
+    assert summary["best"]["trial_id"] == completed["trial_id"]
+    assert summary["best"]["best_eval_loss"] == pytest.approx(completed["best_eval_loss"])
+    assert summary["best"]["params"]["learning_rate"] == pytest.approx(completed["learning_rate"])
+    assert summary["experiment_dir"] == str(experiment) and summary["interrupted"] is None
+    assert "[qlora-sweep] 2 trials, 1 failed" in run.stderr

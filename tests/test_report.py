@@ -444,3 +444,32 @@ def test_read_trials_csv_keeps_tune_trial_ids_as_strings(tmp_path: Path) -> None
     assert trials["trial_id"].tolist() == ["1e999999", "12345678"]
     assert str(trials["steps"].dtype) == "Int64" and trials["steps"].isna().tolist() == [False, True]
     assert trials["best_eval_loss"].tolist()[0] == 2.5
+
+
+def test_report_compare_and_validate_speak_json(recorded_sweep: RecordedSweep, tmp_path: Path) -> None:
+    """--json: stdout is exactly one JSON object a script can parse; the human lines go to stderr."""
+    import subprocess
+
+    from tests.cli_runs import QLORA_SWEEP
+
+    def cli(*args: str) -> Any:
+        done = subprocess.run([QLORA_SWEEP, *args, "--json"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout), done.stderr
+
+    report, human = cli("report", str(recorded_sweep.path), "--out", str(tmp_path / "report"))
+    trials = read_trials_csv(tmp_path / "report" / "trials.csv")
+    assert report["trials"] == len(trials) and sum(report["statuses"].values()) == len(trials)
+    best = trials.loc[trials["best_eval_loss"].idxmin()]
+    assert report["best"]["trial_id"] == best["trial_id"]
+    assert report["best"]["best_eval_loss"] == pytest.approx(best["best_eval_loss"])
+    assert {row["trial_id"] for row in report["pareto_front"]} >= {best["trial_id"]}
+    assert report["memory_kind"] in {"host_rss", "cpu_tensor_peak"} and "report.html" in report["files"]
+    assert "report:" in human  # the human line, on stderr
+    compared, _ = cli("compare", str(recorded_sweep.path), str(recorded_sweep.path), "--out", str(tmp_path / "cmp"))
+    assert compared["out_dir"] == str(tmp_path / "cmp") and "compare.html" in compared["files"]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(make_spec_dict()))
+    validated, _ = cli("validate", str(spec), "--set", "search.num_samples=3")
+    assert validated["valid"] is True and validated["overrides"] == ["search.num_samples=3"]
+    assert validated["train_rows"] > 0

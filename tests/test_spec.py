@@ -482,3 +482,33 @@ def test_run_refuses_a_name_that_is_not_a_folder_name_before_anything_is_written
         assert not run.ray_sessions  # refused before Ray starts
     assert "--name: " in run.stderr and "Traceback" not in run.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spec"]  # nothing beside or inside the storage
+
+
+def test_set_overrides_are_typed_by_the_schema_and_checked_with_the_rest(tmp_path: Path) -> None:
+    from sweeps.spec import load_spec
+
+    path = write_spec(tmp_path / "s.yaml", make_spec_dict())
+    spec = load_spec(path, ["search.num_samples=4", "space.r=[4, 16]", "scheduler.asha=null", "train.oom_retry=true"])
+    assert spec.search.num_samples == 4 and spec.train.oom_retry is True and spec.scheduler.asha is None
+    assert spec.overrides == ("search.num_samples=4", "space.r=[4, 16]", "scheduler.asha=null", "train.oom_retry=true")
+    with pytest.raises(SpecError) as bad_value:
+        load_spec(path, ["search.num_samples=many"])
+    assert "search.num_samples" in bad_value.value.render() and "many" in bad_value.value.render()
+    with pytest.raises(SpecError) as unknown:
+        load_spec(path, ["search.num_sample=4"])
+    assert "num_sample" in unknown.value.render() and "num_samples" in unknown.value.render()  # did-you-mean
+
+
+def test_malformed_set_overrides_are_all_named_at_once(tmp_path: Path) -> None:
+    from tests.cli_runs import QLORA_SWEEP
+
+    path = write_spec(tmp_path / "s.yaml", make_spec_dict())
+    done = subprocess.run(
+        [QLORA_SWEEP, "validate", str(path), "--set", "foo", "--set", "space.r=[4,", "--set", "model.path.x=1",
+         "--set", ".a=1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "4 problems" in done.stderr, done.stderr
+    for named in ("'foo'", "space.r", "model.path is", "'.a=1'"):
+        assert named in done.stderr, (named, done.stderr)

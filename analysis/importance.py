@@ -55,10 +55,24 @@ class Importance:
 
 
 def param_importances(exp: Experiment) -> Importance:
-    """Importances from the sweep's stored Optuna study if readable, else from a rebuilt one."""
+    """Importances from the sweep's stored Optuna study if readable, else from a rebuilt one.
+
+    Optuna's INFO lines (one per trial of a rebuilt study) are silenced while this runs; the
+    caller's Optuna verbosity is put back afterwards.
+    """
     import optuna
 
+    verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return _param_importances(exp)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _param_importances(exp: Experiment) -> Importance:
+    import optuna
+
     notes: list[str] = []
     study, source = _stored_study(exp, notes)
     metric = exp.saved_spec.search.metric

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -295,8 +296,13 @@ _SECTION_MODELS: dict[tuple[str, ...], type[BaseModel]] = {
 }
 
 
-def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
-    """Read and validate a sweep YAML file, with `--set KEY=VALUE` overrides applied before validation.
+def load_spec(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> SweepSpec:
+    """Read and validate a sweep YAML file, with overrides applied before validation.
+
+    Args:
+        path: The spec file.
+        overrides: `--set` strings ("search.num_samples=4", the value read as YAML), or a mapping of
+            dotted keys to Python values ({"search.num_samples": 4}, the Python API's form).
 
     Raises:
         SpecError: With every problem found, if the file is missing, is not YAML, breaks the schema,
@@ -314,11 +320,21 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
         raise SpecError(str(path), [f"file not found: {path}. Pass the path to a sweep YAML, e.g. sweeps/smoke.yaml"])
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(str(path), [f"cannot read {path}: {exc}"])
-    raw = safe_yaml(text, str(path))
-    if overrides:
-        raw = apply_overrides(raw, overrides)
-    spec = parse_spec(raw, source=str(path), base_dir=path.resolve().parent)
-    return spec.model_copy(update={"overrides": tuple(overrides)}) if overrides else spec
+    return spec_with_overrides(safe_yaml(text, str(path)), overrides, source=str(path), base_dir=path.resolve().parent)
+
+
+def spec_with_overrides(
+    raw: Any, overrides: Sequence[str] | Mapping[str, Any], *, source: str = "<spec>", base_dir: Path | None = None
+) -> SweepSpec:
+    """Validate the spec mapping `raw` with `overrides` (see load_spec) set in it, recording them."""
+    problems: list[str] = []
+    pairs = parse_overrides(overrides, problems) if not isinstance(overrides, Mapping) else list(overrides.items())
+    if pairs:
+        raw = set_keys(raw, pairs, problems)
+    if problems:
+        raise SpecError("--set", problems)
+    spec = parse_spec(raw, source=source, base_dir=base_dir)
+    return spec.model_copy(update={"overrides": tuple(override_text(k, v) for k, v in pairs)}) if pairs else spec
 
 
 OVERRIDE_HELP = (
@@ -327,31 +343,39 @@ OVERRIDE_HELP = (
 )
 
 
-def apply_overrides(raw: Any, overrides: Sequence[str]) -> Any:
-    """A copy of the spec mapping `raw` with each `dotted.key=value` of `overrides` set in it.
-
-    Values are YAML (within core/yaml_limits.py's bounds), so the schema types and checks them as it
-    does the file's own values; missing sections are created, so an unknown key is reported by the
-    schema like one in the file.
-
-    Raises:
-        SpecError: Naming every override that is not KEY=VALUE, has an empty key part, or goes
-            through a value that is not a mapping.
-    """
-    if not isinstance(raw, dict):
-        return raw  # parse_spec reports that the file is not a mapping
-    result = copy.deepcopy(raw)
-    problems = []
-    for item in overrides:
+def parse_overrides(items: Sequence[str], problems: list[str]) -> list[tuple[str, Any]]:
+    """`--set` strings as (dotted key, value) pairs, values read as YAML within core/yaml_limits.py's
+    bounds, so the schema types and checks them as it does the file's own values. Each item that is
+    not KEY=VALUE or whose value is not YAML is left out and named in `problems`."""
+    pairs = []
+    for item in items:
         key, sep, text = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or not all(part.strip() for part in parts):
+        if not sep or not key.strip():
             problems.append(f"--set {item!r}: write KEY=VALUE with a dotted key, e.g. --set search.num_samples=4")
             continue
         try:
-            value = yaml_limits.load(text) if text.strip() else ""
+            pairs.append((key.strip(), yaml_limits.load(text) if text.strip() else ""))
         except ValueError as exc:
             problems.append(f"--set {key}: {exc}")
+    return pairs
+
+
+def override_text(key: str, value: Any) -> str:
+    """An override as `--set` would write it (what run_plan.json and the report record)."""
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def set_keys(raw: Any, pairs: Sequence[tuple[str, Any]], problems: list[str]) -> Any:
+    """A copy of the spec mapping `raw` with each (dotted key, value) set in it. Missing sections are
+    created, so an unknown key is reported by the schema like one in the file. A key with an empty
+    part, or one that goes through a value that is not a mapping, is named in `problems`."""
+    if not isinstance(raw, dict):
+        return raw  # parse_spec reports that the spec is not a mapping
+    result = copy.deepcopy(raw)
+    for key, value in pairs:
+        parts = key.split(".")
+        if not all(part.strip() for part in parts):
+            problems.append(f"--set {key + '=' + str(value)!r}: write KEY=VALUE with a dotted key, e.g. --set search.num_samples=4")
             continue
         node = result
         for depth, part in enumerate(parts[:-1]):
@@ -362,9 +386,7 @@ def apply_overrides(raw: Any, overrides: Sequence[str]) -> Any:
                 break
             node = child
         else:
-            node[parts[-1]] = value
-    if problems:
-        raise SpecError("--set", problems)
+            node[parts[-1]] = copy.deepcopy(value)
     return result
 
 

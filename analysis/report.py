@@ -44,6 +44,7 @@ from analysis.summary import (  # noqa: F401 - Analysis and analyze are also thi
     varying_config,
 )
 from core import experiment_folder, storage
+from core.redact import has_credentials, redact
 from trainables.metrics import COLUMNS
 
 PLOT_NAMES = {
@@ -179,6 +180,16 @@ def render_plots(analysis: Analysis) -> dict[str, bytes]:
     return {name: png for name, png in charts.items() if png}
 
 
+def redact_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The table with credentials in URLs masked in its text cells (core/redact.py)."""
+    out = frame.copy()
+    for column in out.columns:
+        if not (pd.api.types.is_numeric_dtype(out[column]) or pd.api.types.is_bool_dtype(out[column])):
+            if out[column].map(lambda v: isinstance(v, str) and has_credentials(v)).any():
+                out[column] = out[column].map(lambda v: redact(v) if isinstance(v, str) else v)
+    return out
+
+
 def parquet_bytes(frame: pd.DataFrame) -> bytes:
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
@@ -201,13 +212,15 @@ def write_report(
     analysis = analyze(load_experiment(experiment_dir), budgets_gib)
     report_dir = out_dir or experiment_folder.file(analysis.exp.path, experiment_folder.REPORT_DIR)
     charts = render_plots(analysis)
+    trials = redact_frame(analysis.exp.trials)
     files: dict[str, bytes] = {
-        "trials.csv": analysis.exp.trials.to_csv(index=False).encode(),
-        "trials.parquet": parquet_bytes(analysis.exp.trials),
+        "trials.csv": trials.to_csv(index=False).encode(),
+        "trials.parquet": parquet_bytes(trials),
         **{f"plots/{name}.png": png for name, png in charts.items()},
-        "report.md": render_markdown(analysis, {name: f"plots/{name}.png" for name in charts}).encode(),
+        # No password or key of a URL in what the report says (core/redact.py).
+        "report.md": redact(render_markdown(analysis, {name: f"plots/{name}.png" for name in charts})).encode(),
         # Last: the file people open appears only once everything it summarizes is written.
-        "report.html": render_html(analysis, charts).encode(),
+        "report.html": redact(render_html(analysis, charts)).encode(),
     }
     publish(report_dir, files, analysis.exp.path)
     return ReportOutcome(

@@ -74,7 +74,8 @@ def load_experiment(path: str) -> Experiment:
         NotAnExperiment: If `path` holds no sweep_spec.yaml (i.e. was not written by qlora-sweep).
         AnalysisInputError: If its sweep_spec.yaml is not YAML.
     """
-    path = storage.absolute(path)
+    # S3 keys in the URI stay in memory (core/storage.py); the path the report and export show has none.
+    path = storage.absolute(storage.without_credentials(path))
     if not folder.is_experiment(path):
         raise NotAnExperiment(
             f"{path} is not a qlora-sweep experiment folder (no {folder.SPEC_FILE}). "

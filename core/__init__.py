@@ -7,6 +7,7 @@ Layers point one way: ``core`` <- ``trainables`` <- ``analysis`` <- ``sweeps``
 * `core.status`            the trial-status enum
 * `core.numbers`           "is this a finite number"
 * `core.storage`           local folders and s3:// / gs:// URIs through pyarrow filesystems
+* `core.redact`            credentials inside URLs masked: the one rule every writer applies
 * `core.experiment_folder` the experiment folder's format: file names, readers of Tune's files
 * `core.provenance`        package versions, git commit, Python and GPUs behind an experiment
 """

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pyarrow.fs as pafs
 
@@ -33,10 +36,117 @@ def join(location: str, *parts: str) -> str:
 
 
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and in-filesystem path for a local path or URI."""
+    """The pyarrow filesystem and in-filesystem path for a local path or URI.
+
+    S3 credentials given in a URI, or remembered from one (`without_credentials`), are used; the
+    filesystem returned never pickles them (`S3FileSystemKeysInMemory`).
+    """
     if is_uri(location):
-        return pafs.FileSystem.from_uri(location)
+        location = without_credentials(location)
+        fs, path = pafs.FileSystem.from_uri(location)
+        scope = _scope(location)
+        if scope in _CREDENTIALS and isinstance(fs, pafs.S3FileSystem):
+            fs = _s3_with_credentials(_public_options(fs), scope)
+        return fs, path
     return pafs.LocalFileSystem(), absolute(location)
+
+
+# --- credentials in a location ------------------------------------------------------------------
+# pyarrow accepts S3 keys inside a URI: s3://ACCESS_KEY:SECRET_KEY@bucket/prefix?endpoint_override=...
+# A location flows into everything a sweep writes (sweep_spec.yaml, the report, Ray's tuner.pkl
+# and experiment state, the console), so the keys are taken out of it where it enters
+# (`without_credentials`) and kept in this process's memory only, for the bucket and endpoint they
+# came with. Trial workers get them from the driver's worker setup hook (sweeps/driver.py), never
+# through a file. A process that has none (a later `resume` or `report`) uses the AWS default chain:
+# AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws, an instance profile.
+
+# (bucket, endpoint_override) -> (access key, secret key)
+_CREDENTIALS: dict[tuple[str, str], tuple[str, str]] = {}
+_S3_SECRET_OPTIONS = ("access_key", "secret_key", "session_token")
+_AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)$", re.DOTALL)
+
+
+def without_credentials(location: str) -> str:
+    """`location` without the `KEY:SECRET@` of an s3:// URI; the keys are remembered in this process.
+
+    Other locations are returned as they are (a local path, a URI without userinfo).
+    """
+    match = _AUTHORITY.match(location) if is_uri(location) else None
+    if match is None or "@" not in match.group(2) or match.group(1) != "s3":
+        return location
+    scheme, authority, rest = match.groups()
+    userinfo, _, bucket = authority.rpartition("@")
+    clean = f"{scheme}://{bucket}{rest}"
+    key, _, secret = userinfo.partition(":")
+    _CREDENTIALS[_scope(clean)] = (unquote(key), unquote(secret))
+    return clean
+
+
+def has_remembered_credentials(location: str) -> bool:
+    """Whether this process holds S3 keys (from `without_credentials`) for `location`."""
+    return is_uri(location) and _scope(location) in _CREDENTIALS
+
+
+def remembered_credentials() -> dict[tuple[str, str], tuple[str, str]]:
+    """What this process remembers, for handing to trial workers in memory (`remember_credentials`)."""
+    return dict(_CREDENTIALS)
+
+
+def remember_credentials(credentials: dict[tuple[str, str], tuple[str, str]]) -> None:
+    _CREDENTIALS.update(credentials)
+
+
+def for_ray(location: str) -> tuple[str, pafs.FileSystem | None]:
+    """What Ray Tune gets as its storage (RunConfig storage_path / storage_filesystem).
+
+    With remembered S3 keys: the path inside the filesystem and a filesystem holding the keys, whose
+    pickle (Ray pickles it into tuner.pkl, its experiment state and every trial) leaves them out.
+    Otherwise the location itself, which Ray resolves as pyarrow does.
+    """
+    if not has_remembered_credentials(location):
+        return location, None
+    fs, path = filesystem(location)
+    return path, fs
+
+
+class S3FileSystemKeysInMemory(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem with keys that stay in memory: its pickle carries every option but the
+    keys, and unpickling takes them from the process's remembered credentials (else the AWS default
+    chain)."""
+
+    def __init__(self, scope: tuple[str, str], **options: Any):
+        super().__init__(**options)
+        self._scope = scope
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _s3_from_memory, (_public_options(self), self._scope)
+
+
+def _public_options(fs: pafs.S3FileSystem) -> dict[str, Any]:
+    options = dict(pafs.S3FileSystem.__reduce__(fs)[1][0])
+    for name in _S3_SECRET_OPTIONS:
+        options.pop(name, None)
+    return options
+
+
+def _s3_with_credentials(options: dict[str, Any], scope: tuple[str, str]) -> S3FileSystemKeysInMemory:
+    key, secret = _CREDENTIALS[scope]
+    return S3FileSystemKeysInMemory(scope, **options, access_key=key, secret_key=secret)
+
+
+def _s3_from_memory(options: dict[str, Any], scope: tuple[str, str]) -> pafs.S3FileSystem:
+    if scope in _CREDENTIALS:
+        return _s3_with_credentials(options, scope)
+    return pafs.S3FileSystem(**options)
+
+
+def _scope(location: str) -> tuple[str, str]:
+    """(bucket, endpoint_override) of a credential-free URI: where its keys apply."""
+    match = _AUTHORITY.match(location)
+    if match is None:
+        return ("", "")
+    query = parse_qs(urlsplit(location).query)
+    return match.group(2).rpartition("@")[2], (query.get("endpoint_override") or [""])[0]
 
 
 def exists(location: str) -> bool:

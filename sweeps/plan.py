@@ -11,10 +11,10 @@ Nothing here needs Ray.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 from core import provenance
+from core.redact import redact
 from core.run_plan import PLAN_FORMAT_VERSION, MemorySummary, ModelSummary, RunPlan
 from sweeps.spec import SweepSpec
 from trainables.job import TrialJob
@@ -160,22 +160,10 @@ def make_run_plan(
 
 
 def redact_url(url: str | None) -> str | None:
-    """A SQLAlchemy URL with its password hidden ("memory" and None pass through)."""
-    if not url or url == "memory":
-        return url
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
-# Credentials a storage URI can carry: user:secret@ and pyarrow's S3 query options.
-_URI_PASSWORD = re.compile(r"(://[^/:@?]+):[^/@?]+@")
-_URI_SECRET_QUERY = re.compile(r"((?:^|[?&])(?:secret_key|access_key|session_token)=)[^&]*")
+    """A study URL with its credentials masked (core/redact.py); "memory" and None pass through."""
+    return redact(url) if url else url
 
 
 def redact_location(location: str) -> str:
-    """A storage path or URI with any credentials in it replaced by ***."""
-    if "://" not in location:
-        return location
-    base, sep, query = location.partition("?")
-    return _URI_PASSWORD.sub(r"\1:***@", base) + sep + _URI_SECRET_QUERY.sub(r"\1***", query)
+    """A storage path, URI or `--set` item with any credentials in it masked (core/redact.py)."""
+    return redact(location)

@@ -27,10 +27,12 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 from core import experiment_folder, storage
 from core.numbers import is_finite_number
+from core.redact import MASK, has_credentials, redact
 from core.status import TrialStatus
 
 if TYPE_CHECKING:
@@ -66,7 +68,8 @@ def resolve_study(spec: SweepSpec, experiment_dir: str, experiment_name: str) ->
         else:
             url = f"sqlite:///{Path(experiment_dir, experiment_folder.STUDY_FILE)}"
     elif url != "memory":
-        url = _absolute_sqlite(url, spec.base_dir)
+        # A resumed sweep's saved spec holds the URL with its password masked (core/redact.py).
+        url = _absolute_sqlite(unmasked_study_url(url), spec.base_dir)
     name = search.optuna_study_name or experiment_name
     search = search.model_copy(update={"optuna_storage": url, "optuna_study_name": name})
     return spec.model_copy(update={"search": search})
@@ -101,17 +104,52 @@ def dashboard_command(url: str | None) -> str | None:
     """The optuna-dashboard command for a study (None for an in-memory study)."""
     if not url or url == "memory":
         return None
-    from sqlalchemy.engine import make_url
-
-    return f"optuna-dashboard {make_url(url).render_as_string(hide_password=True)}"
+    return f"optuna-dashboard {redact(url)}"  # credentials masked (core/redact.py)
 
 
 def open_storage(url: str) -> Any:
-    """An Optuna RDB storage; sqlite waits for locks held by a reading dashboard instead of failing."""
-    import optuna
+    """An Optuna RDB storage; sqlite waits for locks held by a reading dashboard instead of failing.
 
+    Its pickle (Ray pickles the searcher into tuner.pkl and searcher-state-*.pkl) holds the URL with
+    its credentials masked (core/redact.py); the real URL stays in this process's memory.
+    """
     engine_kwargs = {"connect_args": {"timeout": 30}} if sqlite_path(url) else None
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    if has_credentials(url):
+        _STUDY_URLS[redact(url)] = url
+    return StudyStorage(url, engine_kwargs=engine_kwargs)
+
+
+# Study URLs with credentials, by their redacted form: what an unpickled storage connects with.
+_STUDY_URLS: dict[str, str] = {}
+
+
+def unmasked_study_url(url: str) -> str:
+    """The URL an unpickled or resumed study connects with: the real one if this process has it;
+    otherwise a password that was masked is left out, so the database driver's own sources apply
+    (PGPASSWORD or ~/.pgpass for PostgreSQL)."""
+    if url in _STUDY_URLS:
+        return _STUDY_URLS[url]
+    if MASK not in url or url == "memory":
+        return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # not a SQLAlchemy URL: Optuna reports it
+        return url
+    return parsed._replace(password=None).render_as_string(hide_password=False) if parsed.password == MASK else url
+
+
+class StudyStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage, pickled with the credentials of its URL masked (see `open_storage`)."""
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        state["url"] = redact(state["url"])
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__({**state, "url": unmasked_study_url(state["url"])})
 
 
 def check_study(spec: SweepSpec, *, resuming: bool) -> str | None:
@@ -139,8 +177,13 @@ def check_study(spec: SweepSpec, *, resuming: bool) -> str | None:
 
         names = optuna.study.get_all_study_names(storage=open_storage(url))
     except Exception as exc:  # unreachable server, bad credentials, missing driver module
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return f"search.optuna_storage: cannot open {dashboard_command(url).split(' ', 1)[1]} ({first})"
+        first = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+        unsaved = (
+            ". A password in the study URL is never saved with the experiment: give it to the database "
+            "driver (PGPASSWORD or ~/.pgpass for PostgreSQL)"
+            if resuming and db is None else ""
+        )
+        return f"search.optuna_storage: cannot open {redact(url)} ({first}){unsaved}"
     if resuming and name not in names:
         return f"search.optuna_study_name: study '{name}' is not in the Optuna storage; resume needs the sweep's study"
     if not resuming and name in names:

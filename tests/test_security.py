@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -473,3 +474,291 @@ def test_the_run_plan_redacts_credentials_in_locations() -> None:
     )
     assert redact_location("/tmp/results/exp") == "/tmp/results/exp"
     assert "pw" not in redact_url("postgresql://user:pw@host/db") and redact_url("memory") == "memory"
+
+
+# --- credentials inside URLs: storage and study --------------------------------------------------
+
+
+@dataclass
+class AuthS3:
+    """A moto S3 server in its own process that checks every request's signature."""
+
+    client: Any  # boto3 S3 client signed with the issued key
+    endpoint: str  # host:port
+    bucket: str
+    key_id: str
+    secret: str
+
+    def objects(self) -> dict[str, bytes]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
+        return {
+            o["Key"]: self.client.get_object(Bucket=self.bucket, Key=o["Key"])["Body"].read()
+            for page in pages for o in page.get("Contents", [])
+        }
+
+
+@contextmanager
+def moto_s3_with_auth() -> Iterator[AuthS3]:
+    """moto with IAM auth on: after 3 unauthenticated calls (user, key, policy), only the issued key
+    and secret work, so a sweep that lost the URL's credentials anywhere (driver, trial workers,
+    report) fails instead of passing on an open server."""
+    import boto3
+    from tests.test_s3_storage import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        endpoint = f"http://127.0.0.1:{port}"
+        boot = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "boot", "aws_secret_access_key": "boot"}
+        iam = boto3.client("iam", **boot)
+        iam.create_user(UserName="sweeper")
+        key = iam.create_access_key(UserName="sweeper")["AccessKey"]
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="sweeper", PolicyName="all", PolicyDocument=json.dumps(policy))
+        client = boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1",
+            aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"],
+        )
+        client.create_bucket(Bucket="creds-bucket")
+        yield AuthS3(client, f"127.0.0.1:{port}", "creds-bucket", key["AccessKeyId"], key["SecretAccessKey"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def secret_forms(secret: str) -> list[bytes]:
+    """The secret as bytes, percent-encoded (in a URL) and hex-encoded (Tune stores pickled objects
+    in experiment_state-*.json as hex)."""
+    from urllib.parse import quote
+
+    forms = {secret.encode(), quote(secret, safe="").encode()}
+    return sorted(forms | {f.hex().encode() for f in forms})
+
+
+def where_secrets_are(planted: dict[str, str], roots: Iterable[Path], objects: dict[str, bytes], console: str) -> dict[str, list[str]]:
+    """For each planted secret: the files, bucket objects and console that hold it in any form."""
+    found: dict[str, list[str]] = {}
+    for name, secret in planted.items():
+        hits: set[str] = set()
+        for form in secret_forms(secret):
+            hits |= {str(p) for p in files_containing(form, roots)}
+            hits |= {f"s3:{key}" for key, body in objects.items() if form in body}
+            if form.decode() in console:
+                hits.add("console")
+        if hits:
+            found[name] = sorted(hits)
+    return found
+
+
+# Where the sweep writes without credentials in the environment: the URL must carry them.
+NO_AWS_ENV: dict[str, str | None] = {
+    "AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SESSION_TOKEN": None,
+    "AWS_ENDPOINT_URL": None, "AWS_ENDPOINT_URL_S3": None, "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+
+
+@dataclass
+class CredentialedSweep:
+    s3: AuthS3
+    work: Path  # everything written locally outside Ray: the cwd, the study, the export
+    ray_tmp: Path
+    experiment: str  # the experiment URI as the user gives it: keys inside
+    clean: str  # the same without them, as qlora-sweep prints it
+    planted: dict[str, str]
+    runs: dict[str, CliRun]
+    objects: dict[str, bytes]
+
+
+@pytest.fixture(scope="module")
+def credentialed_sweep(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[CredentialedSweep]:
+    """One sweep on an S3 that checks signatures, its keys only in --storage
+    (s3://KEY:SECRET@bucket/prefix?endpoint_override=...; no AWS_* keys in the environment), and a
+    password in the study URL; then `export` and `resume` of the experiment URI with the keys in it."""
+    from urllib.parse import quote
+
+    root = tmp_path_factory.mktemp("credentials")
+    password = f"pw{secrets.token_hex(16)}"
+    # The user's own spec holds the password; it is input, not searched. Everything else is.
+    given, work = root / "given", root / "work"
+    given.mkdir()
+    work.mkdir()
+    study = work / "study" / "creds.db"
+    spec = write_spec(
+        given / "creds.yaml",
+        make_spec_dict(name="creds", search={"optuna_storage": f"sqlite:///{study}?password={password}"}),
+    )
+    with moto_s3_with_auth() as s3, private_ray_tmp() as ray_tmp:
+        query = f"endpoint_override={s3.endpoint}&scheme=http"
+        keys = f"{s3.key_id}:{quote(s3.secret, safe='')}@"
+        storage_url = f"s3://{keys}{s3.bucket}/sweeps?{query}"
+        runs = {"run": run_cli(["run", str(spec), "--storage", storage_url, "--name", "creds", "--address", "local"],
+                               ray_tmp, cwd=work, **NO_AWS_ENV)}
+        assert runs["run"].returncode == 0, runs["run"].output[-4000:]
+        experiment = f"s3://{keys}{s3.bucket}/sweeps/creds?{query}"
+        runs["export"] = run_cli(["export", experiment, "--out", str(work / "export")], ray_tmp, cwd=work, **NO_AWS_ENV)
+        # Resume: Tuner.restore through the filesystem that holds the keys (every trial finished: nothing reruns).
+        runs["resume"] = run_cli(["resume", experiment, "--address", "local"], ray_tmp, cwd=work, **NO_AWS_ENV)
+        clean = f"s3://{s3.bucket}/sweeps/creds?{query}"
+        # The printed URI has no keys, and none are in the environment: resume says where keys come from.
+        runs["resume without keys"] = run_cli(["resume", clean], ray_tmp, cwd=work, **NO_AWS_ENV)
+        yield CredentialedSweep(
+            s3, work, ray_tmp, experiment, clean, {"AWS secret key": s3.secret, "study password": password},
+            runs, s3.objects(),
+        )
+
+
+@pytest.mark.integration
+def test_credentials_in_the_storage_and_study_urls_are_written_nowhere(credentialed_sweep: CredentialedSweep) -> None:
+    """Every file written locally (the cwd, the study, the export, Ray's session), every object in the
+    bucket and the console of run, export and resume are searched for the secrets, pickles included."""
+    sweep = credentialed_sweep
+    for name in ("run", "export", "resume"):
+        assert sweep.runs[name].returncode == 0, (name, sweep.runs[name].output[-4000:])
+    # What the search covers really holds what a leak would land in.
+    names = {k.removeprefix("sweeps/creds/") for k in sweep.objects}
+    assert {"sweep_spec.yaml", "run_plan.json", "tuner.pkl", "optuna.db", "report/report.html", "report/report.md",
+            "report/trials.csv", "report/trials.parquet"} <= names, sorted(names)
+    assert any(n.startswith("searcher-state-") for n in names) and any(n.startswith("experiment_state-") for n in names)
+    assert any(n.endswith("adapter_model.safetensors") for n in names), "trial workers wrote no checkpoint"
+    assert (sweep.work / "export" / "README.md").is_file() and (sweep.work / "study" / "creds.db").is_file()
+    assert f"experiment: {sweep.clean}" in sweep.runs["run"].stdout  # printed without the keys
+    assert "2 trials, 0 failed" in sweep.runs["resume"].stdout, sweep.runs["resume"].output[-3000:]
+    console = "".join(run.output for run in sweep.runs.values())
+    found = where_secrets_are(sweep.planted, [sweep.work, sweep.ray_tmp], sweep.objects, console)
+    print(f"\n[credentials] {len(sweep.objects)} objects and the local files searched; secrets found in: {found}")
+    assert found == {}
+
+
+@pytest.mark.integration
+def test_resume_without_the_keys_says_where_credentials_come_from(credentialed_sweep: CredentialedSweep) -> None:
+    done = credentialed_sweep.runs["resume without keys"]
+    assert done.returncode == 2, done.output[-3000:]
+    assert "Traceback" not in done.output
+    assert f"resume: cannot read {credentialed_sweep.clean}" in done.stderr, done.stderr
+    assert "AWS_ACCESS_KEY_ID" in done.stderr and "qlora-sweep resume s3://<access key>:<secret key>@bucket/" in done.stderr
+    print(f"\n[resume without keys] {' '.join(done.stderr.split())}")
+
+
+@pytest.mark.integration
+def test_a_study_password_is_masked_in_the_saved_spec_and_the_export_readme(
+    credentialed_sweep: CredentialedSweep, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PostgreSQL study URL (no server needed): its password is masked in sweep_spec.yaml (driver's
+    `saved_spec`) and in the export README (and export.json), read from the sweep above."""
+    import analysis.export
+    from analysis.export import export_trial
+    from sweeps.driver import Preflight, saved_spec
+    from sweeps.spec import parse_spec
+
+    password = f"pg{secrets.token_hex(12)}"
+    url = f"postgresql://sweeper:{password}@db.example:5432/studies"
+    spec = parse_spec(make_spec_dict(search={"optuna_storage": url}))
+    saved = yaml.safe_dump(saved_spec(Preflight(spec, "builtin:tiny-llama", "llama", None), "/tmp/results"))
+    assert password not in saved and "postgresql://sweeper:***@db.example:5432/studies" in saved
+    # The experiment of the sweep above, local, as if its study had lived in PostgreSQL.
+    experiment = tmp_path / "creds"
+    for key, body in credentialed_sweep.objects.items():
+        if key.endswith("/"):
+            continue  # pyarrow's empty folder markers
+        target = experiment / key.removeprefix("sweeps/creds/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(body)
+    raw = yaml.safe_load((experiment / "sweep_spec.yaml").read_text())
+    raw["search"]["optuna_storage"] = url
+    (experiment / "sweep_spec.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    export_trial(str(experiment), str(tmp_path / "export"), log=lambda line: None)
+    assert url.replace(password, "***") in (tmp_path / "export" / "README.md").read_text()
+    assert files_containing(password.encode(), [tmp_path / "export"]) == []
+    # Control: without the redaction the same export writes the password into the README.
+    monkeypatch.setattr(analysis.export, "redact", lambda text: text)
+    export_trial(str(experiment), str(tmp_path / "unredacted"), log=lambda line: None)
+    assert [p.name for p in files_containing(password.encode(), [tmp_path / "unredacted"])] == ["README.md"]
+
+
+def test_the_secret_search_finds_a_planted_credential(tmp_path: Path) -> None:
+    """Control: the search above finds a secret in a file, a pickle, Tune's hex encoding, an object
+    and the console."""
+    import pyarrow.fs as pafs
+
+    secret = "ab+c/" + secrets.token_hex(8)
+    fs = pafs.S3FileSystem(access_key="AKIA", secret_key=secret, endpoint_override="127.0.0.1:1", scheme="http")
+    (tmp_path / "tuner.pkl").write_bytes(pickle.dumps({"storage_filesystem": fs}))
+    (tmp_path / "state.json").write_text(json.dumps({"storage": pickle.dumps(fs).hex()}))
+    (tmp_path / "clean.txt").write_text("nothing here")
+    found = where_secrets_are({"s": secret}, [tmp_path], {"k": b"x" + secret.encode()}, f"s3://A:{secret}@b")
+    assert found == {"s": sorted([str(tmp_path / "tuner.pkl"), str(tmp_path / "state.json"), "s3:k", "console"])}
+
+
+def test_redact_masks_url_passwords_and_secret_options_in_any_text() -> None:
+    from core.redact import redact, redact_data
+
+    cases = {
+        "s3://AKIA:s3cr%2Bt@bucket/p?endpoint_override=h:9000&scheme=http": "s3://AKIA:***@bucket/p?endpoint_override=h:9000&scheme=http",
+        "postgresql+psycopg2://user:pass@host:5432/db": "postgresql+psycopg2://user:***@host:5432/db",
+        "sqlite:////tmp/s.db?password=pw&timeout=3": "sqlite:////tmp/s.db?password=***&timeout=3",
+        "https://b.s3.amazonaws.com/k?X-Amz-Signature=abc&X-Amz-Security-Token=t#x": "https://b.s3.amazonaws.com/k?X-Amz-Signature=***&X-Amz-Security-Token=***#x",
+        # inside prose, quotes and HTML (& escaped as &amp;)
+        "run `qlora-sweep resume 's3://K:S@b/e'` or see <a href=\"mysql://u:p@h/d?x=1&amp;token=t\">":
+            "run `qlora-sweep resume 's3://K:***@b/e'` or see <a href=\"mysql://u:***@h/d?x=1&amp;token=***\">",
+        # nothing to mask: a user without password, a local path with @, an ordinary query
+        "https://user@github.com/x /tmp/a:b@c/d s3://b/p?region=us-east-1 memory": "https://user@github.com/x /tmp/a:b@c/d s3://b/p?region=us-east-1 memory",
+    }
+    for text, masked in cases.items():
+        assert redact(text) == masked, text
+    assert redact_data({"storage": "s3://K:S@b/p", "n": 1, "l": ["postgresql://u:p@h/d"]}) == {
+        "storage": "s3://K:***@b/p", "n": 1, "l": ["postgresql://u:***@h/d"]}
+
+
+def test_s3_keys_of_a_uri_stay_in_memory_and_out_of_every_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.fs as pafs
+    import ray.cloudpickle
+
+    from core import storage
+
+    monkeypatch.setattr(storage, "_CREDENTIALS", {})
+    secret = f"ab+c/{secrets.token_hex(8)}"
+    uri = f"s3://AKIATEST:{secret.replace('+', '%2B').replace('/', '%2F')}@bkt/p?endpoint_override=127.0.0.1:9&scheme=http"
+    assert storage.without_credentials(uri) == "s3://bkt/p?endpoint_override=127.0.0.1:9&scheme=http"
+    path, fs = storage.for_ray(storage.join(storage.without_credentials(uri), "exp"))
+    assert path == "bkt/p/exp" and isinstance(fs, storage.S3FileSystemKeysInMemory)
+    assert pafs.S3FileSystem.__reduce__(fs)[1][0]["secret_key"] == secret  # it holds them
+    for dumps in (pickle.dumps, ray.cloudpickle.dumps):
+        assert secret.encode() not in dumps(fs)
+        # In this process (the driver, a trial worker given the keys by the setup hook) it gets them back...
+        assert pafs.S3FileSystem.__reduce__(pickle.loads(dumps(fs)))[1][0]["secret_key"] == secret
+    # ...elsewhere it falls back to the AWS default chain (environment, profile).
+    monkeypatch.setattr(storage, "_CREDENTIALS", {})
+    assert pafs.S3FileSystem.__reduce__(pickle.loads(pickle.dumps(fs)))[1][0].get("secret_key") in ("", None)
+    assert storage.for_ray("s3://bkt/p") == ("s3://bkt/p", None) and storage.for_ray("/tmp/r") == ("/tmp/r", None)
+    # Control: pyarrow's own filesystem from the same URI pickles the secret (what Ray used to get).
+    assert secret.encode() in pickle.dumps(pafs.FileSystem.from_uri(uri)[0])
+
+
+def test_the_study_storage_pickles_without_the_password_of_its_url(tmp_path: Path) -> None:
+    import warnings
+
+    import optuna
+
+    from sweeps import searcher
+
+    password = f"pw{secrets.token_hex(8)}"
+    url = f"sqlite:///{tmp_path / 's.db'}?password={password}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sqlite ignores the option, and SQLAlchemy says so
+        study_storage = searcher.open_storage(url)
+        assert password.encode() not in pickle.dumps(study_storage)
+        assert pickle.loads(pickle.dumps(study_storage)).url == url  # the driver keeps the real URL in memory
+        # Control: Optuna's own storage pickles it.
+        assert password.encode() in pickle.dumps(optuna.storages.RDBStorage(url))
+    # A masked password (a resumed sweep's saved spec) is left out: the database driver's own sources apply.
+    assert searcher.unmasked_study_url("postgresql://u:***@h/db") == "postgresql://u@h/db"

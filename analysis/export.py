@@ -49,6 +49,7 @@ from analysis.pareto import QUALITY, best_trial, rankable
 from analysis.results import AnalysisInputError, Experiment, load_experiment
 from analysis.saved_spec import trial_settings
 from core import experiment_folder, storage
+from core.redact import redact
 from trainables.qlora import STATE_FILE
 from trainables.settings import DataSpec
 from trainables.training_setup import TrainingSetup, load_tokenizer
@@ -84,6 +85,7 @@ class ExportOutcome:
     merge_dtype: str | None = None
     tolerance: float | None = None
     check_passed: bool | None = None
+    pushed_url: str | None = None  # the Hub commit, with --push-to-hub
 
     @property
     def merge_difference(self) -> float | None:
@@ -178,13 +180,22 @@ def export_trial(
     trial: str = "best",
     merge: bool = False,
     log: Callable[[str], None] = print,
+    push_to_hub: str | None = None,
+    private: bool = False,
 ) -> ExportOutcome:
-    """Copy a trial's adapter (and with `merge`, a merged model) into `out_dir`, with a README.
+    """Copy a trial's adapter (and with `merge`, a merged model) into `out_dir`, with a README that is
+    a Hugging Face model card (analysis/model_card.py); with `push_to_hub`, upload the folder there.
 
     Raises:
         NotAnExperiment: If `experiment_dir` is not a qlora-sweep experiment.
-        AnalysisInputError: Unknown trial, no checkpoint, or an unusable --out.
+        AnalysisInputError: Unknown trial, no checkpoint, an unusable --out, or a malformed repo id
+            (before anything is written).
+        PushError: If the push failed (the export itself is complete).
     """
+    from analysis.model_card import check_repo_id, model_card, push_folder
+
+    if push_to_hub is not None:
+        check_repo_id(push_to_hub)
     exp = load_experiment(experiment_dir)
     row = choose_trial(exp, trial)
     out = _check_out_dir(out_dir)
@@ -195,8 +206,13 @@ def export_trial(
     if merge:
         merge_and_check(exp, row, out, outcome, log)
     info = export_info(exp, row, outcome)
-    (out / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
-    (out / "README.md").write_text(render_readme(exp, row, outcome, info))
+    # No password or key of a URL (the storage's, the study's) in either file (core/redact.py).
+    (out / EXPORT_INFO).write_text(redact(json.dumps(info, indent=2, default=str)) + "\n")
+    card = model_card(exp, row, info, render_readme(exp, row, outcome, info))
+    (out / "README.md").write_text(redact(str(card)))
+    if push_to_hub is not None:
+        log(f"[export] pushing {out} to the Hugging Face Hub as {push_to_hub}")
+        outcome.pushed_url = push_folder(out, push_to_hub, private=private)
     return outcome
 
 

@@ -7,6 +7,7 @@
     qlora-sweep compare EXP_A EXP_B [--budget-gib ...] [--out DIR]
     qlora-sweep export EXPERIMENT_DIR [--trial best|ID] [--merge] --out DIR
     qlora-sweep resume EXPERIMENT_DIR [--restart-errored] [--address ADDR]
+    qlora-sweep completion bash|zsh|tcsh
 
 Bad input exits with status 2 and a message naming the key or data row, the bad value and the
 fix; it never prints a traceback and never starts training.
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core.errors import QloraSweepError
+from core.redact import redact
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,7 +104,7 @@ def _validate(args: argparse.Namespace) -> Any:
     from sweeps.driver import preflight
 
     spec = _load(args.spec, args.set)
-    print(f"schema ok: {args.spec}" + "".join(f" --set {item}" for item in spec.overrides))
+    print(redact(f"schema ok: {args.spec}" + "".join(f" --set {item}" for item in spec.overrides)))
     checked = preflight(spec, offline=args.offline)
     rows = (
         f"{checked.data.train_rows} train / {checked.data.eval_rows} eval rows"
@@ -169,7 +171,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         outcome = write_report(args.experiment, out_dir=args.out, budgets_gib=args.budget_gib)
         for line in outcome.summary_lines:
             print(line)
-        print(f"report: {outcome.report_dir}/report.html (and {', '.join(f for f in outcome.files if f != 'report.html')})")
+        print(f"report: {redact(outcome.report_dir)}/report.html (and {', '.join(f for f in outcome.files if f != 'report.html')})")
         emit(outcome.summary)
     return 0
 
@@ -190,8 +192,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from analysis.export import export_trial
 
-    outcome = export_trial(args.experiment, args.out, trial=args.trial, merge=args.merge)
-    print(f"exported trial {outcome.trial_id} to {outcome.out_dir} (README.md says how to load it)")
+    outcome = export_trial(
+        args.experiment, args.out, trial=args.trial, merge=args.merge, push_to_hub=args.push_to_hub, private=args.private
+    )
+    print(f"exported trial {outcome.trial_id} to {redact(outcome.out_dir)} (README.md, a model card, says how to load it)")
+    if outcome.pushed_url:
+        print(f"pushed to the Hugging Face Hub: {outcome.pushed_url}")
     if outcome.check_passed is False:
         print(
             f"error: the merged model's eval loss differs from the unmerged one by {outcome.merge_difference:.3g}, "
@@ -364,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--trial", default="best", help="'best' (default) or a trial id from the report")
     export.add_argument("--merge", action="store_true", help="also save a standalone merged model and check its loss")
     export.add_argument("--out", required=True, help="a new (or earlier export's) local folder")
+    export.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="also upload the folder to this Hugging Face Hub model repo (USER_OR_ORG/NAME), creating it if needed; "
+        "uses HF_TOKEN or your `hf auth login`. Without it nothing leaves this machine",
+    )
+    export.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     export.set_defaults(func=cmd_export)
 
     resume = sub.add_parser(
@@ -381,7 +394,37 @@ def build_parser() -> argparse.ArgumentParser:
     add_resume_arguments(resume)
     add_json_argument(resume)
     resume.set_defaults(func=cmd_resume)
+
+    completion = sub.add_parser(
+        "completion",
+        help="print a shell completion script (bash, zsh or tcsh)",
+        description="Print a completion script for the subcommands and flags. Install it with e.g.\n"
+        "  qlora-sweep completion bash > ~/.local/share/bash-completion/completions/qlora-sweep\n"
+        "  qlora-sweep completion zsh > \"${fpath[1]}/_qlora-sweep\"",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    completion.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+    completion.set_defaults(func=cmd_completion)
     return parser
+
+
+# Completion of argument values: spec files, experiment folders, output folders.
+_COMPLETE_FILES = {"spec"}
+_COMPLETE_DIRS = {"experiment", "experiments", "resume", "out", "storage"}
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    parser = build_parser()
+    for command in parser._subparsers._group_actions[0].choices.values():  # argparse keeps subparsers there
+        for action in command._actions:
+            if action.dest in _COMPLETE_FILES:
+                action.complete = shtab.FILE
+            elif action.dest in _COMPLETE_DIRS:
+                action.complete = shtab.DIRECTORY
+    print(shtab.complete(parser, shell=args.shell))
+    return 0
 
 
 def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
@@ -401,8 +444,11 @@ def handle_errors(func: Callable[[], int]) -> int:
     try:
         return func()
     except QloraSweepError as exc:
-        print(f"error: {exc.render()}", file=sys.stderr)
+        print(f"error: {redact(exc.render())}", file=sys.stderr)  # no password or key of a URL in it
         return exc.exit_code
+    except BrokenPipeError:  # `qlora-sweep ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted. Finished trials are saved; continue with `qlora-sweep resume EXPERIMENT_DIR`.", file=sys.stderr)
         return 130

@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Any, Callable
 import yaml
 
 from core import experiment_folder, storage
+from core.redact import redact, redact_data
 from core.run_plan import write_run_plan
 from sweeps.local_env import QUIET_ENV
 from sweeps.memory_plan import MemoryPlan, detect_gpu_size, gpu_names, memory_plan
 from sweeps.plan import make_run_plan, redact_location, resolved_data, trial_job, trial_model_path
 from sweeps.spec import SpecError, SweepSpec, name_problem, safe_yaml
+from sweeps.tracking import SECRET_ENV as TRACKER_SECRET_ENV
 from trainables.job import TrialJob
 from trainables.metrics import tune_mode
 from trainables.params import Fixed
@@ -124,6 +126,10 @@ def preflight(spec: SweepSpec, *, check_storage: bool = True, offline: bool = Fa
         finally:
             if added:
                 sys.path.remove(os.getcwd())
+    if spec.tracking.mlflow is not None or spec.tracking.wandb is not None:
+        from sweeps.tracking import problems as tracking_problems
+
+        problems.extend(tracking_problems(spec, offline=offline))
     if check_storage and offline and storage.is_uri(spec.storage):
         skipped.append(f"that storage {spec.storage} is writable")
     elif check_storage:
@@ -311,6 +317,7 @@ def quiet_driver() -> None:
 SECRET_ENV = (
     "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+    *TRACKER_SECRET_ENV,  # MLflow and W&B credentials (sweeps/tracking.py)
 )
 
 
@@ -329,7 +336,9 @@ def _runtime_env() -> dict[str, Any]:
     the hook is what brings them to the workers of a cluster started elsewhere.
     """
     secrets = {name: os.environ[name] for name in SECRET_ENV if os.environ.get(name)}
-    hook: Any = "trainables.qlora.quiet_libraries" if not secrets else _secret_setup_hook(secrets)
+    # S3 keys that came inside the storage URI (core/storage.py `without_credentials`) travel the same way.
+    keys = storage.remembered_credentials()
+    hook: Any = "trainables.qlora.quiet_libraries" if not (secrets or keys) else _secret_setup_hook(secrets, keys)
     return {"env_vars": _forwarded_env(), "worker_process_setup_hook": hook}
 
 
@@ -346,9 +355,13 @@ def _keep_secrets_out_of_trial_env() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) - set(SECRET_ENV)
 
 
-def _secret_setup_hook(secrets: dict[str, str]) -> Callable[[], None]:
+def _secret_setup_hook(secrets: dict[str, str], keys: dict[Any, Any] | None = None) -> Callable[[], None]:
     def qlora_sweep_worker_setup() -> None:
         os.environ.update(secrets)
+        if keys:
+            from core import storage as worker_storage
+
+            worker_storage.remember_credentials(keys)
         from trainables.qlora import quiet_libraries
 
         quiet_libraries()
@@ -403,6 +416,7 @@ def build_tuner(
     from sweeps.admission import AdmissionSearch
     from sweeps.progress import SweepProgress
     from sweeps.searcher import make_searcher, search_space
+    from sweeps.tracking import callbacks as tracking_callbacks
 
     spec = checked.spec
     # Tune, ASHA and checkpoint ranking take one metric. In multi-objective mode (search.objectives)
@@ -432,7 +446,8 @@ def build_tuner(
         ),
         run_config=tune.RunConfig(
             name=experiment_name,
-            storage_path=storage_path,
+            # With S3 keys from the URI: a filesystem that holds them and pickles without them.
+            **dict(zip(("storage_path", "storage_filesystem"), storage.for_ray(storage_path))),
             stop={"training_iteration": spec.max_rounds},
             # A trial that raised or lost its node is retried from its latest checkpoint.
             failure_config=tune.FailureConfig(max_failures=spec.train.max_failures),
@@ -441,7 +456,7 @@ def build_tuner(
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode
             ),
-            callbacks=[progress],
+            callbacks=[progress, *tracking_callbacks(spec, experiment_name, storage.join(storage_path, experiment_name), print)],
             verbose=0,  # SweepProgress prints a compact live view instead of Tune's tables
         ),
     )
@@ -559,7 +574,7 @@ def saved_spec(checked: Preflight, storage_path: str) -> dict[str, Any]:
     if spec.data.eval_path:
         raw["data"]["eval_path"] = spec.resolve_path(spec.data.eval_path)
     raw["storage"] = storage_path
-    return raw
+    return redact_data(raw)  # e.g. a password in search.optuna_storage (core/redact.py)
 
 
 # Skipped-row messages kept in data_report.json; the count is always exact.
@@ -626,6 +641,9 @@ def run_sweep(
         raise SpecError("--name", [f"--name: {problem}"])
     if storage_override:
         spec = spec.model_copy(update={"storage": storage_override})
+    # S3 keys in the location stay in this process's memory; what flows on (and is written) has none.
+    spec = spec.model_copy(update={"storage": storage.without_credentials(spec.storage)})
+    log = _redacting(log)
     log(f"[qlora-sweep] checking spec '{spec.name}': model, target modules, data, storage")
     checked = preflight(spec)
     storage_path = storage.absolute(spec.storage)
@@ -675,7 +693,9 @@ def resume_sweep(
     from sweeps.spec import parse_spec
 
     quiet_driver()
-    experiment_dir = storage.absolute(path)
+    log = _redacting(log)
+    experiment_dir = storage.absolute(storage.without_credentials(path))
+    _check_readable(experiment_dir)
     if not storage.exists(experiment_dir):
         raise NotAnExperiment(f"cannot resume {experiment_dir}: no such folder. Pass the folder that `run` printed")
     if not experiment_folder.is_experiment(experiment_dir):
@@ -745,8 +765,10 @@ def _sweep(
             from ray import tune
 
             _settle_study(spec, experiment.directory, log, finished=False)
+            restore_path, restore_fs = storage.for_ray(experiment.directory)
             tuner = tune.Tuner.restore(
-                experiment.directory,
+                restore_path,
+                storage_filesystem=restore_fs,
                 trainable=make_trainable(checked, job, plan),
                 resume_unfinished=True,
                 restart_errored=experiment.restart_errored,
@@ -803,6 +825,30 @@ def _write_experiment_files(
     write_run_plan(folder, run_plan)
 
 
+def _redacting(log: Callable[[str], None]) -> Callable[[str], None]:
+    """`log` with credentials in URLs masked (core/redact.py)."""
+    return lambda line: log(redact(line))
+
+
+def _check_readable(experiment_dir: str) -> None:
+    """A clear error when the experiment's storage cannot be read, e.g. S3 keys that were not saved.
+
+    Raises:
+        SpecError: Naming the location (redacted) and where credentials come from.
+    """
+    try:
+        storage.exists(experiment_dir)
+    except OSError as exc:
+        first = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+        keys = (
+            " Keys given inside a storage URI are never saved with the experiment: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or give them in the experiment URI again: "
+            "`qlora-sweep resume s3://<access key>:<secret key>@bucket/prefix/EXPERIMENT?...`"
+            if storage.is_uri(experiment_dir) else ""
+        )
+        raise SpecError("resume", [f"resume: cannot read {redact(experiment_dir)} ({type(exc).__name__}: {first}).{keys}"]) from None
+
+
 def _split_experiment(experiment_dir: str) -> tuple[str, str]:
     """(storage path, experiment name) of an experiment folder or URI (a URI keeps its ?query)."""
     if storage.is_uri(experiment_dir):
@@ -851,6 +897,9 @@ def _finish(
     from core.status import FAILURE_STATUSES
 
     report = write_report(experiment_dir)
+    from sweeps.tracking import publish as publish_to_trackers
+
+    publish_to_trackers(experiment_dir, report, log, interrupted=interrupted)  # the sweep's MLflow run
     num_failed = sum(report.statuses.get(str(status), 0) for status in FAILURE_STATUSES)
     log(f"[qlora-sweep] {num_trials} trials, {num_failed} failed")
     for line in report.summary_lines:
@@ -877,6 +926,11 @@ def _memory_plan(checked: Preflight, cluster_resources: dict[str, float] | None,
     if checked.model_config is None:
         return None
     spec = checked.spec
+    # The plan travels with the searcher into tuner.pkl (sweeps/admission.py) and needs no study URL:
+    # its copy of the spec has the URL's credentials masked (core/redact.py).
+    study_url = spec.search.optuna_storage
+    if study_url:
+        spec = spec.model_copy(update={"search": spec.search.model_copy(update={"optuna_storage": redact(study_url)})})
     return memory_plan(spec, checked.model_config, detect_gpu_size(spec, cluster_resources, local=local))
 
 

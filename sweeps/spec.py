@@ -7,7 +7,7 @@ path, the bad value, what is allowed and how to fix it.
 The sections a trial needs live below the sweep layer and are composed here: `model`, `data` and
 `train` (trainables/settings.py) and `space`, the hyperparameter registry's typed SpaceSpec
 (trainables/params.py, which parses each value into its kind and words the space's messages).
-This module adds the search, scheduler, resources and storage sections and the error rendering.
+This module adds the search, scheduler, resources, storage and tracking sections and the error rendering.
 """
 
 from __future__ import annotations
@@ -223,6 +223,71 @@ class ResourcesSpec(_Strict):
         return self
 
 
+# tracking.mlflow.uri: where MLflow runs go. Credentials never go in the URI (the spec is saved with the
+# experiment): they come from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN.
+MLFLOW_URI_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
+class MLflowSpec(_Strict):
+    """An MLflow tracking server: every trial a run, children of one run for the sweep (sweeps/tracking.py)."""
+
+    uri: str = Field(
+        description=(
+            "The tracking URI, e.g. http://mlflow.internal:5000 (an `mlflow server`), or a store the driver "
+            "writes itself (sqlite:////abs/mlflow.db, file:///abs/mlruns). Credentials come from the environment "
+            "(MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN), never from the URI."
+        )
+    )
+    experiment: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=500,
+        description="The MLflow experiment the runs go to, created if missing. Omitted: the spec's name.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _tracking_uri(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        allowed = ", ".join(f"{s}://" if s != "databricks" else s for s in MLFLOW_URI_SCHEMES)
+        parts = urlsplit(value)
+        scheme = parts.scheme.lower()
+        if value.strip() != value or scheme not in MLFLOW_URI_SCHEMES:
+            raise ValueError(f"not an MLflow tracking URI; write e.g. http://127.0.0.1:5000 (schemes: {allowed})")
+        if scheme in ("http", "https") and not parts.hostname:
+            raise ValueError("an http(s) tracking URI needs a host, e.g. http://127.0.0.1:5000")
+        if parts.password is not None or (scheme in ("http", "https") and parts.username is not None):
+            raise ValueError(
+                "credentials do not go in the URI (the spec is saved with the experiment); set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, in the environment"
+            )
+        return value
+
+
+class WandbSpec(_Strict):
+    """Weights & Biases: every trial a run, grouped under the experiment's name (sweeps/tracking.py)."""
+
+    project: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)] = Field(
+        description="The W&B project the runs go to."
+    )
+    mode: Literal["online", "offline", "disabled"] = Field(
+        default="online",
+        description=(
+            "online: log to the W&B server (the key comes from WANDB_API_KEY or `wandb login`); offline: write run "
+            "files only, to upload later with `wandb sync`; disabled: log nothing. Offline runs go to $WANDB_DIR, "
+            "or to <experiment folder>/wandb for local storage."
+        ),
+    )
+
+
+class TrackingSpec(_Strict):
+    """Experiment trackers the sweep also logs to; results stay in the experiment folder as always."""
+
+    mlflow: MLflowSpec | None = None
+    wandb: WandbSpec | None = None
+
+
 class SweepSpec(_Strict):
     """A whole sweep. See README "Sweep spec reference" for every key."""
 
@@ -235,6 +300,7 @@ class SweepSpec(_Strict):
     train: TrainSpec = TrainSpec()
     resources: ResourcesSpec = ResourcesSpec()
     storage: PathText = "./results"
+    tracking: TrackingSpec = TrackingSpec()
 
     # Where the spec file lives; relative data/model paths resolve against it. Not a YAML key.
     base_dir: Path = Field(default=Path("."), exclude=True, repr=False)
@@ -293,6 +359,9 @@ _SECTION_MODELS: dict[tuple[str, ...], type[BaseModel]] = {
     ("scheduler", "asha"): ASHASpec,
     ("train",): TrainSpec,
     ("resources",): ResourcesSpec,
+    ("tracking",): TrackingSpec,
+    ("tracking", "mlflow"): MLflowSpec,
+    ("tracking", "wandb"): WandbSpec,
 }
 
 

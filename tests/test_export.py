@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,41 @@ def test_a_trial_without_checkpoint_and_a_foreign_out_folder_are_refused(tmp_pat
     assert main(["export", str(path), "--out", str(foreign)]) == 2
     assert "folder is not empty and holds no earlier export" in capsys.readouterr().err
     assert (foreign / "holiday.jpg").read_bytes() == b"not an export"
+
+
+@pytest.mark.integration
+def test_the_readme_is_a_model_card_and_a_push_offline_says_the_export_is_complete(
+    recorded_sweep: RecordedSweep, tmp_path: Path
+) -> None:
+    """The card is read back with huggingface_hub itself; the push goes as far as the network call,
+    which HF_HUB_OFFLINE=1 (set for the whole suite) stops with a clear error and exit status 1."""
+    import subprocess
+
+    from huggingface_hub import ModelCard
+
+    from tests.cli_runs import QLORA_SWEEP
+
+    out = tmp_path / "adapter"
+    done = subprocess.run(
+        [QLORA_SWEEP, "export", str(recorded_sweep.path), "--out", str(out), "--push-to-hub", "my-org/tiny-qlora"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "HF_HUB_OFFLINE=1 is set, so nothing was pushed" in done.stderr and "Traceback" not in done.stderr
+    assert f"The export is complete in {out}" in done.stderr and "hf upload my-org/tiny-qlora" in done.stderr
+    card = ModelCard.load(out / "README.md")
+    info = json.loads((out / "export.json").read_text())
+    assert card.data.library_name == "peft" and {"qlora", "qlora-sweep", "nf4"} <= set(card.data.tags)
+    assert card.data.base_model is None  # builtin:tiny-llama is not a hub id
+    (result,) = card.data.eval_results
+    assert (result.metric_name, result.metric_value) == ("eval_loss", pytest.approx(info["best_eval_loss"]))
+    assert "## Chosen by qlora-sweep" in card.text and f"number 1 of" in card.text
+    assert all(f"`{k}={v}`" in card.text for k, v in info["config"].items())
+    assert "measured as host RAM" in card.text and "PeftModel.from_pretrained" in card.text
+    assert {p.name for p in out.iterdir()} >= {"adapter_model.safetensors", "README.md", "export.json"}
+
+
+def test_a_malformed_hub_repo_id_is_refused_before_anything_is_exported(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "never"
+    assert main(["export", str(tmp_path), "--out", str(out), "--push-to-hub", "not a repo"]) == 2
+    assert "--push-to-hub 'not a repo'" in capsys.readouterr().err and not out.exists()

@@ -26,8 +26,8 @@ $(STAMP): pyproject.toml
 smoke: install
 	$(BIN)/qlora-sweep run sweeps/smoke.yaml
 
-# The e2e step runs `ray up`/`ray down`, which stop every Ray process on the machine,
-# so it runs alone after the rest of the suite.
+# The e2e step (`ray up`/`ray submit`/`ray down` as a throwaway user over a loopback sshd; needs
+# root, see README) runs after the rest of the suite: it is the slowest and needs the most set-up.
 test: test-suite test-e2e
 
 test-suite: install

@@ -449,7 +449,8 @@ def test_local_head_start_stays_on_loopback_with_a_token(local: tuple[dict[str, 
     assert generate < start, "ray start --head with RAY_AUTH_MODE=token needs the token file first"
     assert ">/dev/null" in commands[generate], "the token must not land in ray up's output"
     cmd = commands[start]
-    for flag in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0", "--node-ip-address=127.0.0.1", "--port=6379",
+    for flag in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0", "--node-ip-address=127.0.0.1",
+                 "--port=${QLORA_SWEEP_E2E_GCS_PORT:-6379}", "--dashboard-port=${QLORA_SWEEP_E2E_DASHBOARD_PORT:-8265}",
                  "--num-cpus=2", "--autoscaling-config=~/ray_bootstrap_config.yaml"):
         assert flag in cmd
 

@@ -1,60 +1,62 @@
 """`ray up` / `ray submit` / `ray down` with cluster.local.yaml, over SSH to this machine's loopback.
 
 What README and cluster.yaml promise on AWS, run for real on one machine: the launcher SSHes to
-127.0.0.1:2222, rsyncs the working tree, runs the head's setup and `ray start` commands in login
-shells, `ray submit` copies sweeps/sweep.py to ~/sweep.py and runs it there (it joins the running
-cluster and runs the smoke sweep), and `ray down` stops Ray again.
+127.0.0.1, rsyncs the working tree, runs the head's setup and `ray start` commands in login shells,
+`ray submit` copies sweeps/sweep.py to ~/sweep.py and runs it there (it joins the running cluster and
+runs the smoke sweep), and `ray down` stops Ray again.
 
-Needs root and apt (CI: a fresh Debian machine) to install openssh-server and rsync when missing.
-It starts its own sshd, bound to 127.0.0.1:2222 only, with an ephemeral host key and a private
-authorized-keys file, and stops it by PID afterwards. It changes ~/.ssh/config (the port, which
-Ray's `auth` section cannot hold) and ~/.bashrc (the login shell's PATH and Ray switches), creates
-the key pair that cluster.local.yaml names, and restores every file it touched in a finally block.
+It leaves the machine as it found it, and runs beside other Ray clusters:
+- The launcher runs as a throwaway unprivileged user created for the test, with a home folder of its
+  own under /tmp: every dotfile Ray and ssh need (~/.ssh/config with the port, the key pair,
+  ~/.bashrc with the project's PATH) is written there, and nothing in the invoking user's home is
+  touched. The user and its home are removed afterwards.
+- `ray up` and `ray down` run `ray stop`, which ends every Ray process it can reach; as that user it
+  reaches only the user's own processes. Ray's temp folder (RAY_TMPDIR) and every port Ray listens on
+  are the user's own, so a Ray cluster already running on the machine (the test starts one, as root,
+  and checks it survives) is neither stopped nor confused with this one.
+- Its own sshd, on a free 127.0.0.1 port with an ephemeral host key, admitting that user only, stopped
+  by PID afterwards.
 
-`ray up` and `ray down` run `ray stop`, which ends every Ray process on the machine: run this alone,
-e.g. `flock /tmp/qlora-heavy.lock make test-e2e`.
+Needs root (to create the user and start sshd) and apt when openssh-server/rsync are missing (CI: a
+fresh Debian machine); the checkout and its .venv must be readable by other users. Without those it
+skips, saying why (outside CI) or fails (CI=true, where the machine is meant to allow it).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
+import pwd
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
+import yaml
 
-from tests.conftest import REPO, ray_processes, wait_for_no_ray_processes
+from tests.conftest import REPO, ray_processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 
-HOME = Path.home()
-SSH_PORT = 2222
-KEY = HOME / ".ssh" / "qlora_sweep_e2e"  # cluster.local.yaml's auth.ssh_private_key
 CLUSTER = REPO / "cluster.local.yaml"
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
-BLOCK_BEGIN, BLOCK_END = "# >>> qlora-sweep e2e >>>", "# <<< qlora-sweep e2e <<<"
-# Files that `ray up` / `ray submit` / this test create or change in the home folder.
-TOUCHED = [
-    HOME / ".ssh" / "config",
-    HOME / ".bashrc",
-    KEY,
-    KEY.with_suffix(".pub"),
-    HOME / ".ray" / "auth_token",
-    HOME / "ray_bootstrap_config.yaml",
-    HOME / "ray_bootstrap_key.pem",
-    HOME / "sweep.py",
-    HOME / "sweeps",
-    HOME / "qlora-sweep-e2e",
-    HOME / ".ssh",  # last: removed only if this test created it
-]
+KEY_NAME = "qlora_sweep_e2e"  # cluster.local.yaml's auth.ssh_private_key: ~/.ssh/qlora_sweep_e2e
+# Ports cluster.local.yaml's `ray start` reads from the login shell (defaults: Ray's own).
+PORT_VARIABLES = ("QLORA_SWEEP_E2E_GCS_PORT", "QLORA_SWEEP_E2E_DASHBOARD_PORT",
+                  "QLORA_SWEEP_E2E_CLIENT_PORT", "QLORA_SWEEP_E2E_AGENT_PORT")
 
 
 def run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess[str]:
@@ -65,16 +67,23 @@ def run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess
     return result
 
 
+def cannot_run(reason: str) -> None:
+    """Fail in CI, where the machine is meant to allow this test; skip elsewhere, saying why."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def require_root_and_packages() -> None:
     """Install openssh-server and rsync with apt if missing; skip where that cannot be done."""
     if os.geteuid() != 0:
-        pytest.skip("the e2e test needs root: it installs openssh-server/rsync and starts sshd as root")
+        cannot_run("the e2e test needs root: it creates a throwaway user and starts sshd (and installs openssh-server/rsync when missing)")
     missing = [pkg for pkg, binary in (("openssh-server", "/usr/sbin/sshd"), ("rsync", "rsync"), ("openssh-client", "ssh"))
                if not shutil.which(binary)]
     if not missing:
         return
     if not shutil.which("apt-get"):
-        pytest.skip(f"the e2e test needs {', '.join(missing)} and there is no apt-get to install them")
+        cannot_run(f"the e2e test needs {', '.join(missing)} and there is no apt-get to install them")
     # Refuse service starts while installing: a freshly installed openssh-server would otherwise
     # start the system sshd on 0.0.0.0:22; this test wants its own on loopback only.
     policy = Path("/usr/sbin/policy-rc.d")
@@ -92,34 +101,12 @@ def require_root_and_packages() -> None:
     assert install.returncode == 0, f"apt-get install {' '.join(missing)} failed:\n{update.stderr}\n{install.stderr}"
 
 
-@contextmanager
-def restored(paths: list[Path]) -> Iterator[None]:
-    """Put every path back as it was: saved files rewritten, paths that did not exist removed.
 
-    Folders that already existed are left alone (the test only adds files it lists here).
-    """
-    saved: dict[Path, tuple[bytes, int] | None] = {}
-    for path in paths:
-        if path.is_symlink() or not path.exists():
-            saved[path] = None if not path.is_symlink() else (os.readlink(path).encode(), -1)
-        elif path.is_file():
-            saved[path] = (path.read_bytes(), path.stat().st_mode & 0o7777)
-    try:
-        yield
-    finally:
-        for path, before in saved.items():
-            if before is None:
-                if path.is_symlink() or path.is_file():
-                    path.unlink()
-                elif path.is_dir():
-                    shutil.rmtree(path)
-            elif before[1] == -1:  # a symlink
-                if path.is_symlink() or path.is_file():
-                    path.unlink()
-                path.symlink_to(before[0].decode())
-            else:
-                path.write_bytes(before[0])
-                path.chmod(before[1])
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def port_is_open(port: int) -> bool:
@@ -128,36 +115,139 @@ def port_is_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@contextmanager
-def loopback_sshd(workdir: Path) -> Iterator[None]:
-    """sshd on 127.0.0.1:2222 only, accepting root with KEY; stopped by PID, sessions included."""
-    import psutil
+def processes_of(uid: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            if proc.info["uids"] and proc.info["uids"].real == uid:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
 
-    if port_is_open(SSH_PORT):
-        pytest.fail(f"127.0.0.1:{SSH_PORT} is already in use; cluster.local.yaml's SSH port must be free for the test")
+
+def ray_processes_of(uid: int) -> list[psutil.Process]:
+    mine = {p.pid for p in processes_of(uid)}
+    return [p for p in ray_processes(any_run=True) if p.pid in mine]
+
+
+def carrying(marker: str) -> list[psutil.Process]:
+    """Processes whose environment, or an ancestor's, holds QLORA_SWEEP_E2E_OTHER=marker.
+
+    Ray's agents rename themselves (setproctitle reuses the memory /proc shows as their environment),
+    so for them the marker is read from the raylet that started them.
+    """
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            for each in [proc, *proc.parents()]:
+                try:
+                    if each.environ().get("QLORA_SWEEP_E2E_OTHER") == marker:
+                        found.append(proc)
+                        break
+                except (psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def end(processes: list[psutil.Process]) -> None:
+    for proc in processes:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=15)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+@dataclass
+class User:
+    name: str
+    uid: int
+    gid: int
+    home: Path
+    bin: Path = VENV_BIN  # where its `python`, `ray` and `qlora-sweep` are
+
+    def command(self, cmd: list[str]) -> list[str]:
+        """`cmd` as this user, with a clean environment (nothing of the invoking user's leaks in)."""
+        env = {
+            "HOME": str(self.home), "USER": self.name, "LOGNAME": self.name, "SHELL": "/bin/bash",
+            "PATH": f"{self.bin}:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+            "TMPDIR": str(self.home / "t"), "RAY_TMPDIR": str(self.home / "t"),
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        return ["runuser", "-u", self.name, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()), *cmd]
+
+    def write(self, relative: str, text: str, mode: int = 0o644) -> Path:
+        path = self.home / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(mode)
+        return path
+
+
+@contextmanager
+def throwaway_user() -> Iterator[User]:
+    """A new unprivileged user with a home under /tmp; it, its files and its processes go afterwards."""
+    for tool in ("useradd", "userdel", "usermod", "runuser"):
+        if not shutil.which(tool):
+            cannot_run(f"the e2e test needs `{tool}` to create its throwaway user")
+    name = f"qse2e{secrets.token_hex(3)}"
+    base = Path(tempfile.mkdtemp(prefix="qe-", dir="/tmp"))  # short: Ray's socket paths live below it
+    base.chmod(0o755)
+    home = base / "h"
+    subprocess.run(["useradd", "--create-home", "--home-dir", str(home), "--shell", "/bin/bash", "--user-group", name],
+                   check=True, capture_output=True)
+    try:
+        # Without PAM, sshd refuses a locked account ("!" in /etc/shadow, useradd's default) even for keys.
+        subprocess.run(["usermod", "--password", "*", name], check=True, capture_output=True)
+        entry = pwd.getpwnam(name)
+        yield User(name, entry.pw_uid, entry.pw_gid, home)
+    finally:
+        end(processes_of(pwd.getpwnam(name).pw_uid) if _user_exists(name) else [])  # all started by this test
+        uid = pwd.getpwnam(name).pw_uid if _user_exists(name) else None
+        subprocess.run(["userdel", "--remove", name], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+        # Ray's SSH control sockets: /tmp/ray_ssh_<sha256(user)[:10]>/ (autoscaler command_runner.py)
+        shutil.rmtree(f"/tmp/ray_ssh_{hashlib.sha256(name.encode()).hexdigest()[:10]}", ignore_errors=True)
+        assert uid is None or not processes_of(uid)
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+@contextmanager
+def loopback_sshd(workdir: Path, user: User, port: int) -> Iterator[None]:
+    """sshd on 127.0.0.1:port only, admitting `user` with its key; stopped by PID, sessions included."""
     host_key = workdir / "ssh_host_ed25519_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
-    authorized = workdir / "authorized_keys"
-    authorized.write_text(KEY.with_suffix(".pub").read_text())
-    authorized.chmod(0o600)
     config = workdir / "sshd_config"
     config.write_text(
         "\n".join(
             [
-                f"Port {SSH_PORT}",
+                f"Port {port}",
                 "ListenAddress 127.0.0.1",
                 f"HostKey {host_key}",
                 f"PidFile {workdir / 'sshd.pid'}",
-                # A private keys file: ~/.ssh/authorized_keys stays untouched. It lives under /tmp,
-                # whose mode StrictModes would reject; this sshd only takes this one key on loopback.
-                f"AuthorizedKeysFile {authorized}",
-                "StrictModes no",
-                "PermitRootLogin prohibit-password",
+                "AuthorizedKeysFile .ssh/authorized_keys",
+                "PermitRootLogin no",
                 "PubkeyAuthentication yes",
                 "PasswordAuthentication no",
                 "KbdInteractiveAuthentication no",
                 "UsePAM no",
-                "AllowUsers root",
+                f"AllowUsers {user.name}",
                 "MaxStartups 50",  # Ray opens several connections at once
                 "MaxSessions 50",
                 "",
@@ -172,101 +262,185 @@ def loopback_sshd(workdir: Path) -> Iterator[None]:
         sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stderr=log_file)
     try:
         deadline = time.time() + 20
-        while not port_is_open(SSH_PORT):
+        while not port_is_open(port):
             if sshd.poll() is not None or time.time() > deadline:
-                pytest.fail(f"sshd did not start on 127.0.0.1:{SSH_PORT}:\n{log.read_text()[-3000:]}")
+                pytest.fail(f"sshd did not start on 127.0.0.1:{port}:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)
         yield
     finally:
         # The listener's forked session processes (Ray keeps an SSH master open for 10 s) go too.
-        for child in psutil.Process(sshd.pid).children(recursive=True):
-            child.terminate()
-        sshd.terminate()
-        try:
-            sshd.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            sshd.kill()
-            sshd.wait()
+        end([*psutil.Process(sshd.pid).children(recursive=True), psutil.Process(sshd.pid)])
         if made_privsep:
             shutil.rmtree(privsep, ignore_errors=True)
 
 
-def prepend_ssh_config() -> None:
-    """The port for 127.0.0.1 (Ray's auth section has no port key), ahead of any existing entries."""
-    path = HOME / ".ssh" / "config"
-    before = path.read_text() if path.exists() else ""
-    block = (
-        f"{BLOCK_BEGIN}\nHost 127.0.0.1\n    Port {SSH_PORT}\n    IdentityFile {KEY}\n"
-        f"    StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n    LogLevel ERROR\n{BLOCK_END}\n\n"
-    )
-    path.write_text(block + before)
-    path.chmod(0o600)
+@contextmanager
+def another_ray_cluster(workdir: Path) -> Iterator[list[psutil.Process]]:
+    """A Ray head started as the invoking user, as a contributor's own Ray job would be."""
+    marker = secrets.token_hex(8)
+    env = {**os.environ, "QLORA_SWEEP_E2E_OTHER": marker, "RAY_TMPDIR": str(workdir),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    start = run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+                 "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
+                 f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=1", "--num-gpus=0",
+                 "--object-store-memory=100000000", "--disable-usage-stats"], timeout=180, env=env)
+    assert start.returncode == 0, start.stdout[-3000:] + start.stderr[-3000:]
+    try:
+        processes = carrying(marker)
+        core = [p for p in processes if p.name() in ("gcs_server", "raylet")]
+        assert len(core) == 2, [p.name() for p in processes]
+        yield core
+    finally:
+        end(carrying(marker))  # only what this test started; never `ray stop`
 
 
-def append_login_shell_env() -> None:
-    """What cluster.local.yaml's header asks for in ~/.bashrc, plus the test's model cache.
+def home_snapshot() -> dict[str, object]:
+    """What the invoking user's home holds at its top level and in the dotfiles Ray and ssh use."""
+    home = Path.home()
+    snapshot: dict[str, object] = {"entries": sorted(p.name for p in home.iterdir())}
+    for relative in (".bashrc", ".profile", ".ssh", ".ray"):
+        path = home / relative
+        if path.is_dir():
+            snapshot[relative] = sorted(
+                (str(f.relative_to(path)), hashlib.sha256(f.read_bytes()).hexdigest()) for f in path.rglob("*") if f.is_file()
+            )
+        elif path.is_file():
+            snapshot[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return snapshot
 
-    Ray runs every remote command as `bash --login -c -i 'source ~/.bashrc; ...'`
-    (ray/autoscaler/_private/command_runner.py, _with_interactive), so ~/.bashrc is the file read.
+
+def reachable_bin(user: User, workdir: Path) -> Path:
+    """A bin folder with this test run's packages that `user` can run.
+
+    This venv's own when the user can start its interpreter. A venv's interpreter may live where
+    other users cannot go (pyenv under /root, as on this project's CI machines); then an overlay
+    venv on the system's interpreter of the same version, whose site-packages are this venv's (one
+    .pth line) and whose scripts are this venv's entry points with the shebang pointed at it.
     """
-    path = HOME / ".bashrc"
-    before = path.read_text() if path.exists() else ""
+    if run(user.command([str(VENV_BIN / "python"), "-c", "import ray, sweeps"]), timeout=120).returncode == 0:
+        return VENV_BIN
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    system = shutil.which(version, path="/usr/local/bin:/usr/bin:/bin")
+    if system is None:
+        cannot_run(f"an unprivileged user cannot run {sys.executable} and there is no system {version} to stand in")
+    overlay = workdir / "venv"
+    subprocess.run([system, "-m", "venv", "--without-pip", str(overlay)], check=True)
+    packages = Path(sysconfig.get_paths()["purelib"])
+    (overlay / "lib" / version / "site-packages" / "qlora_sweep_e2e.pth").write_text(
+        f"import site; site.addsitedir({str(packages)!r})\n"
+    )
+    shebang = f"#!{VENV_BIN}/"
+    for script in VENV_BIN.iterdir():
+        target = overlay / "bin" / script.name
+        if script.is_symlink() or not script.is_file() or target.exists():
+            continue
+        head = script.read_bytes()[:200]
+        if head.startswith(shebang.encode()):
+            text = script.read_text()
+            target.write_text(f"#!{overlay / 'bin'}/" + text[len(shebang):])
+            target.chmod(0o755)
+    probe = run(user.command([str(overlay / "bin" / "python"), "-c", "import ray, sweeps"]), timeout=120)
+    if probe.returncode:
+        cannot_run(f"an unprivileged user cannot import this run's packages ({packages}): {probe.stderr[-500:]}")
+    return overlay / "bin"
+
+
+def copy_checkout(user: User) -> Path:
+    """The working tree as git sees it (tracked and untracked-but-not-ignored files), as the user's own.
+
+    `ray up` reads every file under its file_mounts to hash them; the invoking user's checkout can
+    hold files only they may read (the suite's .hypothesis database, for one).
+    """
+    target = user.home / "checkout"
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for relative in filter(None, listed):
+        source = REPO / relative
+        if source.is_file():
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / relative)
+    return target
+
+
+def prepare_home(user: User, ssh_port: int, ports: dict[str, int]) -> None:
+    """The files cluster.local.yaml's header asks for, in the throwaway user's home."""
+    key = user.home / ".ssh" / KEY_NAME
+    key.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "qlora-sweep-e2e", "-f", str(key)], check=True)
+    user.write(".ssh/authorized_keys", key.with_suffix(".pub").read_text(), 0o600)
+    user.write(
+        ".ssh/config",
+        f"Host 127.0.0.1\n    Port {ssh_port}\n    IdentityFile {key}\n    StrictHostKeyChecking no\n"
+        "    UserKnownHostsFile /dev/null\n    LogLevel ERROR\n",
+        0o600,
+    )
+    # Ray runs every remote command as `bash --login -c -i 'source ~/.bashrc; ...'`
+    # (ray/autoscaler/_private/command_runner.py, _with_interactive), so ~/.bashrc is the file read.
+    bashrc = user.home / ".bashrc"
+    before = bashrc.read_text() if bashrc.exists() else ""
     lines = [
-        BLOCK_BEGIN,
-        f'export PATH="{VENV_BIN}:$PATH"',
-        "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0",
-        "export RAY_AUTH_MODE=token",
-        # Test-only: reuse this session's tiny-model cache and never reach for a hub.
-        f"export QLORA_SWEEP_CACHE={os.environ['QLORA_SWEEP_CACHE']}",
-        "export HF_HUB_OFFLINE=1",
-        BLOCK_END,
+        f'export PATH="{user.bin}:$PATH"',
+        "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0",
+        f"export RAY_TMPDIR={user.home / 't'} TMPDIR={user.home / 't'}",
+        *(f"export {name}={port}" for name, port in ports.items()),
+        # Test-only: a model cache of the user's own, and never reach for a hub.
+        f"export QLORA_SWEEP_CACHE={user.home / 'cache'} HF_HOME={user.home / 'hf'} HF_HUB_OFFLINE=1",
     ]
-    path.write_text(before + ("\n" if before and not before.endswith("\n") else "") + "\n".join(lines) + "\n")
+    user.write(".bashrc", before + "\n".join(lines) + "\n")
+    (user.home / "t").mkdir(exist_ok=True)
+    # The launcher logs in as this user: the committed cluster file with only auth.ssh_user changed.
+    cluster = yaml.safe_load(CLUSTER.read_text())
+    cluster["auth"]["ssh_user"] = user.name
+    user.write("cluster.yaml", yaml.safe_dump(cluster, sort_keys=False))
+    copy_checkout(user)
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(user.home)], check=True)
 
 
 def test_ray_up_submit_down_runs_the_smoke_sweep_over_loopback_ssh(tmp_path: Path) -> None:
     require_root_and_packages()
-    others = ray_processes(any_run=True)
-    if others:  # `ray up` starts with `ray stop`, which would kill them
-        pytest.fail(f"other Ray processes are running ({len(others)}, e.g. pid {others[0].pid}); run the e2e test alone")
-    results = tmp_path / "results"
+    home_before = home_snapshot()
     name = "e2e-smoke"
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     timings: dict[str, float] = {}
     outcomes: dict[str, int] = {}
     started = time.time()
     with ExitStack() as stack:
-        stack.enter_context(restored(TOUCHED))
-        (HOME / ".ssh").mkdir(mode=0o700, exist_ok=True)
-        for path in (KEY, KEY.with_suffix(".pub")):
-            path.unlink(missing_ok=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "qlora-sweep-e2e", "-f", str(KEY)], check=True)
-        if (HOME / "sweeps").is_symlink():  # left by an older cluster.local.yaml; find_spec must do without
-            (HOME / "sweeps").unlink()
-        prepend_ssh_config()
-        append_login_shell_env()
-        stack.enter_context(loopback_sshd(tmp_path))
+        user = stack.enter_context(throwaway_user())
+        if run(user.command(["test", "-r", str(CLUSTER)]), timeout=30).returncode:
+            cannot_run(f"an unprivileged user cannot read {REPO}: the e2e test runs the launcher as one")
+        user.bin = reachable_bin(user, user.home.parent)
+        ray = str(user.bin / "ray")
+        other = stack.enter_context(another_ray_cluster(Path(tempfile.mkdtemp(prefix="qo-", dir="/tmp"))))
+        ssh_port = free_port()
+        ports = {variable: free_port() for variable in PORT_VARIABLES}
+        prepare_home(user, ssh_port, ports)
+        stack.enter_context(loopback_sshd(tmp_path, user, ssh_port))
+        cluster = str(user.home / "cluster.yaml")
+        checkout = user.home / "checkout"
 
-        login = run(["ssh", "127.0.0.1", "bash --login -c -i 'source ~/.bashrc; command -v qlora-sweep'"], timeout=60)
+        login = run(user.command(["ssh", "127.0.0.1", "bash --login -c -i 'source ~/.bashrc; command -v qlora-sweep'"]), timeout=60)
         assert login.returncode == 0 and login.stdout.strip().endswith("qlora-sweep"), login.stdout + login.stderr
 
         def down() -> None:
-            result = run([RAY, "down", "-y", str(CLUSTER)], timeout=300, cwd=REPO, env=env)
+            if "ray down" in outcomes:
+                return
+            result = run(user.command([ray, "down", "-y", cluster]), timeout=300, cwd=checkout)
             outcomes["ray down"] = result.returncode
             if result.returncode:
                 print(result.stdout[-3000:], result.stderr[-3000:])
 
         stack.callback(down)
         t = time.time()
-        up = run([RAY, "up", "-y", "--no-config-cache", str(CLUSTER)], timeout=600, cwd=REPO, env=env)
+        up = run(user.command([ray, "up", "-y", "--no-config-cache", cluster]), timeout=600, cwd=checkout)
         timings["ray up"] = time.time() - t
         assert up.returncode == 0, up.stdout[-5000:] + up.stderr[-5000:]
+        assert port_is_open(ports["QLORA_SWEEP_E2E_GCS_PORT"]), "the head's GCS is not on the port the test gave it"
 
         t = time.time()
+        results = user.home / "results"
         submit = run(
-            [RAY, "submit", "--no-config-cache", str(CLUSTER), "sweeps/sweep.py", "--",
-             "--config", "sweeps/smoke.yaml", "--storage", str(results), "--name", name],
-            timeout=900, cwd=REPO, env=env,
+            user.command([ray, "submit", "--no-config-cache", cluster, "sweeps/sweep.py", "--",
+                          "--config", "sweeps/smoke.yaml", "--storage", str(results), "--name", name]),
+            timeout=900, cwd=checkout,
         )
         timings["ray submit"] = time.time() - t
         output = submit.stdout + submit.stderr
@@ -283,12 +457,16 @@ def test_ray_up_submit_down_runs_the_smoke_sweep_over_loopback_ssh(tmp_path: Pat
         assert len({row["node_id"] for row in rows}) == 1  # the one head node of cluster.local.yaml
 
         t = time.time()
-        stack.pop_all().close()  # ray down, stop sshd, restore files: before the checks below
-        timings["ray down + cleanup"] = time.time() - t
+        down()
+        timings["ray down"] = time.time() - t
+        deadline = time.time() + 30
+        while (left := ray_processes_of(user.uid)) and time.time() < deadline:
+            time.sleep(0.5)
+        stopped_other = [p.name() for p in other if not p.is_running()]
+        stack.pop_all().close()  # stop sshd, end the other cluster, remove the user
 
     assert outcomes["ray down"] == 0, "ray down failed (its output is printed above)"
-    leftover = wait_for_no_ray_processes()
-    assert not leftover, f"Ray processes left behind after `ray down`: {leftover}"
-    assert not port_is_open(SSH_PORT), "the test's sshd is still listening"
-    assert BLOCK_BEGIN not in (HOME / ".bashrc").read_text()
+    assert not left, f"Ray processes of the cluster left behind after `ray down`: {[p.pid for p in left]}"
+    assert not stopped_other, f"`ray up`/`ray down` stopped the other Ray cluster's {stopped_other}"
+    assert home_snapshot() == home_before, "the test changed the invoking user's home"
     print("timings:", {k: round(v) for k, v in timings.items()}, "total", round(time.time() - started), "s")

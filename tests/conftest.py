@@ -8,6 +8,7 @@ drives `ray up`/`ray submit` and runs alone (`make test-e2e`).
 from __future__ import annotations
 
 import os
+import socket
 
 from analysis.results import read_trials_csv
 from sweeps.local_env import use_local_env
@@ -91,6 +92,13 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = Path(os.environ.get("QLORA_SWEEP_TEST_CACHE") or tmp_path_factory.mktemp("qlora-sweep-cache"))
     os.environ["QLORA_SWEEP_CACHE"] = str(cache)
     return cache
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a server the test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def started_by_this_run(proc: psutil.Process) -> bool:

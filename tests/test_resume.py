@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import psutil
 import pytest
 
 from tests.cli_runs import read_results
-from tests.conftest import make_spec_dict, ray_pids, wait_for_no_ray_processes, write_spec
+from tests.conftest import free_port, make_spec_dict, ray_pids, wait_for_no_ray_processes, write_spec
 
 BIN = Path(sys.executable).parent
 QLORA_SWEEP = str(BIN / "qlora-sweep")
@@ -175,11 +174,6 @@ def test_settling_leaves_continuing_trials_to_tune_and_resolves_every_other_runn
 
 # --- the kill-and-resume scenario --------------------------------------------------------------
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str) -> Any:

@@ -10,7 +10,6 @@ import csv
 import io
 import logging
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -23,16 +22,11 @@ from typing import Any
 import pytest
 
 from core import storage
-from tests.conftest import make_spec_dict, wait_for_no_ray_processes, write_spec
+from tests.conftest import free_port, make_spec_dict, wait_for_no_ray_processes, write_spec
 
 BUCKET = "qlora-sweep-test"
 QLORA_SWEEP = str(Path(sys.executable).with_name("qlora-sweep"))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

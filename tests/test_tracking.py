@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -24,16 +23,11 @@ from typing import Any
 import pytest
 
 from tests.cli_runs import CliRun, private_ray_tmp, processes_of, read_results, run_cli
-from tests.conftest import REPO, make_spec_dict, write_spec
+from tests.conftest import REPO, free_port, make_spec_dict, write_spec
 
 mlflow = pytest.importorskip("mlflow")
 pytest.importorskip("wandb")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

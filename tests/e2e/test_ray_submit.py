@@ -46,7 +46,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import REPO, ray_processes
+from tests.conftest import REPO, free_port, ray_processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 
@@ -102,11 +102,6 @@ def require_root_and_packages() -> None:
 
 
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_is_open(port: int) -> bool:

@@ -39,6 +39,7 @@ STATUS_COLOURS = {
     TrialStatus.OOM: "#c62828",
     TrialStatus.DIVERGED: "#ef6c00",
     TrialStatus.INFEASIBLE: "#8d6e63",
+    TrialStatus.TIMED_OUT: "#c62828",
 }
 
 CSS = """

@@ -158,7 +158,7 @@ def _load_trial(
         "node_id": last.get("node_id"),
         "device": last.get("device"),
         "iterations": last.get("training_iteration"),
-        "error": error or last.get("oom_message"),
+        "error": error or last.get("oom_message") or last.get("timeout_message"),
         "trial_dir": folder.trial_dir(path, trial_id),
         "best_step": _best(evals).get("step"),
         "predicted_memory_mib": _predicted_memory(results, params),

@@ -178,6 +178,8 @@ def _not_ranked(trials: pd.DataFrame, ranked: pd.DataFrame, kind: str | None) ->
             )
         elif status == TrialStatus.FAILED:
             reason = f"failed: {error}" if error else "failed (no error file)"
+        elif status == TrialStatus.TIMED_OUT:
+            reason = f"timed out: {error}" if error else "timed out (train.trial_timeout_s / stall_timeout_s)"
         elif status not in RANKABLE_STATUSES:
             reason = f"{status}: no evaluation yet"
         elif not present(row.get(QUALITY)):

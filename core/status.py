@@ -20,6 +20,9 @@ class TrialStatus(str, Enum):
     OOM = "oom"  # ran out of memory (reported by the trial itself)
     INFEASIBLE = "infeasible"  # rejected before launch by memory admission
     DIVERGED = "diverged"  # NaN/inf loss (reported by the trial itself)
+    # Past train.trial_timeout_s, or no progress for train.stall_timeout_s (reported by the trial's
+    # watchdog, trainables/watchdog.py): ended and its resources freed; never retried.
+    TIMED_OUT = "timed_out"
 
     def __str__(self) -> str:
         return self.value
@@ -31,7 +34,9 @@ class TrialStatus(str, Enum):
 
 
 # Statuses a trial reports itself in its last result (metric trial_status); the others are inferred.
-REPORTED_STATUSES: tuple[TrialStatus, ...] = (TrialStatus.OOM, TrialStatus.DIVERGED, TrialStatus.INFEASIBLE)
+REPORTED_STATUSES: tuple[TrialStatus, ...] = (
+    TrialStatus.OOM, TrialStatus.DIVERGED, TrialStatus.INFEASIBLE, TrialStatus.TIMED_OUT,
+)
 # Trials whose quality figures are real and can be ranked.
 RANKABLE_STATUSES: tuple[TrialStatus, ...] = (
     TrialStatus.COMPLETED, TrialStatus.EARLY_STOPPED, TrialStatus.RUNNING, TrialStatus.PAUSED,
@@ -39,7 +44,9 @@ RANKABLE_STATUSES: tuple[TrialStatus, ...] = (
 ALL_STATUSES: tuple[TrialStatus, ...] = tuple(TrialStatus)
 # Trials that ended for a reason outside the search: they make `run` and `resume` exit 1. An OOM, a
 # diverged or an infeasible trial is an answer of the search about its configuration, not a failure.
-FAILURE_STATUSES: tuple[TrialStatus, ...] = (TrialStatus.FAILED,)
+# A timed-out trial is a failure: a hung download, a deadlocked collective or a slow node says
+# nothing about its configuration, and the user must notice it (the search moved on without it).
+FAILURE_STATUSES: tuple[TrialStatus, ...] = (TrialStatus.FAILED, TrialStatus.TIMED_OUT)
 
 # Tune's trial status -> ours, when the trial's own reports do not say more.
 FROM_TUNE: dict[str, TrialStatus] = {

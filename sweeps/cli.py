@@ -266,8 +266,10 @@ EXIT_STATUSES = """exit statuses:
   0    the sweep ran and every trial ended as the search decided (completed, stopped early, oom,
        diverged or infeasible are answers about a configuration, not failures)
   1    the sweep ran but some trials failed (raised after train.max_failures retries, or lost their
-       node for good): the report lists them, `qlora-sweep resume DIR --restart-errored` runs them again
-  2    bad input (spec, data, model, storage, --name): nothing was started
+       node for good): the report lists them, `qlora-sweep resume DIR --restart-errored` runs them again;
+       or timed out (status timed_out: past train.trial_timeout_s, or hung for train.stall_timeout_s)
+  2    bad input (spec, data, model, storage, --name), or the experiment folder is in use by another
+       driver (one `run`/`resume` per experiment; the error names the holder): nothing was started
   130  stopped by Ctrl-C (SIGINT), 143 by SIGTERM: no new trials were started, the running ones were
        saved at their last checkpoint and the partial report written; `qlora-sweep resume DIR` goes on.
        A second signal stops at once.

@@ -23,6 +23,7 @@ import yaml
 from core import experiment_folder, storage
 from core.redact import redact, redact_data
 from core.run_plan import write_run_plan
+from sweeps.driver_lock import DriverLock
 from sweeps.local_env import QUIET_ENV
 from sweeps.memory_plan import MemoryPlan, detect_gpu_size, gpu_names, memory_plan
 from sweeps.plan import make_run_plan, redact_location, resolved_data, trial_job, trial_model_path
@@ -441,7 +442,9 @@ def build_tuner(
             num_samples=spec.search.num_samples,
             # Reusing a trial's worker process saves re-importing torch/transformers per trial;
             # the trainable frees its memory in a finally block, so trials do not leak into each other.
-            reuse_actors=True,
+            # Not with a trial watchdog (train.trial_timeout_s / stall_timeout_s): it may end a hung
+            # trial's worker process (trainables/watchdog.py), which no other trial may then be handed.
+            reuse_actors=not has_watchdog(spec),
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
@@ -451,15 +454,22 @@ def build_tuner(
             stop={"training_iteration": spec.max_rounds},
             # A trial that raised or lost its node is retried from its latest checkpoint.
             failure_config=tune.FailureConfig(max_failures=spec.train.max_failures),
-            # Per trial: the best checkpoint by the objective (export copies its adapter) and,
-            # always, the latest (what a retried or resumed trial continues from).
+            # Per trial: the best two checkpoints by the objective (export copies the best's adapter)
+            # and, always, the latest (what a retried or resumed trial continues from). Two, so that
+            # an older one is kept whenever the latest is also the best: a restored trial whose
+            # latest checkpoint is unreadable continues from it (trainables/checkpoints.py).
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode
+                num_to_keep=2, checkpoint_score_attribute=metric, checkpoint_score_order=mode
             ),
             callbacks=[progress, *tracking_callbacks(spec, experiment_name, storage.join(storage_path, experiment_name), print)],
             verbose=0,  # SweepProgress prints a compact live view instead of Tune's tables
         ),
     )
+
+
+def has_watchdog(spec: SweepSpec) -> bool:
+    """Whether trials run under a watchdog (train.trial_timeout_s or train.stall_timeout_s)."""
+    return spec.train.trial_timeout_s is not None or spec.train.stall_timeout_s is not None
 
 
 def make_trainable(checked: Preflight, job: TrialJob, plan: MemoryPlan | None = None) -> Any:
@@ -649,21 +659,23 @@ def run_sweep(
     storage_path = storage.absolute(spec.storage)
     experiment_name = name or default_experiment_name(spec)
     experiment_dir = storage.join(storage_path, experiment_name)
-    if experiment_folder.is_experiment(experiment_dir):
-        raise SpecError(
-            "--name",
-            [
-                f"{experiment_dir} already holds a sweep; continue it with `qlora-sweep resume {experiment_dir}` "
-                "or choose another --name"
-            ],
+    # One driver per experiment folder (sweeps/driver_lock.py), held until the report is written.
+    with DriverLock(experiment_dir):
+        if experiment_folder.is_experiment(experiment_dir):
+            raise SpecError(
+                "--name",
+                [
+                    f"{experiment_dir} already holds a sweep; continue it with `qlora-sweep resume {experiment_dir}` "
+                    "or choose another --name"
+                ],
+            )
+        checked = _with_study(checked, experiment_dir, experiment_name, resuming=False)
+        log(
+            f"[qlora-sweep] data: {checked.data.train_rows} train / {checked.data.eval_rows} eval rows"
+            + (f", {len(checked.data.skipped)} bad rows skipped" if checked.data.skipped else "")
+            + (f", {len(checked.data.truncated)} long rows truncated" if checked.data.truncated else "")
         )
-    checked = _with_study(checked, experiment_dir, experiment_name, resuming=False)
-    log(
-        f"[qlora-sweep] data: {checked.data.train_rows} train / {checked.data.eval_rows} eval rows"
-        + (f", {len(checked.data.skipped)} bad rows skipped" if checked.data.skipped else "")
-        + (f", {len(checked.data.truncated)} long rows truncated" if checked.data.truncated else "")
-    )
-    return _sweep(checked, _Experiment(experiment_dir, experiment_name, storage_path), address, log, sampler)
+        return _sweep(checked, _Experiment(experiment_dir, experiment_name, storage_path), address, log, sampler)
 
 
 def resume_sweep(
@@ -705,23 +717,24 @@ def resume_sweep(
             "searcher state, which can run arbitrary code, so only folders written by `qlora-sweep run` are accepted. "
             "Pass the folder that `run` printed"
         )
-    if not storage.exists(experiment_folder.file(experiment_dir, experiment_folder.TUNER_FILE)):
-        raise SpecError(
-            "resume",
-            [f"{experiment_dir} has no {experiment_folder.TUNER_FILE}: the sweep stopped before Ray Tune started, so "
-             "there is nothing to resume. Start it again with `qlora-sweep run SPEC --name NEW_NAME`"],
-        )
-    spec_file = experiment_folder.file(experiment_dir, experiment_folder.SPEC_FILE)
-    raw = safe_yaml(storage.read_text(spec_file), spec_file)
-    if isinstance(raw, dict) and isinstance(raw.get("search"), dict):
-        # Experiments saved before studies had a database kept theirs in Ray's searcher state.
-        raw["search"].setdefault("optuna_storage", "memory")
-    storage_path, experiment_name = _split_experiment(experiment_dir)
-    spec = parse_spec(raw, source=spec_file).model_copy(update={"storage": storage_path})
-    log(f"[qlora-sweep] resuming '{experiment_name}': checking model, target modules, data, storage, study")
-    checked = _with_study(preflight(spec), experiment_dir, experiment_name, resuming=True)
-    experiment = _Experiment(experiment_dir, experiment_name, storage_path, resuming=True, restart_errored=restart_errored)
-    return _sweep(checked, experiment, address, log)
+    with DriverLock(experiment_dir):  # one driver per experiment folder (sweeps/driver_lock.py)
+        if not storage.exists(experiment_folder.file(experiment_dir, experiment_folder.TUNER_FILE)):
+            raise SpecError(
+                "resume",
+                [f"{experiment_dir} has no {experiment_folder.TUNER_FILE}: the sweep stopped before Ray Tune started, "
+                 "so there is nothing to resume. Start it again with `qlora-sweep run SPEC --name NEW_NAME`"],
+            )
+        spec_file = experiment_folder.file(experiment_dir, experiment_folder.SPEC_FILE)
+        raw = safe_yaml(storage.read_text(spec_file), spec_file)
+        if isinstance(raw, dict) and isinstance(raw.get("search"), dict):
+            # Experiments saved before studies had a database kept theirs in Ray's searcher state.
+            raw["search"].setdefault("optuna_storage", "memory")
+        storage_path, experiment_name = _split_experiment(experiment_dir)
+        spec = parse_spec(raw, source=spec_file).model_copy(update={"storage": storage_path})
+        log(f"[qlora-sweep] resuming '{experiment_name}': checking model, target modules, data, storage, study")
+        checked = _with_study(preflight(spec), experiment_dir, experiment_name, resuming=True)
+        experiment = _Experiment(experiment_dir, experiment_name, storage_path, resuming=True, restart_errored=restart_errored)
+        return _sweep(checked, experiment, address, log)
 
 
 def _sweep(

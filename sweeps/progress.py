@@ -18,7 +18,7 @@ from core.status import TrialStatus
 from trainables.params import KNOBS
 
 # How a trial ended that counts as failed in the status line.
-_FAILED = (TrialStatus.FAILED, TrialStatus.OOM, TrialStatus.DIVERGED)
+_FAILED = (TrialStatus.FAILED, TrialStatus.OOM, TrialStatus.DIVERGED, TrialStatus.TIMED_OUT)
 
 
 def _fmt(value: Any) -> str:

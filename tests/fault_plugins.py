@@ -16,6 +16,13 @@ on every local worker's sys.path (run the tests from the repository root).
     fail_one_trial  raise RuntimeError at the first training step of every attempt of one trial, the
                     first to start (it claims the file $QLORA_SWEEP_TEST_FAIL_ONE with its learning
                     rate): an ordinary failure (a bug, a bad node), whatever the sampler proposes
+    hang_or_slow    the first trial to start (claim file hang.claim in $QLORA_SWEEP_TEST_HANG_DIR)
+                    hangs for good at the start of training step HANG_AT_STEP, in the trainer's own
+                    thread, after writing hang.json (its pid, the time); the second (slow.claim)
+                    sleeps $QLORA_SWEEP_TEST_SLOW_STEP_S seconds at the end of every training step
+                    (slow but alive); the others train normally
+    slow_steps      every trial sleeps $QLORA_SWEEP_TEST_SLOW_STEP_S seconds at the end of every
+                    training step (time for a test to act between two checkpoints)
 """
 
 from __future__ import annotations
@@ -32,6 +39,11 @@ SLOW_TEARDOWN = "tests.fault_plugins:slow_teardown"
 OOM_IN_FORWARD = "tests.fault_plugins:oom_in_forward"
 FAIL_ONE_ENV = "QLORA_SWEEP_TEST_FAIL_ONE"
 FAIL_ONE_TRIAL = "tests.fault_plugins:fail_one_trial"
+HANG_DIR_ENV = "QLORA_SWEEP_TEST_HANG_DIR"
+SLOW_STEP_ENV = "QLORA_SWEEP_TEST_SLOW_STEP_S"
+HANG_OR_SLOW = "tests.fault_plugins:hang_or_slow"
+HANG_AT_STEP = 2
+SLOW_STEPS = "tests.fault_plugins:slow_steps"
 
 
 def _number(name: str, unit: str) -> float | None:
@@ -137,3 +149,61 @@ def fail_one_trial(context: Any) -> Any:
             raise RuntimeError(f"injected by {FAIL_ONE_ENV} (learning rate {mine})")
 
     return InjectedFailure()
+
+
+def _claim(folder: str, role: str, mine: str) -> bool:
+    """Whether `role` is this trial's: claimed now (first come), or claimed by it before (a later attempt)."""
+    path = os.path.join(folder, f"{role}.claim")
+    try:
+        with open(path, "x") as f:
+            f.write(mine)
+        return True
+    except FileExistsError:
+        with open(path) as f:
+            return f.read() == mine
+
+
+def hang_or_slow(context: Any) -> Any:
+    """A callback that hangs the first trial to start and slows the second (see the module doc), else None."""
+    folder = os.environ.get(HANG_DIR_ENV)
+    if not folder:
+        return None
+    mine = repr(context.trial.learning_rate)
+    if _claim(folder, "hang", mine):
+        role = "hang"
+    elif _claim(folder, "slow", mine):
+        role = "slow"
+    else:
+        return None
+    slow_s = _number(SLOW_STEP_ENV, "seconds") or 0.0
+    from transformers import TrainerCallback
+
+    class HangOrSlow(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if role == "hang" and state.global_step == HANG_AT_STEP:
+                import json
+
+                with open(os.path.join(folder, "hang.json"), "w") as f:
+                    json.dump({"pid": os.getpid(), "at": time.time(), "step": state.global_step}, f)
+                while True:  # a wedged data loader, a deadlocked collective: no step ever ends
+                    time.sleep(3600)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if role == "slow":
+                time.sleep(slow_s)
+
+    return HangOrSlow()
+
+
+def slow_steps(context: Any) -> Any:
+    """A callback that sleeps $QLORA_SWEEP_TEST_SLOW_STEP_S seconds after every training step, or None when unset."""
+    seconds = _number(SLOW_STEP_ENV, "seconds")
+    if not seconds:
+        return None
+    from transformers import TrainerCallback
+
+    class SlowSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            time.sleep(seconds)
+
+    return SlowSteps()

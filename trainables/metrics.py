@@ -75,6 +75,22 @@ REPORTED_METRICS: tuple[Column, ...] = (
         "(trainables/trial_memory.py); on a CPU run still the VRAM prediction; empty without a prediction.",
     ),
     Column("oom_message", "string", "", None, "First line of the out-of-memory error, on an oom trial's terminal report."),
+    Column(
+        "checkpoint_fallback",
+        "string",
+        "",
+        None,
+        "Set on the reports of a restored trial whose latest checkpoint was unreadable: which one, why, and the "
+        "older checkpoint it continued from (trainables/checkpoints.py).",
+    ),
+    Column(
+        "timeout_message",
+        "string",
+        "",
+        None,
+        "What the trial watchdog saw (train.trial_timeout_s or stall_timeout_s passed, at which step), on a "
+        "timed_out trial's terminal report (trainables/watchdog.py).",
+    ),
     # The CPU tensor peak (trainables/memory_probe.py TensorPeakProbe): what moves with the configuration on CPU.
     Column(
         "tensor_peak_mib",

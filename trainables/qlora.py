@@ -24,11 +24,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
 from core.status import TrialStatus
+from trainables.checkpoints import STATE_FILE, checkpoint_problem, checkpoint_step, older_checkpoints
 from trainables.data import PreparedData, prepare_data, trained_as_prepared
 from trainables.job import TrialJob
 from trainables.memory_probe import (
@@ -44,10 +46,10 @@ from trainables.settings import CALLBACK_PATTERN, ModelSpec
 from trainables.tiny_models import is_builtin, materialize
 from trainables.training_setup import TrainingSetup, load_tokenizer
 from trainables.trial_memory import MemoryKnobs, estimate_for_trial, predicted_allocated_mib, predicted_mib
+from trainables.watchdog import TrialWatchdog
 from trainables.workarounds import keep_adapters_in_compute_dtype, remove_printer_callback, skip_model_card
 
-# Written into each checkpoint next to the Trainer's own state: what the Trainer does not keep.
-STATE_FILE = "qlora_sweep_state.json"
+# STATE_FILE: written into each checkpoint next to the Trainer's own state (its home: trainables/checkpoints.py).
 
 
 def pick_device(gpus_per_trial: float) -> str:
@@ -272,12 +274,77 @@ def train_qlora(config: dict[str, Any], job: TrialJob, data: PreparedData | None
         def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
             inner_report({**metrics, "gpu_ids": gpu_ids}, checkpoint_dir)
 
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        run_trial(config, job, report=report, data=data, gpu_fraction=gpu_fraction)
-    else:
-        with checkpoint.as_directory() as restored:
-            run_trial(config, job, report=report, data=data, resume_from=restored, gpu_fraction=gpu_fraction)
+    # train.trial_timeout_s / stall_timeout_s: the attempt runs under a watchdog (trainables/watchdog.py).
+    watchdog = TrialWatchdog.for_train(job.train, report)
+    callbacks: list[CallbackFactory] = []
+    if watchdog is not None:
+        report = watchdog.report
+        callbacks.append(watchdog.callback)
+        watchdog.start()
+    try:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            run_trial(config, job, report=report, data=data, gpu_fraction=gpu_fraction, callbacks=callbacks)
+        else:
+            with ExitStack() as stack:
+                restored, report = _readable_checkpoint(checkpoint, stack, report)
+                run_trial(
+                    config, job, report=report, data=data, resume_from=restored, gpu_fraction=gpu_fraction,
+                    callbacks=callbacks,
+                )
+        if watchdog is not None and watchdog.expired is not None:
+            # Stopped cooperatively past train.trial_timeout_s: its terminal report, then the trial ends.
+            report(watchdog.final_metrics(done=False), None)
+    finally:
+        if watchdog is not None:
+            watchdog.close()
+
+
+def _readable_checkpoint(checkpoint: Any, stack: ExitStack, report: Any) -> tuple[str, Any]:
+    """The folder of the latest readable checkpoint of a restored trial, and the report to train with.
+
+    When the latest checkpoint is unreadable (trainables/checkpoints.py), the newest older one that
+    is readable: a note goes to the console and into every report (`checkpoint_fallback`), and the
+    rounds up to the latest checkpoint's step, which Tune has seen, are trained again without being
+    reported again.
+
+    Raises:
+        RuntimeError: If no checkpoint of the trial is readable (Tune retries or fails the trial).
+    """
+    latest = stack.enter_context(checkpoint.as_directory())
+    problem = checkpoint_problem(latest)
+    if problem is None:
+        return latest, report
+    latest_name = checkpoint.path.rstrip("/").rpartition("/")[2]
+    latest_step = checkpoint_step(latest)
+    for older in older_checkpoints(checkpoint):
+        folder = stack.enter_context(older.as_directory())
+        if checkpoint_problem(folder) is not None:
+            continue
+        note = (
+            f"latest checkpoint {latest_name} is unreadable ({problem}); continuing from "
+            f"{older.path.rstrip('/').rpartition('/')[2]} (step {checkpoint_step(folder)})"
+            + (f", training again up to step {latest_step} without reporting those rounds again" if latest_step else "")
+        )
+        print(f"[qlora-sweep] trial {_trial_id()}: {note}", flush=True)
+        inner = report
+
+        def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+            if latest_step is not None and int(metrics.get("step") or 0) <= latest_step and not metrics.get("trial_status"):
+                return  # a round Tune has already seen (with the checkpoint that is now unreadable)
+            inner({**metrics, "checkpoint_fallback": note}, checkpoint_dir)
+
+        return folder, report
+    raise RuntimeError(f"no readable checkpoint to continue from: the latest, {latest_name}, is unreadable ({problem})")
+
+
+def _trial_id() -> str:
+    from ray import tune
+
+    try:
+        return tune.get_context().get_trial_id()
+    except Exception:
+        return "?"
 
 
 def run_trial(
@@ -659,7 +726,7 @@ def _tune_reporter_class() -> type:
                 return
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             with open(os.path.join(folder, STATE_FILE), "w") as f:
-                json.dump({"train_s": self.train_seconds}, f)
+                json.dump({"train_s": self.train_seconds, "step": state.global_step}, f)
             metrics, self.pending = self.pending, None
             self.report(metrics, folder)
 

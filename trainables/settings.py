@@ -204,6 +204,25 @@ class TrainSpec(Strict):
             "(never retried as is; the searcher stops proposing configurations at least as large)."
         ),
     )
+    trial_timeout_s: PositiveFloat | None = Field(
+        default=None,
+        description=(
+            "Wall-clock limit of one trial attempt, in seconds (model loading included). Past it the trial stops at the "
+            "end of its current step (its evaluation and checkpoint still run) and ends as status timed_out; one that "
+            "does not reach a step end within 30 s more is ended as a hung one. Never retried; counts as failed "
+            "(exit 1). Omitted: no limit."
+        ),
+    )
+    stall_timeout_s: PositiveFloat | None = Field(
+        default=None,
+        description=(
+            "A trial with no training step, evaluation batch, log, save or report for this many seconds (a stuck "
+            "download, a deadlocked collective, a wedged data loader) is hung: its watchdog reports it as timed_out "
+            "and ends its worker process, which frees its GPU and host memory, and the search moves on. The clock "
+            "starts with the trial, so set it above the time a trial takes to load its model. Never retried; counts "
+            "as failed (exit 1). Omitted: no limit."
+        ),
+    )
     # A tuple, so the frozen spec stays hashable; YAML and JSON write it as a list.
     callbacks: tuple[CallbackPath, ...] = Field(
         default=(),

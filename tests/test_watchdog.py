@@ -1,0 +1,275 @@
+"""Faults of shared clusters: a hung or slow trial (the trial watchdog), and two drivers on one experiment.
+
+The watchdog scenario runs `qlora-sweep run` the way a user does, with real training stalled through
+the trainer-callback seam (tests/fault_plugins.py `hang_or_slow`); the lock scenarios use real
+processes. docs/reliability.md tabulates what each one measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from analysis.results import read_trials_csv
+from tests.cli_runs import QLORA_SWEEP, cli_env, private_ray_tmp, processes_of, read_results, run_cli
+from tests.conftest import make_spec_dict, write_spec
+from tests.fault_plugins import HANG_AT_STEP, HANG_DIR_ENV, HANG_OR_SLOW, SLOW_STEP_ENV
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A normal trial of the tiny spec (10 steps, model load included) takes 5 to 60 s on the suite's 2
+# cores, idle or shared; the slow one sleeps SLOW_STEP_S per step (10 steps: 120 s), past
+# TRIAL_TIMEOUT_S. STALL_TIMEOUT_S is above the longest gap between beats of a busy machine's
+# start-up (loading the tokenizer and data, then the model).
+TRIAL_TIMEOUT_S = 90
+STALL_TIMEOUT_S = 45
+SLOW_STEP_S = 12.0
+WATCHDOG_STEPS = 10
+
+
+@pytest.mark.integration
+def test_a_hung_and_a_slow_trial_time_out_free_their_worker_and_the_search_moves_on(tmp_path: Path) -> None:
+    hang_dir = tmp_path / "hang"
+    hang_dir.mkdir()
+    spec = write_spec(
+        tmp_path / "watchdog.yaml",
+        make_spec_dict(
+            name="watchdog",
+            search={"num_samples": 3, "max_concurrent": 2, "seed": 0, "sampler": "random"},
+            train={
+                "max_steps": WATCHDOG_STEPS, "eval_every": 5, "batch_size": 8, "max_failures": 1,
+                "trial_timeout_s": TRIAL_TIMEOUT_S, "stall_timeout_s": STALL_TIMEOUT_S,
+                "callbacks": [HANG_OR_SLOW],
+            },
+        ),
+    )
+    experiment = tmp_path / "results" / "watchdog"
+    env = {HANG_DIR_ENV: str(hang_dir), SLOW_STEP_ENV: str(SLOW_STEP_S)}
+    seen: dict[str, float] = {}
+    second: dict[str, subprocess.CompletedProcess] = {}
+    with private_ray_tmp() as ray_tmp:
+        outcome: dict[str, object] = {}
+        sweep = threading.Thread(
+            target=lambda: outcome.update(run=run_cli(
+                ["run", str(spec), "--storage", str(tmp_path / "results"), "--name", "watchdog"], ray_tmp, timeout=540, **env
+            )),
+            daemon=True,
+        )
+        sweep.start()
+        # Watch the hung worker: when it hung, and when its process was gone (while the sweep still ran).
+        hang_file = hang_dir / "hang.json"
+        while sweep.is_alive() and "gone" not in seen:
+            if "hung" not in seen and hang_file.exists():
+                try:
+                    hung = json.loads(hang_file.read_text())
+                    seen.update(hung=hung["at"], pid=hung["pid"])
+                except ValueError:
+                    pass  # being written
+            if "pid" in seen and not psutil.pid_exists(int(seen["pid"])):
+                seen["gone"] = time.time()
+            time.sleep(0.2)
+        # One driver per experiment: a second `run` of the same --name, while this one runs, is refused.
+        if sweep.is_alive():
+            second["run"] = subprocess.run(
+                [QLORA_SWEEP, "run", str(spec), "--storage", str(tmp_path / "results"), "--name", "watchdog"],
+                env=cli_env(ray_tmp), capture_output=True, text=True, timeout=120,
+            )
+        sweep.join(timeout=540)
+        run = outcome["run"]
+        assert processes_of(ray_tmp) == [], "Ray processes left behind"
+
+    assert "hung" in seen, f"the fault was never injected:\n{run.output[-4000:]}"
+    assert "gone" in seen, f"the hung worker {seen.get('pid')} outlived the sweep:\n{run.output[-4000:]}"
+    # A timed-out trial counts as failed: exit 1, so scripts and CI notice.
+    assert run.returncode == 1, run.output[-4000:]
+    assert "Traceback" not in run.stderr.split("[qlora-sweep]")[-1]
+    assert "3 trials, 2 failed" in run.stdout, run.stdout[-3000:]
+    trials = read_trials_csv(experiment / "report" / "trials.csv").set_index("trial_id")
+    assert sorted(trials["status"]) == ["completed", "timed_out", "timed_out"], trials[["status", "steps", "error"]]
+    claims = {role: (hang_dir / f"{role}.claim").read_text() for role in ("hang", "slow")}
+    by_lr = {repr(float(lr)): tid for tid, lr in trials["learning_rate"].items()}
+    hung, slow = by_lr[claims["hang"]], by_lr[claims["slow"]]
+    (normal,) = set(trials.index) - {hung, slow}
+    results = read_results(experiment)
+
+    # The hung trial: stopped by stall_timeout_s, its last figures kept, reported once, not retried.
+    assert "stall_timeout_s" in trials.loc[hung, "error"], trials.loc[hung, "error"]
+    assert trials.loc[hung, "steps"] == HANG_AT_STEP
+    assert [r.get("trial_status") for r in results[hung]] == ["timed_out"]
+    assert not (experiment / f"trial_{hung}" / "error.txt").exists(), "a timed-out trial was retried"
+    # The slow one: stopped at a step end past trial_timeout_s, before its last step.
+    assert "trial_timeout_s" in trials.loc[slow, "error"], trials.loc[slow, "error"]
+    assert trials.loc[slow, "steps"] < WATCHDOG_STEPS
+    assert results[slow][-1]["trial_status"] == "timed_out"
+    assert results[slow][-1]["elapsed_s"] < TRIAL_TIMEOUT_S + SLOW_STEP_S + 30  # stopped at the next step end
+    assert not (experiment / f"trial_{slow}" / "error.txt").exists()
+    # The search moved on: the third trial started on the resources the hung one freed, and completed.
+    assert trials.loc[normal, "status"] == "completed"
+    assert trials.loc[normal, "started_at"] >= seen["hung"]
+    assert "[trial" in run.stdout and "timed_out" in run.stdout
+    # The second driver was refused, naming the folder and the holder, before training anything.
+    refused = second.get("run")
+    assert refused is not None, "the sweep ended before the second driver could be tried"
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"{experiment} is in use by another qlora-sweep driver: pid" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    stall_s = seen["gone"] - seen["hung"]
+    assert stall_s < STALL_TIMEOUT_S + 30, f"the hung worker lived {stall_s:.0f} s after it hung"
+    print(
+        f"\n[watchdog] hung trial {hung}: worker pid {seen['pid']} gone {stall_s:.1f} s after it hung "
+        f"(stall_timeout_s={STALL_TIMEOUT_S}); slow trial {slow} timed out at step {trials.loc[slow, 'steps']} "
+        f"after {trials.loc[slow, 'wall_s']:.0f} s (trial_timeout_s={TRIAL_TIMEOUT_S}); {normal} completed; "
+        f"sweep {run.wall_s:.0f} s; a second driver refused with exit 2"
+    )
+
+
+# --- one driver per experiment folder ---------------------------------------------------------
+
+HOLD = """
+import sys, time
+from sweeps.driver_lock import DriverLock
+with DriverLock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.integration
+def test_a_second_driver_is_refused_naming_the_folder_and_the_holder_and_a_killed_holder_frees_it(tmp_path: Path) -> None:
+    experiment = tmp_path / "results" / "exp"
+    experiment.mkdir(parents=True)
+    (experiment / "sweep_spec.yaml").write_text("name: exp\n")  # resume checks the lock before reading it
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(experiment)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with private_ray_tmp() as ray_tmp:
+            started = time.time()
+            refused = run_cli(["resume", str(experiment)], ray_tmp, timeout=120)
+            refused_s = time.time() - started
+            assert refused.returncode == 2, refused.output
+            assert refused.stderr.startswith("error: "), refused.stderr
+            assert f"{experiment} is in use by another qlora-sweep driver: pid {holder.pid} on " in refused.stderr
+            assert "Traceback" not in refused.output
+            assert refused.ray_sessions == [], "Ray was started"
+        # SIGKILL leaves no stale lock: the kernel drops it with the holder.
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        from sweeps.driver_lock import DriverLock
+
+        with DriverLock(str(experiment)) as lock:
+            note = json.loads(lock.info_file.read_text())
+            assert note["pid"] == os.getpid()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=30)
+    print(f"\n[lock] second driver refused (exit 2) in {refused_s:.1f} s, holder pid {holder.pid} named")
+
+
+# --- a corrupt latest checkpoint ----------------------------------------------------------------
+
+FALLBACK_STEPS = 30
+
+
+@pytest.mark.integration
+def test_a_resumed_trial_whose_latest_checkpoint_is_corrupt_continues_from_the_one_before(tmp_path: Path) -> None:
+    """A real sweep stopped (SIGINT) after its trial's second checkpoint; that checkpoint's adapter
+    weights are then cut in half, as by a node lost mid-upload. `resume` continues from the first
+    checkpoint (step 10), trains steps 11..30 again, and reports each round once."""
+    from tests.fault_plugins import SLOW_STEPS
+
+    spec = write_spec(
+        tmp_path / "ckpt.yaml",
+        make_spec_dict(
+            name="ckpt",
+            space={"r": 8, "lora_alpha": 16, "target_modules": "qv", "learning_rate": 3e-3},
+            search={"num_samples": 1, "max_concurrent": 1},
+            train={"max_steps": FALLBACK_STEPS, "eval_every": 10, "batch_size": 8, "callbacks": [SLOW_STEPS]},
+        ),
+    )
+    experiment = tmp_path / "results" / "ckpt"
+    log = tmp_path / "run.log"
+    with private_ray_tmp() as ray_tmp:
+        with open(log, "w") as out:
+            driver = subprocess.Popen(
+                [QLORA_SWEEP, "run", str(spec), "--storage", str(tmp_path / "results"), "--name", "ckpt"],
+                env=cli_env(ray_tmp, **{SLOW_STEP_ENV: "2"}), stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                deadline = time.time() + 300
+                # The worker writes a checkpoint before it reports it (result.json follows later).
+                while not list(experiment.glob("trial_*/checkpoint_000001/trainer_state.json")):
+                    assert driver.poll() is None, log.read_text()[-3000:]
+                    assert time.time() < deadline, "the trial never saved its second checkpoint"
+                    time.sleep(0.2)
+                time.sleep(3.0)  # the driver takes the round in; 20 s of slow steps remain before the third
+                driver.send_signal(signal.SIGINT)
+                assert driver.wait(timeout=180) == 130, log.read_text()[-3000:]
+            finally:
+                if driver.poll() is None:
+                    os.killpg(driver.pid, signal.SIGKILL)
+                    driver.wait()
+        (trial_dir,) = experiment.glob("trial_*")
+        checkpoints = sorted(p.name for p in trial_dir.glob("checkpoint_*"))
+        assert checkpoints == ["checkpoint_000000", "checkpoint_000001"], checkpoints
+        rows = read_results(experiment)[trial_dir.name.removeprefix("trial_")]
+        assert [r["step"] for r in rows] == [10, 20], "stopped too late to test the fallback"
+        weights = trial_dir / "checkpoint_000001" / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a truncated upload
+
+        resumed = run_cli(["resume", str(experiment)], ray_tmp, timeout=300, **{SLOW_STEP_ENV: None})
+        assert processes_of(ray_tmp) == [], "Ray processes left behind"
+    assert resumed.returncode == 0, resumed.output[-4000:]
+    assert "latest checkpoint checkpoint_000001 is unreadable (adapter_model.safetensors" in resumed.output, resumed.output[-4000:]
+    assert "continuing from checkpoint_000000 (step 10)" in resumed.output
+    trials = read_trials_csv(experiment / "report" / "trials.csv")
+    assert list(trials["status"]) == ["completed"], trials[["status", "error"]]
+    rows = read_results(experiment)[trial_dir.name.removeprefix("trial_")]
+    assert [r["step"] for r in rows] == [10, 20, 30], [r["step"] for r in rows]  # each round reported once
+    assert [r["training_iteration"] for r in rows] == [1, 2, 3]
+    assert "checkpoint_000000" in rows[-1]["checkpoint_fallback"]
+    print(f"\n[checkpoint] resume continued from step 10 past the corrupt step-20 checkpoint in {resumed.wall_s:.0f} s")
+
+
+def test_checkpoint_problem_reads_every_file_of_a_checkpoint(tmp_path: Path) -> None:
+    """Truncated weights, a torch archive with a flipped byte and broken JSON are each found; a whole checkpoint passes."""
+    import torch
+    from safetensors.torch import save_file
+
+    from trainables.checkpoints import checkpoint_problem, checkpoint_step
+
+    def whole(folder: Path) -> Path:
+        folder.mkdir()
+        save_file({"w": torch.arange(4096, dtype=torch.float32)}, str(folder / "adapter_model.safetensors"))
+        torch.save({"state": torch.arange(4096, dtype=torch.float32)}, folder / "optimizer.pt")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": 20}))
+        (folder / "qlora_sweep_state.json").write_text(json.dumps({"train_s": 1.0, "step": 20}))
+        return folder
+
+    assert checkpoint_problem(str(whole(tmp_path / "ok"))) is None
+    assert checkpoint_step(str(tmp_path / "ok")) == 20
+    cut = whole(tmp_path / "cut") / "adapter_model.safetensors"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    assert checkpoint_problem(str(cut.parent)).startswith("adapter_model.safetensors: ")
+    flipped = whole(tmp_path / "flipped") / "optimizer.pt"
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    assert checkpoint_problem(str(flipped.parent)).startswith("optimizer.pt")
+    broken = whole(tmp_path / "json") / "trainer_state.json"
+    broken.write_text('{"global_step": 2')
+    assert checkpoint_problem(str(broken.parent)).startswith("trainer_state.json: JSONDecodeError")
+    assert checkpoint_step(str(broken.parent)) == 20  # from qlora_sweep_state.json

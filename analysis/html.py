@@ -274,7 +274,7 @@ def render_html(analysis: Analysis, charts: dict[str, bytes]) -> str:
         f"{', double quant' if model.double_quant else ''}) - data <code>{_e(spec.data.path)}</code> "
         f"({_e(spec.data.format)}) - "
         + (f"objectives {_e(', '.join(search.objectives))} (multi-objective)" if search.objectives
-           else f"objective {_e(search.metric)} (lower is better)")
+           else f"objective {_e(search.metric)} ({_e(spec.direction(search.metric))} is better)")
         + ", up to "
         f"{_e(spec.train.max_steps)} steps per trial<br>Generated {_e(analysis.generated_at)}",
         "</div>",
@@ -357,6 +357,15 @@ def render_html(analysis: Analysis, charts: dict[str, bytes]) -> str:
         + "</div>"
     )
 
+    if analysis.task is not None:
+        task = analysis.task
+        parts.append("<h2>Task metrics</h2>")
+        parts.append(
+            "<p>Measured inside each trial on a fixed, seeded subset of the eval split (eval.metrics). "
+            f"Ranked by {_e(task.objective)}; the budget table and the Pareto front rank by eval loss.</p>"
+        )
+        parts.append('<ul class="compact">' + "".join(f"<li>{_e(line)}</li>" for line in task.lines()) + "</ul>")
+        parts.append(data_table(task.table(), list(task.table().columns), sortable=True))
     parts.append("<h2>All trials</h2>")
     fixed = {**fixed, **constant_columns(analysis)}
     if fixed:

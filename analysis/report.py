@@ -83,7 +83,7 @@ def render_markdown(analysis: Analysis, plot_files: dict[str, str] | None = None
         f"{', double quant' if spec.model.double_quant else ''}), "
         f"data: `{spec.data.path}` ({spec.data.format})  ",
         (f"Objectives: {', '.join(search.objectives)} (multi-objective; ASHA on {search.metric})"
-         if search.objectives else f"Objective: {search.metric} (lower is better)")
+         if search.objectives else f"Objective: {search.metric} ({spec.direction(search.metric)} is better)")
         + f", up to {spec.train.max_steps} steps per trial  ",
         f"Generated: {analysis.generated_at}" + (" (**partial: the sweep is still running**)" if analysis.in_progress else ""),
         "",
@@ -103,6 +103,22 @@ def render_markdown(analysis: Analysis, plot_files: dict[str, str] | None = None
             "```",
             "",
             "Add `--merge` for a standalone model with the adapter merged in (see docs/report.md).",
+            "",
+        ]
+    if analysis.task is not None:
+        task = analysis.task
+        parts += [
+            "## Task metrics",
+            "",
+            "Measured inside each trial on a fixed, seeded subset of the eval split (eval.metrics; "
+            "docs/task-metrics.md). Trials ranked by " + (
+                f"{task.objective} ({task.metrics[task.objective]} is better)." if task.objective in task.metrics
+                else f"{task.objective}."
+            ) + " The budget table and the Pareto front below rank by eval loss.",
+            "",
+            *[f"- {line}" for line in task.lines()],
+            "",
+            markdown_table(task.table(), list(task.table().columns)),
             "",
         ]
     title = "Best under each memory budget" if analysis.budgets_apply else (

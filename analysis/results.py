@@ -23,7 +23,7 @@ from core.experiment_folder import is_experiment  # noqa: F401 - re-exported for
 from core.numbers import is_finite_number
 from core.run_plan import RunPlan, load_run_plan
 from core.status import ALL_STATUSES, FROM_TUNE, REPORTED_STATUSES, TrialStatus
-from trainables.metrics import COLUMNS, TRIAL_COLUMNS
+from trainables.metrics import COLUMNS, TRIAL_COLUMNS, task_columns
 
 
 class AnalysisInputError(QloraSweepError):
@@ -105,7 +105,7 @@ def load_experiment(path: str) -> Experiment:
         for row in folder.read_jsonl(path, folder.INFEASIBLE_FILE, notes)
     ]
     config_columns = saved.config_columns(notes)
-    trials = _typed_table(rows, config_columns)
+    trials = _typed_table(rows, config_columns, saved)
     curves_df = pd.DataFrame(curves) if curves else pd.DataFrame(columns=["trial_id", "training_iteration", "step", "eval_loss"])
     return Experiment(
         path=path,
@@ -172,6 +172,7 @@ def _load_trial(
         "ended_at": (last["started_at"] + last["elapsed_s"]) if is_finite_number(last.get("started_at")) and is_finite_number(last.get("elapsed_s")) else None,
         "micro_batch_size": last.get("micro_batch_size"),
         "oom_retry": last.get("oom_retry"),
+        **_task_figures(results, spec),
     }
     if row["memory_kind"] is None and results:
         row["memory_kind"] = "unknown"
@@ -183,10 +184,31 @@ def _load_trial(
             "eval_loss": r.get("eval_loss"),
             "train_loss": r.get("train_loss"),
             "peak_memory_mib": r.get("peak_memory_mib"),
+            **{name: r.get(name) for name in spec.task_metrics},
         }
         for r in evals
     ]
     return row, curve
+
+
+def _task_figures(results: list[dict[str, Any]], spec: SavedSpec) -> dict[str, Any]:
+    """best_<metric> and final_<metric> of each task metric (eval.metrics), in its direction, and the
+    task evaluation's cost; rounds without a task evaluation report NaN and are skipped."""
+    out: dict[str, Any] = {}
+    measured = [r for r in results if is_finite_number(r.get("task_eval_s"))]
+    for name, better in spec.task_metrics.items():
+        values = [r[name] for r in results if is_finite_number(r.get(name))]
+        out[f"best_{name}"] = (max(values) if better == "higher" else min(values)) if values else None
+        out[f"final_{name}"] = values[-1] if values else None
+        for extra in (f"{name}_loss", f"{name}_base_loss"):  # forgetting's figures, as last measured
+            found = [r[extra] for r in results if is_finite_number(r.get(extra))]
+            if found:
+                out[f"final_{extra}"] = found[-1]
+    if spec.task_metrics:
+        out["task_eval_total_s"] = sum(r["task_eval_s"] for r in measured) if measured else None
+        peaks = [r["task_eval_peak_mib"] for r in measured if is_finite_number(r.get("task_eval_peak_mib"))]
+        out["task_eval_peak_mib"] = max(peaks) if peaks else None
+    return out
 
 
 def _best(evals: list[dict[str, Any]]) -> dict[str, Any]:
@@ -264,10 +286,14 @@ def _status(
     return TrialStatus.RUNNING
 
 
-def _typed_table(rows: list[dict[str, Any]], config_columns: list[str]) -> pd.DataFrame:
-    """Columns in a fixed order with the dtypes declared in trainables.metrics."""
+def _typed_table(rows: list[dict[str, Any]], config_columns: list[str], saved: SavedSpec | None = None) -> pd.DataFrame:
+    """Columns in a fixed order with the dtypes declared in trainables.metrics; sorted by status, then
+    by the objective (best_<search.metric>) in its direction."""
+    saved = saved or SavedSpec()
+    task = [c for name, better in saved.task_metrics.items() for c in task_columns(name, better)]  # type: ignore[arg-type]
     ordered = ["trial_id", "status", *config_columns]
     ordered += [c.name for c in TRIAL_COLUMNS if c.name not in ordered]
+    ordered[ordered.index("final_eval_loss") + 1 : ordered.index("final_eval_loss") + 1] = [c.name for c in task]
     frame = pd.DataFrame(rows)
     for name in ordered:
         if name not in frame:
@@ -276,7 +302,7 @@ def _typed_table(rows: list[dict[str, Any]], config_columns: list[str]) -> pd.Da
     frame = frame[ordered + extra]
     for name in frame.columns:
         column = COLUMNS.get(name)  # config, metric and trial columns alike (trainables/metrics.py)
-        dtype = column.dtype if column else None
+        dtype = column.dtype if column else ("float64" if name in {c.name for c in task} else None)
         if dtype:
             frame[name] = pd.to_numeric(frame[name], errors="coerce").astype(dtype) if dtype in ("Int64", "float64") else frame[name].astype(dtype)
     # A VRAM prediction compared with a CPU process's RSS would be a meaningless error figure.
@@ -286,7 +312,12 @@ def _typed_table(rows: list[dict[str, Any]], config_columns: list[str]) -> pd.Da
     # The CPU tensor peak against the estimator's allocated bytes for the same CPU setup (same quantity).
     tensor_error = (frame["predicted_tensor_peak_mib"] - frame["tensor_peak_mib"]) / frame["tensor_peak_mib"] * 100
     frame["tensor_peak_error_pct"] = tensor_error.astype("float64")
-    return frame.sort_values(["status", "best_eval_loss"], key=_status_order, na_position="last").reset_index(drop=True)
+    objective = saved.objective_column if saved.objective_column in frame else "best_eval_loss"
+    metric = objective.removeprefix("best_")
+    ascending = [True, metric not in saved.task_metrics or saved.task_metrics[metric] == "lower"]
+    return frame.sort_values(
+        ["status", objective], key=_status_order, ascending=ascending, na_position="last", kind="mergesort"
+    ).reset_index(drop=True)
 
 
 def read_trials_csv(path: Any) -> pd.DataFrame:

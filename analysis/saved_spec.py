@@ -73,6 +73,10 @@ class SavedSearch(_View):
     optuna_study_name: str | None = None
 
 
+class SavedEval(_View):
+    metrics: list[Any] = []
+
+
 class SavedResources(_View):
     gpus_per_trial: float = 0.0
 
@@ -92,6 +96,7 @@ class SavedSpec(_View):
     scheduler: SavedScheduler = SavedScheduler()
     search: SavedSearch = SavedSearch()
     resources: SavedResources = SavedResources()
+    eval: SavedEval = SavedEval()
     space: dict[str, Any] = {}
 
     @classmethod
@@ -118,6 +123,28 @@ class SavedSpec(_View):
             else:
                 good[name] = raw[name]
         return cls.model_validate(good)
+
+    @property
+    def task_metrics(self) -> dict[str, str]:
+        """The task metrics of `eval.metrics` and their directions ({} when none, or unreadable)."""
+        from trainables.task_metrics import EvalSpec
+
+        try:
+            spec = EvalSpec.model_validate({"metrics": self.eval.metrics})
+        except ValueError:
+            return {}
+        return {m.metric_name: m.better for m in spec.metrics}
+
+    def direction(self, metric: str) -> str:
+        """lower or higher is better for a searched metric: a task metric's, or trainables/metrics.py's."""
+        from trainables.metrics import direction
+
+        return self.task_metrics.get(metric) or direction(metric)
+
+    @property
+    def objective_column(self) -> str:
+        """The trials-table column ranked by the objective: best_<search.metric>."""
+        return f"best_{self.search.metric}"
 
     @property
     def asha(self) -> SavedAsha | None:

@@ -36,6 +36,7 @@ from analysis.pareto import (
 )
 from analysis.results import Experiment
 from analysis.saved_spec import SavedSpec
+from analysis.task_report import TaskSummary, task_summary
 from core.experiment_folder import DATA_REPORT_FILE
 from core.numbers import plain_value
 from core.status import ALL_STATUSES, RANKABLE_STATUSES, TrialStatus
@@ -62,6 +63,7 @@ class Analysis:
         not_ranked: Trials left out of the ranking, with a `reason` column.
         counts: Trials per status.
         generated_at: When the report was made (local time).
+        task: The task metrics section (eval.metrics; analysis/task_report.py), None without any.
     """
 
     exp: Experiment
@@ -76,6 +78,7 @@ class Analysis:
     not_ranked: pd.DataFrame
     counts: dict[str, int]
     generated_at: str
+    task: TaskSummary | None = None
 
     @property
     def in_progress(self) -> bool:
@@ -156,6 +159,7 @@ def analyze(
         not_ranked=_not_ranked(trials, ranked, kind),
         counts=counts,
         generated_at=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        task=task_summary(exp, ranked),
     )
 
 
@@ -219,7 +223,10 @@ def headline_config(analysis: Analysis) -> list[str]:
 def trial_table_columns(analysis: Analysis) -> list[str]:
     """The trials-table columns worth showing: varying config, quality, memory, cost, where."""
     varying, _ = varying_config(analysis)
-    shown = ["trial_id", "status", *varying, QUALITY, "final_eval_loss", "best_step", "steps", MEMORY, "memory_kind"]
+    task = [f"{k}_{m}" for m in analysis.exp.saved_spec.task_metrics for k in ("best", "final")]
+    if task:
+        task += ["task_eval_total_s", "task_eval_peak_mib"]
+    shown = ["trial_id", "status", *varying, QUALITY, "final_eval_loss", *task, "best_step", "steps", MEMORY, "memory_kind"]
     if analysis.exp.trials["predicted_memory_mib"].notna().any():
         shown += ["predicted_memory_mib", "memory_error_pct"]
     # CPU runs: the tensor peak, which moves with the configuration where host RSS does not.
@@ -276,8 +283,12 @@ def summary_lines(analysis: Analysis) -> list[str]:
     if best is None:
         lines.append("no trial has reported an evaluation yet")
         return lines
+    task_objective = analysis.task is not None and analysis.task.objective in analysis.task.metrics
+    if analysis.task is not None:
+        lines += analysis.task.lines()
     lines.append(
-        f"best: trial {best['trial_id']} eval_loss {fmt_loss(best[QUALITY])} ({config_text(best, headline_config(analysis))}), "
+        ("lowest eval loss" if task_objective else "best")
+        + f": trial {best['trial_id']} eval_loss {fmt_loss(best[QUALITY])} ({config_text(best, headline_config(analysis))}), "
         f"peak memory {memory_label(best[MEMORY], kind)}"
     )
     cheap = analysis.cheapest

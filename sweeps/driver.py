@@ -30,7 +30,6 @@ from sweeps.plan import make_run_plan, redact_location, resolved_data, trial_job
 from sweeps.spec import SpecError, SweepSpec, name_problem, safe_yaml
 from sweeps.tracking import SECRET_ENV as TRACKER_SECRET_ENV
 from trainables.job import TrialJob
-from trainables.metrics import tune_mode
 from trainables.params import Fixed
 from trainables.trial_memory import not_modelled
 
@@ -127,6 +126,13 @@ def preflight(spec: SweepSpec, *, check_storage: bool = True, offline: bool = Fa
         finally:
             if added:
                 sys.path.remove(os.getcwd())
+    if spec.eval.metrics:
+        from sweeps.plan import eval_job
+
+        try:
+            eval_job(spec)  # reads the forgetting sets and python metric files, as trial_job will
+        except SpecError as exc:
+            problems.extend(exc.problems)
     if spec.tracking.mlflow is not None or spec.tracking.wandb is not None:
         from sweeps.tracking import problems as tracking_problems
 
@@ -423,7 +429,7 @@ def build_tuner(
     # Tune, ASHA and checkpoint ranking take one metric. In multi-objective mode (search.objectives)
     # only the searcher gets the list (make_searcher); ASHA stops on search.metric (docs/multi-objective.md).
     metric = spec.search.metric
-    mode = tune_mode(metric)
+    mode = spec.tune_mode(metric)
     # The study lives in search.optuna_storage (resolved by `_with_study`), where optuna-dashboard reads it.
     searcher = make_searcher(spec, search_space(spec), sampler or make_sampler(spec), mode)
     if plan is not None:
@@ -431,7 +437,7 @@ def build_tuner(
         searcher = AdmissionSearch(searcher, plan, storage.join(storage_path, experiment_name))
     # Start lines show what the space searches (every knob with more than one value).
     searched = [knob.name for knob, kind in spec.space.kinds(spec.train.batch_size) if not isinstance(kind, Fixed)]
-    progress = SweepProgress(spec.search.num_samples, spec.max_rounds, metric, config_keys=searched)
+    progress = SweepProgress(spec.search.num_samples, spec.max_rounds, metric, config_keys=searched, mode=mode)
     return tune.Tuner(
         make_trainable(checked, job, plan),
         tune_config=tune.TuneConfig(
@@ -458,8 +464,11 @@ def build_tuner(
             # and, always, the latest (what a retried or resumed trial continues from). Two, so that
             # an older one is kept whenever the latest is also the best: a restored trial whose
             # latest checkpoint is unreadable continues from it (trainables/checkpoints.py).
+            # A task metric measured only at some rounds (eval.when) is NaN at the others: rank by eval_loss then.
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=metric, checkpoint_score_order=mode
+                num_to_keep=2,
+                checkpoint_score_attribute=checkpoint_metric(spec),
+                checkpoint_score_order=spec.tune_mode(checkpoint_metric(spec)),
             ),
             callbacks=[progress, *tracking_callbacks(spec, experiment_name, storage.join(storage_path, experiment_name), print)],
             verbose=0,  # SweepProgress prints a compact live view instead of Tune's tables
@@ -470,6 +479,15 @@ def build_tuner(
 def has_watchdog(spec: SweepSpec) -> bool:
     """Whether trials run under a watchdog (train.trial_timeout_s or train.stall_timeout_s)."""
     return spec.train.trial_timeout_s is not None or spec.train.stall_timeout_s is not None
+
+
+def checkpoint_metric(spec: SweepSpec) -> str:
+    """What a trial's kept checkpoint is ranked by: search.metric, unless it is a task metric that is
+    not measured every round (NaN in between), then eval_loss."""
+    metric = spec.search.metric
+    if metric in spec.eval.names and spec.eval.when != "every_round":
+        return "eval_loss"
+    return metric
 
 
 def make_trainable(checked: Preflight, job: TrialJob, plan: MemoryPlan | None = None) -> Any:

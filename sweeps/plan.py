@@ -19,6 +19,7 @@ from core.run_plan import PLAN_FORMAT_VERSION, MemorySummary, ModelSummary, RunP
 from sweeps.spec import SweepSpec
 from trainables.job import TrialJob
 from trainables.settings import DataSpec
+from trainables.task_metrics import EvalJob, load_python_metric, read_texts
 from trainables.tiny_models import is_builtin
 from trainables.training_setup import TrainingSetup
 from trainables.trial_memory import not_modelled
@@ -66,7 +67,50 @@ def trial_job(spec: SweepSpec, *, model_path: str | None = None, model_config: A
         cpus_per_trial=spec.resources.cpus_per_trial,
         gpus_per_trial=spec.resources.gpus_per_trial,
         pack=spec.resources.pack,
+        eval=eval_job(spec),
     )
+
+
+def eval_job(spec: SweepSpec) -> EvalJob | None:
+    """The task evaluation every trial runs (eval.metrics), with the files it names read here, so the
+    job carries them to every worker (no shared disk): each forgetting set's texts (at most
+    eval.max_examples) and each python metric file's source. None without task metrics.
+
+    Raises:
+        SpecError: Naming the metric, the file and the fix, when a file cannot be read or the
+            function is not in it.
+    """
+    from sweeps.spec import SpecError
+
+    if not spec.eval.metrics:
+        return None
+    problems: list[str] = []
+    texts: dict[str, tuple[str, ...]] = {}
+    sources: dict[str, tuple[str, str]] = {}
+    for i, metric in enumerate(spec.eval.metrics):
+        where = f"eval.metrics[{i}] ({metric.metric_name})"
+        if metric.type == "forgetting":
+            try:
+                texts[metric.metric_name] = read_texts(spec.resolve_path(metric.path), spec.eval.max_examples)
+            except ValueError as exc:
+                problems.append(f"{where}.path: {exc}")
+        if metric.type == "python":
+            target, _, _ = metric.python.rpartition(":")
+            if target.endswith(".py"):
+                file = spec.resolve_path(target)
+                try:
+                    with open(file, encoding="utf-8") as f:
+                        sources[metric.metric_name] = (file, f.read())
+                except (OSError, UnicodeDecodeError) as exc:
+                    problems.append(f"{where}.python: cannot read {file} ({exc}); the path is relative to the spec file")
+                    continue
+            try:
+                load_python_metric(metric, sources)
+            except Exception as exc:  # the user's module: anything it raises at import is its problem to fix
+                problems.append(f"{where}.python: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    if problems:
+        raise SpecError("eval", problems)
+    return EvalJob(spec=spec.eval, rounds=spec.task_eval_rounds, forgetting_texts=texts, python_sources=sources)
 
 
 def model_summary(spec: SweepSpec, model_path: str | None, model_config: Any) -> ModelSummary:

@@ -48,7 +48,9 @@ class SweepProgress(Callback):
         status_every_s: float = 30.0,
         out: Callable[[str], None] | None = None,
         config_keys: Sequence[str] | None = None,
+        mode: str = "min",
     ):
+        self.mode = mode  # "max" for a higher-is-better metric (a task metric such as exact_match)
         self.num_samples = num_samples
         self.config_keys = tuple(config_keys) if config_keys is not None else tuple(k.name for k in KNOBS)
         self.max_rounds = max_rounds
@@ -79,11 +81,12 @@ class SweepProgress(Callback):
 
     def _best_value(self, trial: Any) -> Any:
         analysis = getattr(trial, "metric_analysis", None) or {}
-        value = analysis.get(self.metric, {}).get("min")
+        value = analysis.get(self.metric, {}).get(self.mode)
         return value if value is not None else (trial.last_result or {}).get(self.metric)
 
     def _note_best(self, trial_id: str, value: Any) -> None:
-        if is_finite_number(value) and (self.best is None or value < self.best[0]):
+        better = (lambda a, b: a > b) if getattr(self, "mode", "min") == "max" else (lambda a, b: a < b)
+        if is_finite_number(value) and (self.best is None or better(value, self.best[0])):
             self.best = (value, trial_id)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -202,7 +202,6 @@ def search_space(spec: SweepSpec) -> Callable[[Any], dict[str, Any]]:
 
 def make_searcher(spec: SweepSpec, space: Any, sampler: Any, mode: str) -> OptunaStudySearch:
     """The sweep's searcher, its study in search.optuna_storage (resolved; see `resolve_study`)."""
-    from trainables.metrics import tune_mode
 
     url = spec.search.optuna_storage
     db = sqlite_path(url)
@@ -212,7 +211,7 @@ def make_searcher(spec: SweepSpec, space: Any, sampler: Any, mode: str) -> Optun
         space=space,
         # Multi-objective mode (search.objectives): lists, one direction per metric.
         metric=spec.search.objective_metrics if spec.search.multi_objective else spec.search.metric,
-        mode=[tune_mode(m) for m in spec.search.objective_metrics] if spec.search.multi_objective else mode,
+        mode=[spec.tune_mode(m) for m in spec.search.objective_metrics] if spec.search.multi_objective else mode,
         sampler=sampler,
         storage=open_storage(url) if url and url != "memory" else None,
         study_name=spec.search.optuna_study_name,

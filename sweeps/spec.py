@@ -34,10 +34,11 @@ from pydantic import (
 from core import yaml_limits
 from core.errors import ProblemsError
 from core.hub import is_hub_id
-from trainables.metrics import OBJECTIVE
+from trainables.metrics import COLUMNS, OBJECTIVE, direction
 from trainables.params import SpaceSpec
 from trainables.settings import DataSpec, ModelSpec, PathText, Seed, TrainSpec
 from trainables.settings import Strict as _Strict
+from trainables.task_metrics import EvalSpec, MetricSpec, asha_rounds
 
 # The spec's `name` (and `--name`): it names a folder inside the storage, so no separators, no
 # leading dot (no "..", no hidden folder).
@@ -47,8 +48,11 @@ NAME_RULE = "use letters, digits, '_', '.', '-', starting with a letter or digit
 # A spec is a few KB (hostile input: see also core/yaml_limits.py for alias bombs).
 MAX_SPEC_BYTES = 1_000_000
 
-# search.objectives: metrics with a direction that every trial reports, and the short names accepted.
+# search.objectives: metrics with a direction that every trial reports, and the short names accepted
+# (besides the task metrics of `eval.metrics`, trainables/task_metrics.py).
 OBJECTIVE_METRICS = ("eval_loss", "perplexity", "peak_memory_mib", "tokens_per_s")
+# search.metric: what ASHA stops on and a single-objective search optimizes (or an eval.metrics name).
+SEARCH_METRICS = ("eval_loss", "perplexity")
 OBJECTIVE_ALIASES = {"peak_memory": "peak_memory_mib"}
 
 
@@ -65,7 +69,13 @@ class SearchSpec(_Strict):
     max_concurrent: PositiveInt = 2
     seed: Seed = 0
     sampler: Literal["tpe", "random"] = "tpe"
-    metric: Literal["eval_loss", "perplexity"] = OBJECTIVE
+    metric: str = Field(
+        default=OBJECTIVE,
+        description=(
+            "What ASHA early-stops on and a single-objective search optimizes: eval_loss, perplexity, or the name of "
+            "a task metric of eval.metrics (e.g. exact_match), whose direction it takes."
+        ),
+    )
     optuna_storage: str | None = Field(
         default=None,
         description=(
@@ -108,12 +118,8 @@ class SearchSpec(_Strict):
         allowed = ", ".join(OBJECTIVE_METRICS)
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError(f"write a list of metric names, e.g. [eval_loss, peak_memory]; allowed: {allowed}")
+        # Unknown names are checked with the eval section (SweepSpec._metrics_known): task metrics count.
         resolved = [OBJECTIVE_ALIASES.get(n, n) for n in names]
-        unknown = [n for n, r in zip(names, resolved) if r not in OBJECTIVE_METRICS]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], [*OBJECTIVE_METRICS, *OBJECTIVE_ALIASES], n=1)
-            did = f"did you mean '{close[0]}'? " if close else ""
-            raise ValueError(f"unknown objective {unknown[0]!r}. {did}Allowed: {allowed} (peak_memory = peak_memory_mib)")
         if len(set(resolved)) != len(resolved):
             raise ValueError("an objective is listed twice; list each metric once")
         if len(resolved) < 2:
@@ -301,12 +307,66 @@ class SweepSpec(_Strict):
     resources: ResourcesSpec = ResourcesSpec()
     storage: PathText = "./results"
     tracking: TrackingSpec = TrackingSpec()
+    eval: EvalSpec = EvalSpec()
 
     # Where the spec file lives; relative data/model paths resolve against it. Not a YAML key.
     base_dir: Path = Field(default=Path("."), exclude=True, repr=False)
     # The `--set KEY=VALUE` overrides applied on top of the file, as given; run_plan.json and the report
     # record them. Not a YAML key.
     overrides: tuple[str, ...] = Field(default=(), exclude=True, repr=False)
+
+    @model_validator(mode="after")
+    def _metrics_known(self) -> SweepSpec:
+        task = self.eval.names
+        single = [*SEARCH_METRICS, *task]
+        if self.search.metric not in single:
+            close = difflib.get_close_matches(self.search.metric, single, n=1)
+            did = f"did you mean '{close[0]}'? " if close else ""
+            hint = "" if task else " (or add a task metric, e.g. eval: {metrics: [exact_match]})"
+            raise ValueError(
+                f"search.metric: got {self.search.metric!r}. {did}Allowed: {', '.join(single)}{hint}"
+            )
+        if self.search.objectives is not None:
+            allowed = [*OBJECTIVE_METRICS, *task]
+            unknown = [n for n in self.search.objectives if n not in allowed]
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], [*allowed, *OBJECTIVE_ALIASES], n=1)
+                did = f"did you mean '{close[0]}'? " if close else ""
+                raise ValueError(
+                    f"search.objectives: got {self.search.objectives!r}; unknown objective {unknown[0]!r}. {did}"
+                    f"Allowed: {', '.join(allowed)} "
+                    "(peak_memory = peak_memory_mib; task metrics come from eval.metrics)"
+                )
+        reserved = [n for m in self.eval.metrics for n in (m.metric_name, *m.extra_names()) if n in COLUMNS]
+        if reserved:
+            raise ValueError(f"eval.metrics: {reserved[0]!r} is a name the trial already reports; give the metric another `name:`")
+        if self.eval.metrics and self.data.format == "text":
+            raise ValueError(
+                "eval.metrics: data.format text has no prompt to answer; task metrics need format instruction or chat"
+            )
+        return self
+
+    def direction(self, metric: str) -> Literal["lower", "higher"]:
+        """Whether lower or higher is better: a task metric's from eval.metrics, else trainables/metrics.py."""
+        if metric in self.eval.names:
+            return self.eval.direction(metric)
+        return direction(metric)
+
+    def tune_mode(self, metric: str) -> Literal["min", "max"]:
+        return "min" if self.direction(metric) == "lower" else "max"
+
+    @property
+    def task_eval_rounds(self) -> tuple[int, ...]:
+        """The evaluation rounds after which trials measure their task metrics (eval.when): where ASHA can
+        stop a trial plus the last round, every round, or the last only."""
+        last = self.max_rounds
+        if self.eval.when == "every_round":
+            return tuple(range(1, last + 1))
+        rounds = {last}
+        asha = self.scheduler.asha
+        if self.eval.when == "rungs" and asha is not None:
+            rounds.update(r for r in asha_rounds(asha.grace_period, asha.reduction_factor, last) if r <= last)
+        return tuple(sorted(rounds))
 
     @model_validator(mode="after")
     def _asha_fits_rounds(self) -> SweepSpec:
@@ -362,6 +422,8 @@ _SECTION_MODELS: dict[tuple[str, ...], type[BaseModel]] = {
     ("tracking",): TrackingSpec,
     ("tracking", "mlflow"): MLflowSpec,
     ("tracking", "wandb"): WandbSpec,
+    ("eval",): EvalSpec,
+    ("eval", "metrics"): MetricSpec,
 }
 
 

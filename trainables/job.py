@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from trainables.settings import DataSpec, ModelSpec, TrainSpec
+from trainables.task_metrics import EvalJob
 
 
 class TrialJob(BaseModel):
@@ -28,6 +29,7 @@ class TrialJob(BaseModel):
         cpus_per_trial: Threads the trial's torch may use.
         gpus_per_trial: GPUs (or a share) each trial asks for; 0 trains on CPU.
         pack: Whether trials share GPUs by predicted memory (resources.pack).
+        eval: The task metrics and when to measure them (spec `eval:`); None without any.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -40,3 +42,4 @@ class TrialJob(BaseModel):
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     pack: bool = False
+    eval: EvalJob | None = None

@@ -94,9 +94,15 @@ class PeakMemoryProbe:
         self._sampler: _RssSampler | None = None
         self._nvml_handle: Any = None
         self._nvml_peak = 0.0
+        # The peak before the latest `section`, which reset the counters to measure itself.
+        self._floor: MemoryReading | None = None
 
     def reset(self) -> None:
         """Start measuring from now."""
+        self._floor = None
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
         gc.collect()
         if self.is_cuda:
             import torch
@@ -108,7 +114,32 @@ class PeakMemoryProbe:
             self._sampler = _RssSampler()
 
     def read(self) -> MemoryReading:
-        """The peak since `reset`, in MiB."""
+        """The peak since `reset`, in MiB (a `section` in between does not lower it)."""
+        current = self._read()
+        floor = self._floor
+        if floor is None:
+            return current
+        allocated = [x for x in (floor.cuda_allocated_mib, current.cuda_allocated_mib) if x is not None]
+        return MemoryReading(
+            peak_memory_mib=max(floor.peak_memory_mib, current.peak_memory_mib),
+            memory_kind=current.memory_kind,
+            cuda_allocated_mib=max(allocated) if allocated else None,
+            nvml_used_mib=current.nvml_used_mib,
+        )
+
+    def section(self, fn: Any) -> MemoryReading:
+        """Run `fn()` and return the peak memory while it ran (same kind as `read`), keeping the
+        peak since `reset` for later reads: the counters are reset for the section, and what they
+        held before becomes a floor."""
+        self._floor = self.read()
+        if self._sampler is not None:
+            self._sampler.stop()
+            self._sampler = None
+        self._reset_counters()
+        fn()
+        return self._read()
+
+    def _read(self) -> MemoryReading:
         if self.is_cuda:
             import torch
 

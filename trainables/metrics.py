@@ -118,6 +118,15 @@ REPORTED_METRICS: tuple[Column, ...] = (
         "Longest padded sequence length among the profiled training batches (the CPU prediction's seq_len).",
     ),
     Column("oom_batch_size", "Int64", "examples", None, "Micro-batch the trial ran out of memory with."),
+    # Task evaluation's cost (trainables/task_metrics.py), on the reports after which it ran.
+    Column("task_eval_s", "float64", "s", "lower", "Seconds the task evaluation (eval.metrics) took after this round."),
+    Column(
+        "task_eval_peak_mib",
+        "float64",
+        "MiB",
+        "lower",
+        "Peak memory while the task evaluation ran (the trial's memory_kind: VRAM on CUDA, host RSS on CPU).",
+    ),
 )
 
 REPORTED: dict[str, Column] = {c.name: c for c in REPORTED_METRICS}
@@ -184,6 +193,10 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
     Column("ended_at", "float64", "s", None, "When the trial last reported (Unix time)."),
     Column("micro_batch_size", "Int64", "examples", None, "Micro-batch the trial trained with (half its config's after an OOM retry)."),
     Column("oom_retry", "string", "", None, "Set when the trial ran out of memory and retried with half the micro-batch."),
+    # Task metrics (eval.metrics) add best_<metric> and final_<metric> columns, named and directed by the
+    # spec (trainables/task_metrics.py, `task_columns`); their evaluation's cost:
+    Column("task_eval_total_s", "float64", "s", "lower", "Seconds the trial spent in task evaluation, all rounds."),
+    Column("task_eval_peak_mib", "float64", "MiB", "lower", "Highest peak memory of the trial's task evaluations."),
 )
 
 # The search-space columns of trials.csv (one trial's config), from the hyperparameter registry.
@@ -201,6 +214,15 @@ MEMORY_KINDS = {
 }
 
 COLUMNS: dict[str, Column] = {c.name: c for c in (*REPORTED_METRICS, *TRIAL_COLUMNS, *CONFIG_COLUMNS)}
+
+
+def task_columns(name: str, better: Direction, unit: str = "") -> tuple[Column, Column]:
+    """The trials-table columns of one task metric: its best and its last measured value."""
+    best = "highest" if better == "higher" else "lowest"
+    return (
+        Column(f"best_{name}", "float64", unit, better, f"The {best} {name} the trial measured (eval.metrics)."),
+        Column(f"final_{name}", "float64", unit, better, f"{name} at the trial's last task evaluation."),
+    )
 
 
 def direction(name: str) -> Direction:

@@ -43,6 +43,7 @@ from trainables.memory_probe import (
 )
 from trainables.params import TrialConfig
 from trainables.settings import CALLBACK_PATTERN, ModelSpec
+from trainables.task_metrics import TaskEvaluator, TaskSchedule
 from trainables.tiny_models import is_builtin, materialize
 from trainables.training_setup import TrainingSetup, load_tokenizer
 from trainables.trial_memory import MemoryKnobs, estimate_for_trial, predicted_allocated_mib, predicted_mib
@@ -152,6 +153,8 @@ class TrialReport:
     """
 
     started: float
+    # Every key a task evaluation reports (trainables/task_metrics.py): NaN in reports without one.
+    task_names: tuple[str, ...] = ()
     trial_facts: dict[str, Any] = field(default_factory=dict)
     model_facts: dict[str, Any] = field(default_factory=dict)
     attempt_facts: dict[str, Any] = field(default_factory=dict)
@@ -202,10 +205,12 @@ class TrialReport:
         train_losses: list[float],
         reading: MemoryReading,
         status: TrialStatus | None = None,
+        task: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """One evaluation's report (or a diverged trial's terminal one, with `status`)."""
+        """One evaluation's report (or a diverged trial's terminal one, with `status`); `task`: the task
+        metrics measured after this evaluation, if any (NaN for each otherwise)."""
         finite = [x for x in train_losses if math.isfinite(x)]
-        metrics: dict[str, Any] = {"eval_loss": eval_loss}
+        metrics: dict[str, Any] = {"eval_loss": eval_loss, **{n: float("nan") for n in self.task_names}, **(task or {})}
         if status is not None:
             metrics["trial_status"] = status.value
         metrics.update(
@@ -228,6 +233,7 @@ class TrialReport:
             # Every result carries the objectives (Tune checks); NaN marks "no quality measured".
             "eval_loss": float("nan"),
             "perplexity": float("nan"),
+            **{n: float("nan") for n in self.task_names},
             "trial_status": TrialStatus.OOM.value,
             "oom_message": message,
             "oom_batch_size": batch_size,
@@ -399,7 +405,7 @@ def run_trial(
         # Without the driver's tokens (a direct call, a driver without the tokenizer) the trial
         # prepares the data itself, the same way preflight does.
         data = prepare_data(job.data.path, job.data, tokenizer)
-    trial_report = TrialReport(started=started, trial_facts={"started_at": round(started, 3), **_gpu_share(device, gpu_fraction)})
+    trial_report = TrialReport(started=started, task_names=TaskSchedule(job.eval).names, trial_facts={"started_at": round(started, 3), **_gpu_share(device, gpu_fraction)})
     grad_accum = job.train.grad_accum
     attempt = 0
     while True:
@@ -600,6 +606,9 @@ def _build_trainer(
     skip_model_card(trainer.model)
     remove_printer_callback(trainer)
     trial_report.model_loaded(trainer, setup, trial, data)
+    task = None
+    if job.eval is not None:
+        task = TaskEvaluator(job.eval, tokenizer, data.eval_tokens, job.data.max_seq_length)
     reporter = _tune_reporter_class()(
         report=report,
         probe=probe,
@@ -607,6 +616,9 @@ def _build_trainer(
         checkpointing=job.train.checkpoint,
         tensor_probe=tensor_probe,
         predict_tensor_peak=predict_tensor_peak,
+        task=task,
+        schedule=TaskSchedule(job.eval),
+        eval_every=job.train.eval_every,
     )
     trainer.add_callback(reporter)
     for callback in callbacks:
@@ -630,7 +642,13 @@ def _tune_reporter_class() -> type:
             checkpointing: bool,
             tensor_probe: TensorPeakProbe | None = None,
             predict_tensor_peak: Callable[[int, int], float | None] | None = None,
+            task: TaskEvaluator | None = None,
+            schedule: TaskSchedule | None = None,
+            eval_every: int = 1,
         ):
+            self.task = task
+            self.schedule = schedule or TaskSchedule(None)
+            self.eval_every = eval_every
             self.report = report
             self.probe = probe
             self.trial_report = trial_report
@@ -715,10 +733,14 @@ def _tune_reporter_class() -> type:
                 self.diverged_at = state.global_step
                 control.should_training_stop = True
                 status = TrialStatus.DIVERGED
+            task = None
+            if status is None and self.task is not None and self.schedule.due(state.global_step // self.eval_every):
+                # Off the throughput clock: segment_start restarts below.
+                task = self.task.evaluate(kwargs["model"], self.probe)
             if self.checkpointing and status is None:
-                self.pending = self._metrics(state, eval_loss)  # reported from on_save, with its checkpoint
+                self.pending = self._metrics(state, eval_loss, task=task)  # reported from on_save, with its checkpoint
             else:
-                self.report(self._metrics(state, eval_loss, status))
+                self.report(self._metrics(state, eval_loss, status, task=task))
             self.segment_start = time.time()
 
         def on_save(self, args, state, control, **kwargs):
@@ -737,7 +759,9 @@ def _tune_reporter_class() -> type:
                 with open(path) as f:
                     self.train_seconds = float(json.load(f).get("train_s", 0.0))
 
-        def _metrics(self, state: Any, eval_loss: float, status: TrialStatus | None = None) -> dict[str, Any]:
+        def _metrics(
+            self, state: Any, eval_loss: float, status: TrialStatus | None = None, task: dict[str, Any] | None = None
+        ) -> dict[str, Any]:
             metrics = self.trial_report.evaluation(
                 eval_loss=eval_loss,
                 step=state.global_step,
@@ -746,6 +770,7 @@ def _tune_reporter_class() -> type:
                 train_losses=self.train_losses,
                 reading=self.probe.read(),
                 status=status,
+                task=task,
             )
             self.train_losses = []
             return metrics

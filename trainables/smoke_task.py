@@ -6,7 +6,8 @@ ask about the same facts ("What color is this fruit?" / "mango" -> "orange"). A 
 learn that mapping in a few dozen LoRA steps, and how fast it does depends visibly on the
 learning rate, the rank and which layers are adapted: what a sweep should discover.
 
-Regenerate the shipped dataset with:
+Regenerate the shipped datasets (and the GSM8K-shaped variant smoke_answers.jsonl, and the
+forgetting set smoke_general.txt, beside it) with:
     python -m trainables.smoke_task sweeps/data/smoke_instructions.jsonl
 """
 
@@ -71,6 +72,18 @@ def instruction_rows(count: int = 1200, seed: int = 0) -> list[dict[str, str]]:
     return [_fact(rng)[1] for _ in range(count)]
 
 
+def answer_rows(count: int = 600, seed: int = 2) -> list[dict[str, str]]:
+    """The smoke task with GSM8K-shaped answers: the fact as a sentence, then '### <answer>'
+    (sweeps/data/smoke_answers.jsonl; '###' because the builtin word-level tokenizer knows it
+    from the prompt template, and '####' would be <unk>), so exact match needs the extraction regex to score the answer."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        sentence, row = _fact(rng)
+        rows.append({**row, "output": f"{sentence} ### {row['output']}"})
+    return rows
+
+
 def write_jsonl(path: str | Path, rows: list[dict[str, str]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -81,3 +94,9 @@ if __name__ == "__main__":
     target = sys.argv[1] if len(sys.argv) > 1 else "sweeps/data/smoke_instructions.jsonl"
     write_jsonl(target, instruction_rows())
     print(f"wrote {target}")
+    folder = Path(target).parent
+    write_jsonl(folder / "smoke_answers.jsonl", answer_rows())
+    # A forgetting set (eval.metrics: forgetting): plain sentences like those the tiny models were
+    # pretrained on, drawn with another seed.
+    (folder / "smoke_general.txt").write_text("".join(s + "\n" for s in pretraining_sentences(64, seed=7)))
+    print(f"wrote {folder / 'smoke_answers.jsonl'} and {folder / 'smoke_general.txt'}")

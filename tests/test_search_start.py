@@ -88,6 +88,21 @@ def test_the_first_proposal_is_the_baseline_and_only_it_is_marked() -> None:
     assert BASELINE_KEY not in second
 
 
+def test_a_warm_start_trial_is_never_the_answer_to_a_repeat() -> None:
+    """skip_repeats answers a proposal from this sweep's own finished trials only: a warm-start trial
+    (another experiment's) has no curve or adapter here, so its configuration is trained."""
+    from sweeps.warm_start import WARM_START_ATTR
+
+    spec = spec_with({"r": [4, 8], "target_modules": "qv", "learning_rate": 1e-3}, sampler="random", skip_repeats=True)
+    search = make_searcher(spec, search_space(spec), make_sampler(spec), "min")
+    dists = spec.space.distributions(spec.train.batch_size)
+    priors = [optuna.trial.create_trial(params={"r": r}, distributions=dists, value=1.0 / r,
+                                        user_attrs={WARM_START_ATTR: "/earlier"}) for r in (4, 8)]
+    search.seed_study(None, priors)
+    config = search.suggest("a")
+    assert config is not None and config["r"] in (4, 8) and search.repeats_skipped == 0
+
+
 def asha_stops_baseline(scheduler_class: type) -> str:
     """Two good trials reach round 1 first; then the baseline arrives with a worse loss."""
     scheduler = scheduler_class(time_attr="training_iteration", metric="eval_loss", mode="min", max_t=4,

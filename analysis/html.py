@@ -170,6 +170,13 @@ def _config_kv(row: pd.Series, columns: Sequence[str]) -> str:
     return f'<table class="kv">{cells}</table>'
 
 
+def _deploy_words(analysis: Analysis) -> str:
+    rec, best = analysis.recommended, analysis.best
+    if rec is not None and best is not None and rec["trial_id"] != best["trial_id"]:
+        return f"Deploy the recommended trial, the baseline {rec['trial_id']} (the best does not beat it meaningfully):"
+    return "Deploy it:"
+
+
 def _summary_cards(analysis: Analysis) -> str:
     kind = analysis.memory_kind
     varying = headline_config(analysis)
@@ -183,7 +190,7 @@ def _summary_cards(analysis: Analysis) -> str:
             f'<div class="big">eval loss {fmt_loss(best[QUALITY])}</div>'
             f'<div class="sub">trial <code>{_e(best["trial_id"])}</code> {pill(str(best["status"]))} - peak '
             f"{_e(memory_label(best[MEMORY], kind))}</div>{_config_kv(best, varying)}"
-            f'<div class="sub" style="margin-top:8px">Deploy it:</div><pre><code>{_e(export_command(analysis))}</code></pre>'
+            f'<div class="sub" style="margin-top:8px">{_e(_deploy_words(analysis))}</div><pre><code>{_e(export_command(analysis))}</code></pre>'
             "</div>"
         )
     cheap = analysis.cheapest

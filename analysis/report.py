@@ -94,9 +94,11 @@ def render_markdown(analysis: Analysis, plot_files: dict[str, str] | None = None
         f"**How memory was measured:** {MEMORY_NOTES.get(kind or '', 'no measurement yet')}",
         "",
     ]
-    if analysis.best is not None:
+    if analysis.recommended is not None:
         parts += [
-            "## Deploy the best trial",
+            "## Deploy the recommended trial"
+            + (" (the baseline: the best does not beat it meaningfully)"
+               if analysis.best is not None and analysis.recommended["trial_id"] != analysis.best["trial_id"] else ""),
             "",
             "```",
             export_command(analysis),

@@ -23,7 +23,7 @@ from core.experiment_folder import is_experiment  # noqa: F401 - re-exported for
 from core.numbers import is_finite_number
 from core.run_plan import RunPlan, load_run_plan
 from core.status import ALL_STATUSES, FROM_TUNE, REPORTED_STATUSES, TrialStatus
-from trainables.metrics import COLUMNS, TRIAL_COLUMNS, task_columns
+from trainables.metrics import BASELINE_COLUMN, COLUMNS, TRIAL_COLUMNS, task_columns
 
 
 class AnalysisInputError(QloraSweepError):
@@ -61,6 +61,8 @@ class Experiment:
     saved_spec: SavedSpec = field(default_factory=SavedSpec)
     plan: RunPlan = field(default_factory=RunPlan)
     data_report: dict[str, Any] | None = None
+    # The earlier experiments the study started from (warm_start.json's sources; [] without).
+    warm_start: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def max_steps(self) -> int:
@@ -117,7 +119,19 @@ def load_experiment(path: str) -> Experiment:
         saved_spec=saved,
         plan=load_run_plan(path, notes),
         data_report=_data_report(path),
+        warm_start=_warm_start(path, notes),
     )
+
+
+def _warm_start(path: str, notes: list[str]) -> list[dict[str, Any]]:
+    """The sources of warm_start.json (sweeps/warm_start.py), [] when the sweep started from nothing."""
+    try:
+        value = folder.read_json(path, folder.WARM_START_FILE)
+    except (OSError, ValueError):
+        notes.append(f"{folder.WARM_START_FILE} is unreadable: the warm-start sources are not listed")
+        return []
+    sources = value.get("sources") if isinstance(value, dict) else None
+    return [s for s in sources if isinstance(s, dict)] if isinstance(sources, list) else []
 
 
 def _data_report(path: str) -> dict[str, Any] | None:
@@ -305,6 +319,7 @@ def _typed_table(rows: list[dict[str, Any]], config_columns: list[str], saved: S
         dtype = column.dtype if column else ("float64" if name in {c.name for c in task} else None)
         if dtype:
             frame[name] = pd.to_numeric(frame[name], errors="coerce").astype(dtype) if dtype in ("Int64", "float64") else frame[name].astype(dtype)
+    frame[BASELINE_COLUMN] = frame[BASELINE_COLUMN].fillna(False)  # only the baseline's config has the key
     # A VRAM prediction compared with a CPU process's RSS would be a meaningless error figure.
     vram = (frame["memory_kind"] == "cuda_reserved").fillna(False).astype(bool)
     error = (frame["predicted_memory_mib"] - frame["peak_memory_mib"]) / frame["peak_memory_mib"] * 100

@@ -40,6 +40,11 @@ from analysis.task_report import TaskSummary, task_summary
 from core.experiment_folder import DATA_REPORT_FILE
 from core.numbers import plain_value
 from core.status import ALL_STATUSES, RANKABLE_STATUSES, TrialStatus
+from trainables.metrics import BASELINE_COLUMN
+
+# The fraction of the objective by which the best trial must beat the baseline for the report to
+# recommend it over the standard recipe (search.baseline).
+BASELINE_MARGIN = 0.01
 
 IN_PROGRESS_STATUSES = (TrialStatus.RUNNING, TrialStatus.PENDING, TrialStatus.PAUSED)
 # The packages whose versions the report's provenance lists (run_plan.json records a few more).
@@ -94,6 +99,21 @@ class Analysis:
         return str(self.exp.saved_spec.name or self.exp.path.rstrip("/").rsplit("/", 1)[-1])
 
     @cached_property
+    def baseline(self) -> pd.Series | None:
+        """The baseline trial (search.baseline) if it is ranked, else None."""
+        marked = self.ranked[self.ranked[BASELINE_COLUMN].fillna(False).astype(bool)] if BASELINE_COLUMN in self.ranked else self.ranked.iloc[:0]
+        return marked.iloc[0] if len(marked) else None
+
+    @cached_property
+    def recommended(self) -> pd.Series | None:
+        """What the report recommends: the best trial, or the baseline when the best beats it by less
+        than BASELINE_MARGIN of the objective (the standard recipe is the safer choice then)."""
+        best, base = self.best, self.baseline
+        if best is None or base is None or best["trial_id"] == base["trial_id"]:
+            return best
+        return base if _gain(best[QUALITY], base[QUALITY]) < BASELINE_MARGIN else best
+
+    @cached_property
     def summary(self) -> list[str]:
         """The summary lines (console, report.md, report.html), computed once per analysis."""
         return summary_lines(self)
@@ -125,6 +145,8 @@ class Analysis:
             "memory": MEMORY,
             "memory_kind": self.memory_kind,
             "best": trial_record(self.best) if self.best is not None else None,
+            "baseline": trial_record(self.baseline) if self.baseline is not None else None,
+            "recommended": trial_record(self.recommended) if self.recommended is not None else None,
             "pareto_front": [trial_record(row) for _, row in front.iterrows()],
             "summary": list(self.summary),
         }
@@ -261,21 +283,73 @@ def asha_rung_steps(spec: SavedSpec | Mapping[str, Any]) -> list[int]:
 
 
 def export_command(analysis: Analysis, trial_id: str | None = None) -> str:
-    trial = trial_id or (analysis.best["trial_id"] if analysis.best is not None else "best")
+    """The export command of a trial; by default of the recommended one (the best, or the baseline)."""
+    trial = trial_id or (analysis.recommended["trial_id"] if analysis.recommended is not None else "best")
     return f"qlora-sweep export {analysis.exp.path} --trial {trial} --out ./{analysis.name}-{trial}-adapter"
 
 
 # --- summary ------------------------------------------------------------------------------------
 
 
+def _gain(best: float, baseline: float) -> float:
+    """How much lower (better) `best` is than `baseline`, as a fraction of the baseline."""
+    return (float(baseline) - float(best)) / abs(float(baseline)) if float(baseline) else 0.0
+
+
+def baseline_lines(analysis: Analysis) -> list[str]:
+    """The gain over the baseline (the summary's first line) and the recommendation; [] without a baseline."""
+    trials = analysis.exp.trials
+    marked = trials[trials[BASELINE_COLUMN].fillna(False).astype(bool)] if BASELINE_COLUMN in trials else trials.iloc[:0]
+    if not len(marked):
+        return []
+    base, best, kind = analysis.baseline, analysis.best, analysis.memory_kind
+    if base is None:
+        return [f"baseline (standard QLoRA recipe): trial {marked.iloc[0]['trial_id']} has no ranked evaluation "
+                f"({marked.iloc[0]['status']}); no comparison"]
+    recipe = config_text(base, headline_config(analysis))
+    if best is None or best["trial_id"] == base["trial_id"]:
+        return [f"vs baseline: the baseline (standard QLoRA recipe, trial {base['trial_id']}, {recipe}) is the best trial, "
+                f"eval_loss {fmt_loss(base[QUALITY])}; recommended: the baseline"]
+    gain = _gain(best[QUALITY], base[QUALITY])
+    memory = ""
+    if present(best.get(MEMORY)) and present(base.get(MEMORY)) and float(base[MEMORY]):
+        change = (float(best[MEMORY]) - float(base[MEMORY])) / float(base[MEMORY]) * 100
+        memory = (f", peak memory {memory_label(best[MEMORY], kind)} vs {memory_label(base[MEMORY], kind)} "
+                  f"({abs(change):.1f}% {'more' if change > 0 else 'less'})")
+    line = (f"vs baseline: best trial {best['trial_id']} eval_loss {fmt_loss(best[QUALITY])} vs the baseline's "
+            f"{fmt_loss(base[QUALITY])} (trial {base['trial_id']}, standard QLoRA recipe: {recipe}), "
+            f"{gain * 100:.1f}% lower{memory}")
+    rec = analysis.recommended
+    if rec is not None and rec["trial_id"] == base["trial_id"]:
+        advice = (f"recommended: the baseline, trial {base['trial_id']}: the best beats it by {gain * 100:.1f}% "
+                  f"eval_loss, under the {BASELINE_MARGIN:.0%} that counts as a real gain")
+    else:
+        advice = f"recommended: trial {best['trial_id']} (it beats the baseline by {gain * 100:.1f}% eval_loss)"
+    return [line, advice]
+
+
+def warm_start_lines(exp: Experiment) -> list[str]:
+    """Where the study was warm-started from (warm_start.json), one line per earlier experiment."""
+    lines = []
+    for source in exp.warm_start:
+        text = f"warm start: {source.get('trials', 0)} prior trials from {source.get('path')} (model {source.get('model')}"
+        text += f", {source['left_out']} left out)" if source.get("left_out") else ")"
+        notes = [str(n) for n in source.get("notes") or []]
+        lines.append(text + ("; " + "; ".join(notes) if notes else ""))
+    return lines
+
+
 def summary_lines(analysis: Analysis) -> list[str]:
     """The report's summary as plain lines, for the console and the top of report.md and report.html.
 
+    The first line says how much the best trial beats the baseline (search.baseline), when there is one.
     Prefer `analysis.summary`, which computes them once.
     """
     counts = analysis.counts
     total = sum(counts.values())
-    lines = [f"trials: {total} (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")" if total else "trials: none yet"]
+    lines = baseline_lines(analysis)
+    lines.append(f"trials: {total} (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")" if total else "trials: none yet")
+    lines += warm_start_lines(analysis.exp)
     if analysis.in_progress:
         lines.append("the sweep is still running: this is a partial report")
     lines += input_lines(analysis.exp)

@@ -21,6 +21,12 @@ can afford. r in {4, 8, 16, 32}, the same targets, 8 learning rates from 3e-4 to
 Random search and the grid (a seeded, shuffled subset, no repeats) run 24 full trials; ASHA + TPE
 runs 64 trials, about the same compute once ASHA has stopped most of them early.
 
+`--space issue` is issue 16's: 72 discrete combinations x a continuous learning rate (>= 216
+effective points), the default search (baseline + default sampler + ASHA), warm start from another
+seed's default sweep, random search and each sampler (tpe_mv, gp, cmaes), every run cut at random
+search's compute; per seed the steps to 1% and 5% of the best and the best at 1/3 of the budget
+(docs/benchmarks.md, section 3c). `--methods` runs a subset.
+
 A seed sets search.seed (the sampler's seed, and the grid's order); train.seed stays 0, so a
 configuration trains identically whichever method proposes it.
 
@@ -43,8 +49,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-import optuna
 
 import _common
 
@@ -74,13 +78,45 @@ LARGE_SPACE: dict[str, Any] = {
 }
 LARGE_TRIALS = {"asha_tpe": 64, "random": 24, "grid": 24}
 
+# `--space issue` (issue 16): a space where random search does not get lucky. 4 ranks x 2 alpha
+# ratios x 3 target sets x 3 dropouts = 72 discrete combinations, times a continuous learning rate
+# over 2.5 decades: more than 200 effective points at any resolution finer than 3 rates per decade.
+ISSUE_SPACE: dict[str, Any] = {
+    "r": [4, 8, 16, 32],
+    "lora_alpha": {"ratio": [1, 2]},
+    "target_modules": ["qv", "attention", "all-linear"],
+    "learning_rate": {"loguniform": [1.0e-4, 3.0e-2]},
+    "lora_dropout": [0.0, 0.05, 0.1],
+}
+ISSUE_EFFECTIVE_POINTS = 72 * 3  # the discrete combinations x 3 learning rates per decade (a lower bound)
+# Each method of the issue space: its search section and whether ASHA stops trials. "default" is
+# the spec's defaults (baseline on, search.sampler's default, ASHA); "warm" is that plus a warm
+# start from the default sweep of another seed. Every method gets the same compute budget: random's
+# ISSUE_RANDOM_TRIALS full trials; the others get more trials and are cut at that budget.
+ISSUE_METHODS: dict[str, dict[str, Any]] = {
+    # method_spec turns the baseline off (the older methods ran without it): these turn it back on.
+    "default": {"search": {"baseline": True, "sampler": "default"}, "asha": True},
+    "warm": {"search": {"baseline": True, "sampler": "default"}, "asha": True},
+    "random": {"search": {"sampler": "random", "baseline": False}, "asha": False},
+    "tpe_mv": {"search": {"baseline": True, "sampler": "tpe",
+                          "tpe": {"multivariate": True, "group": True, "constant_liar": True}}, "asha": True},
+    "gp": {"search": {"baseline": True, "sampler": "gp"}, "asha": True},
+    "cmaes": {"search": {"baseline": True, "sampler": "cmaes"}, "asha": True},
+}
+ISSUE_RANDOM_TRIALS = 24
+ISSUE_ASHA_TRIALS = 64
+ISSUE_TOLERANCES = (0.01, 0.05)
+ISSUE_TARGET_SEEDS = 4  # of 5: the default reaches 1% within 1/3 of random's budget in at least this many
+
 
 def grid_points(space: dict[str, Any]) -> dict[str, list[Any]]:
     """The searched parameters of a discrete space (lists of two or more values), as GridSampler takes them."""
     return {name: list(values) for name, values in space.items() if isinstance(values, list) and len(values) > 1}
 
 
-def method_spec(method: str, seed: int, space: dict[str, Any], trials: int, steps: int, asha: dict[str, Any]) -> Any:
+def method_spec(method: str, seed: int, space: dict[str, Any], trials: int, steps: int, asha: dict[str, Any],
+                search: dict[str, Any] | None = None, use_asha: bool | None = None) -> Any:
+    """The spec of one method's sweep; `search` overrides the search section (the issue space's methods)."""
     from sweeps.spec import parse_spec
 
     return parse_spec(
@@ -88,37 +124,35 @@ def method_spec(method: str, seed: int, space: dict[str, Any], trials: int, step
             name=f"search-{method}-s{seed}",
             data={"eval_size": 0.1},  # the smoke sweep's split (120 eval rows)
             space=space,
-            search={"num_samples": trials, "max_concurrent": 2, "seed": seed,
-                    "sampler": "tpe" if method == "asha_tpe" else "random"},
-            scheduler={"asha": asha if method == "asha_tpe" else None},
+            # asha_tpe, random and grid as they were measured (no baseline); the issue-space methods set
+            # their own search section (the default method: the spec's own sampler and baseline).
+            search={"num_samples": trials, "max_concurrent": 2, "seed": seed, "baseline": False,
+                    **({"sampler": "tpe" if method == "asha_tpe" else "random"} if method in METHODS else {}),
+                    **(search or {})},
+            scheduler={"asha": asha if (method == "asha_tpe" if use_asha is None else use_asha) else None},
             train={"max_steps": steps, "eval_every": 10},
         )
     )
 
 
-class TuneGridSampler(optuna.samplers.GridSampler):
-    """Optuna's GridSampler, minus its `study.stop()` once every point has been proposed.
+def grid_sampler(space: dict[str, Any], seed: int) -> Any:
+    from sweeps.searcher import TuneGridSampler  # search.sampler: grid's sampler, also for run_sweep(sampler=...)
 
-    `Study.stop` only works inside `study.optimize`; under Ray Tune the study is driven by ask/tell
-    and Tune stops after num_samples trials (= the grid's size), so the call would only raise.
-    The first num_samples trials take the grid's points in its seeded, shuffled order, one each.
-    """
-
-    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
-        pass
-
-
-def grid_sampler(space: dict[str, Any], seed: int) -> TuneGridSampler:
     return TuneGridSampler(grid_points(space), seed=seed)
 
 
 def run_method(method: str, seed: int, space: dict[str, Any], trials: int, steps: int, asha: dict[str, Any],
-               storage: str) -> dict[str, Any]:
+               storage: str, search: dict[str, Any] | None = None, use_asha: bool | None = None) -> dict[str, Any]:
     """One sweep through the driver; its trials in completion order."""
     from analysis.results import load_experiment
     from sweeps.driver import run_sweep
 
-    spec = method_spec(method, seed, space, trials, steps, asha)
+    if search and search.get("sampler") == "default":
+        # The spec's default sampler (sweeps/spec.py), whatever it is: the default search as a user gets it.
+        from sweeps.spec import SearchSpec
+
+        search = {**search, "sampler": SearchSpec().sampler, "tpe": SearchSpec().tpe.model_dump()}
+    spec = method_spec(method, seed, space, trials, steps, asha, search, use_asha)
     sampler = grid_sampler(space, seed) if method == "grid" else None
     started = time.time()
     with contextlib.redirect_stdout(sys.stderr):  # the live view goes to stderr: stdout is for the tables
@@ -138,8 +172,12 @@ def run_method(method: str, seed: int, space: dict[str, Any], trials: int, steps
             "r": int(row["r"]),
             "target_modules": str(row["target_modules"]),
             "learning_rate": float(row["learning_rate"]),
+            "lora_alpha": float(row["lora_alpha"]),
+            "lora_dropout": float(row["lora_dropout"]),
+            "baseline": bool(row["baseline"]),
         })
-    return {"method": method, "seed": seed, "wall_s": wall, "errors": outcome.num_errors, "trials": rows}
+    return {"method": method, "seed": seed, "wall_s": wall, "errors": outcome.num_errors, "trials": rows,
+            "experiment_dir": outcome.experiment_dir}
 
 
 def _missing(value: Any) -> bool:
@@ -178,7 +216,7 @@ def repeats(run: dict[str, Any]) -> dict[str, int]:
     """Trials (and their steps) that re-ran a configuration an earlier trial of the run already ran."""
     seen, trials, steps = set(), 0, 0
     for t in run["trials"]:
-        key = (t["r"], t["target_modules"], t["learning_rate"])
+        key = (t["r"], t["target_modules"], t["learning_rate"], t.get("lora_alpha"), t.get("lora_dropout"))
         if key in seen:
             trials += 1
             steps += t["steps"]
@@ -251,6 +289,132 @@ def summarize(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
             "grid_ranking": ranking, "match_random_best": match_random}
 
 
+def within_budget(run: dict[str, Any], budget: int) -> dict[str, Any]:
+    """The run cut at `budget` cumulative steps: the trials completed within it."""
+    kept, spent = [], 0
+    for t in run["trials"]:
+        spent += t["steps"]
+        if spent > budget:
+            break
+        kept.append(t)
+    return {**run, "trials": kept}
+
+
+def summarize_issue(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """The issue-16 figures: per method and seed, within the same compute budget (random's total),
+    the steps to within 1% and 5% of the best loss any run found and the best at 1/3 of the budget."""
+    by = {(r["method"], r["seed"]): r for r in runs}
+    methods = [m for m in ISSUE_METHODS if any(r["method"] == m for r in runs)]
+    budget = int(_common.stats([trajectory(by[("random", s)])[-1][0] for s in seeds if ("random", s) in by])["median"]) \
+        if any(("random", s) in by for s in seeds) else max(trajectory(r)[-1][0] for r in runs)
+    cut = {key: within_budget(run, budget) for key, run in by.items()}
+    reference = min(t["best_eval_loss"] for r in runs for t in r["trials"] if t["best_eval_loss"] is not None)
+    third = budget // 3
+    per_method: dict[str, Any] = {}
+    for m in methods:
+        mine = [s for s in seeds if (m, s) in cut]
+        entry: dict[str, Any] = {"seeds": mine}
+        for tol in ISSUE_TOLERANCES:
+            reach = [compute_to_target(cut[(m, s)], reference * (1 + tol)) for s in mine]
+            entry[f"steps_to_{tol:.0%}"] = reach
+            entry[f"reached_{tol:.0%}"] = sum(x is not None for x in reach)
+            entry[f"within_third_{tol:.0%}"] = sum(x is not None and x <= third for x in reach)
+        entry["best_at_third"] = [best_at(cut[(m, s)], third) for s in mine]
+        entry["best_at_budget"] = [best_at(cut[(m, s)], budget) for s in mine]
+        entry["steps_used"] = [trajectory(cut[(m, s)])[-1][0] if cut[(m, s)]["trials"] else 0 for s in mine]
+        entry["wall_s"] = [by[(m, s)]["wall_s"] for s in mine]
+        per_method[m] = entry
+    verdict: dict[str, Any] = {}
+    if "default" in per_method:
+        met = per_method["default"]["within_third_1%"]
+        verdict["default_1pct_within_third"] = f"{met}/{len(per_method['default']['seeds'])}"
+        verdict["default_target_met"] = met >= ISSUE_TARGET_SEEDS
+    if "default" in per_method and "warm" in per_method:
+        halved = []
+        for s in seeds:
+            if ("default", s) in cut and ("warm", s) in cut:
+                d = compute_to_target(cut[("default", s)], reference * 1.01)
+                w = compute_to_target(cut[("warm", s)], reference * 1.01)
+                halved.append(None if d is None or w is None else w <= d / 2)
+        verdict["warm_halves_default"] = halved
+    return {"reference_loss": reference, "target_loss": reference * 1.01, "budget_steps": budget,
+            "best_at_third_of_random": {"steps": third}, "methods": per_method, "verdict": verdict}
+
+
+def render_issue(summary: dict[str, Any], seeds: list[int], info: dict[str, Any]) -> str:
+    def seq(values: list[Any], digits: int | None = None) -> str:
+        return " / ".join("—" if v is None else (f"{v:.{digits}f}" if digits is not None else f"{v:,}") for v in values)
+
+    lines = [
+        f"## Search efficiency, issue-16 space ({ISSUE_EFFECTIVE_POINTS}+ effective points), seeds {seeds}",
+        "",
+        f"Machine: {_common.describe_machine(info) if info.get('versions') else 'not recorded'}",
+        "",
+        f"Budget per method: {summary['budget_steps']:,} steps (random search's {ISSUE_RANDOM_TRIALS} full trials); "
+        f"1/3 of it: {summary['best_at_third_of_random']['steps']:,}. Best loss any run found L* = "
+        f"{summary['reference_loss']:.4f}.",
+        "",
+        "| method | steps to 1% of L*, per seed | within 1/3 budget | steps to 5%, per seed | within 1/3 budget "
+        "| best at 1/3 budget, per seed | best at the budget, per seed | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m, e in summary["methods"].items():
+        n = len(e["seeds"])
+        lines.append(
+            f"| {m} | {seq(e['steps_to_1%'])} | {e['within_third_1%']}/{n} | {seq(e['steps_to_5%'])} | "
+            f"{e['within_third_5%']}/{n} | {seq(e['best_at_third'], 4)} | {seq(e['best_at_budget'], 4)} | "
+            f"{seq([round(w) for w in e['wall_s']])} |"
+        )
+    v = summary["verdict"]
+    if "default_1pct_within_third" in v:
+        lines += ["", f"Target (default search within 1% using <= 1/3 of random's budget in >= {ISSUE_TARGET_SEEDS} "
+                      f"of 5 seeds): {v['default_1pct_within_third']} -> {'met' if v['default_target_met'] else 'missed'}"]
+    if "warm_halves_default" in v:
+        lines.append(f"Warm start halves the default's steps to 1%, per seed: {v['warm_halves_default']}")
+    return "\n".join(lines)
+
+
+def run_issue(args: Any, storage: str) -> list[dict[str, Any]]:
+    """The issue-16 methods, each seed; "warm" starts from the default sweep of the next seed."""
+    steps, asha = 80, {"max_t": 8, "grace_period": 2, "reduction_factor": 2}
+    methods = [m for m in ISSUE_METHODS if m in (args.methods or ISSUE_METHODS)]
+    runs: list[dict[str, Any]] = []
+
+    def one(method: str, seed: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        setting = ISSUE_METHODS[method]
+        trials = ISSUE_RANDOM_TRIALS if not setting["asha"] else ISSUE_ASHA_TRIALS
+        run = run_method(method, seed, ISSUE_SPACE, trials, steps, asha, storage,
+                         search={**setting["search"], **(extra or {})}, use_asha=setting["asha"])
+        if run["errors"]:
+            raise RuntimeError(f"{method} seed {seed}: {run['errors']} trials errored")
+        spent, best = trajectory(run)[-1]
+        print(f"[seed {seed}] {method}: {len(run['trials'])} trials, {spent} steps, best {best:.4f}, "
+              f"{run['wall_s']:.0f} s", file=sys.stderr, flush=True)
+        runs.append(run)
+        if args.out:  # the runs so far, analysable with --from-json if the whole run cannot finish
+            _common.write_json(Path(f"{args.out}.partial"), {"space_name": "issue", "seeds": args.seeds, "space": ISSUE_SPACE,
+                                                            "max_steps": steps, "runs": runs})
+        return run
+
+    # First the default search and random search for every seed (the main target), then warm start
+    # (each seed from the default sweep of the next seed), then the other samplers.
+    defaults = {}
+    for seed in args.seeds:
+        if "default" in methods or "warm" in methods:
+            defaults[seed] = one("default", seed)
+        if "random" in methods:
+            one("random", seed)
+    for method in (m for m in methods if m not in ("default", "random")):
+        for i, seed in enumerate(args.seeds):
+            if method == "warm":
+                one(method, seed, {"warm_start": [defaults[args.seeds[(i + 1) % len(args.seeds)]]["experiment_dir"]]})
+            else:
+                one(method, seed)
+    if "default" not in methods:
+        runs = [r for r in runs if r["method"] != "default"]
+    return runs
+
+
 def space_size(space: dict[str, Any]) -> int:
     return math.prod(len(v) for v in grid_points(space).values())
 
@@ -269,11 +433,14 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path, points
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
-    colors = {"asha_tpe": "tab:blue", "random": "tab:orange", "grid": "tab:green"}
-    labels = {"asha_tpe": "ASHA + TPE", "random": "random, full budget", "grid": "grid, full budget"}
+    colors = {"asha_tpe": "tab:blue", "random": "tab:orange", "grid": "tab:green", "default": "tab:blue",
+              "warm": "tab:purple", "tpe_mv": "tab:cyan", "gp": "tab:red", "cmaes": "tab:brown"}
+    labels = {"asha_tpe": "ASHA + TPE", "random": "random, full budget", "grid": "grid, full budget",
+              "default": "default (baseline + TPE + ASHA)", "warm": "default + warm start", "tpe_mv": "multivariate TPE + ASHA",
+              "gp": "GP + ASHA", "cmaes": "CMA-ES + ASHA"}
     top = max(trajectory(r)[-1][0] for r in runs)
     xs = np.linspace(0, top, 400)
-    for m in (m for m in METHODS if any(r["method"] == m for r in runs)):
+    for m in (m for m in (*METHODS, *ISSUE_METHODS) if any(r["method"] == m for r in runs)):
         curves, ends = [], []
         for r in (r for r in runs if r["method"] == m):
             traj = trajectory(r)
@@ -317,15 +484,29 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search seeds (default 0 1 2)")
     p.add_argument("--plot", type=Path, default=None, help="write the curves as a PNG here")
     p.add_argument("--storage", default=None, help="keep the experiments here (default: a temporary folder, deleted)")
-    p.add_argument("--space", choices=("small", "large"), default="small",
+    p.add_argument("--space", choices=("small", "large", "issue"), default="small",
                    help="small: 30 points, 30 trials per method (default); large: 96 points, 64 ASHA + TPE trials "
-                        "against 24 full-budget random and grid trials")
+                        "against 24 full-budget random and grid trials; issue: the issue-16 space (72 combinations x a "
+                        "continuous learning rate), the default search, warm start and each sampler against random "
+                        "search at the same compute budget")
+    p.add_argument("--methods", nargs="+", choices=tuple(ISSUE_METHODS), default=None,
+                   help="--space issue: run only these methods (default: all)")
     p.add_argument("--from-json", type=Path, default=None,
                    help="analyse (and plot) the runs saved by an earlier --out instead of running sweeps")
     args = p.parse_args()
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
         args.seeds = saved["seeds"]
+        if saved.get("space_name") == "issue":
+            # A partial run (its .partial file) holds the seeds it got to.
+            args.seeds = [seed for seed in args.seeds if any(r["seed"] == seed for r in saved["runs"])]
+            summary = summarize_issue(saved["runs"], args.seeds)
+            if args.plot:
+                plot(saved["runs"], summary, args.plot, ISSUE_EFFECTIVE_POINTS)
+            print(render_issue(summary, args.seeds, saved.get("machine") or {}))
+            _common.write_json(args.out, {**{k: v for k, v in saved.items() if k not in ("command", "machine", "finished_at")},
+                                          "analysed": str(args.from_json), "summary": summary})
+            return 0
         summary = summarize(saved["runs"], args.seeds)
         if args.plot:
             plot(saved["runs"], summary, args.plot, space_size(saved.get("space", FULL_SPACE)))
@@ -333,6 +514,8 @@ def main() -> int:
         _common.write_json(args.out, {**{k: v for k, v in saved.items() if k not in ("command", "machine", "finished_at")},
                                       "analysed": str(args.from_json), "summary": summary})
         return 0
+    if args.space == "issue":
+        return main_issue(args)
     space, steps, asha, methods = FULL_SPACE, 80, {"max_t": 8, "grace_period": 2, "reduction_factor": 2}, METHODS
     if args.quick:
         # Random search runs the same code as ASHA + TPE minus the scheduler; the quick run skips it.
@@ -379,6 +562,34 @@ def main() -> int:
     return 0
 
 
+def main_issue(args: Any) -> int:
+    import ray
+
+    from sweeps.driver import connect_ray
+
+    _common.warm_model_cache()
+    before = set(_common.ray_processes())
+    storage = args.storage or tempfile.mkdtemp(prefix="bench-search-issue-")
+    connect_ray("local", num_cpus=2)
+    try:
+        runs = run_issue(args, storage)
+    finally:
+        ray.shutdown()
+        if not args.storage:
+            shutil.rmtree(storage, ignore_errors=True)
+    left = _common.wait_for_ray_to_exit(before)
+    if left:
+        raise RuntimeError(f"Ray processes left behind: {left}")
+    summary = summarize_issue(runs, args.seeds)
+    if args.plot:
+        plot(runs, summary, args.plot, ISSUE_EFFECTIVE_POINTS)
+    info = _common.machine()
+    print(render_issue(summary, args.seeds, info))
+    _common.write_json(args.out, {"space_name": "issue", "seeds": args.seeds, "space": ISSUE_SPACE, "methods": list(ISSUE_METHODS),
+                                  "max_steps": 80, "summary": summary, "runs": runs})
+    return 0
+
+
 def render(summary: dict[str, Any], args: Any, trials: int | dict[str, int], steps: int, info: dict[str, Any]) -> str:
     s = _common.spread
     m = summary["methods"]
@@ -387,7 +598,7 @@ def render(summary: dict[str, Any], args: Any, trials: int | dict[str, int], ste
     lines = [
         f"## Search efficiency: trials per method {counts}; {steps} steps per full trial, seeds {args.seeds}",
         "",
-        f"Machine: {_common.describe_machine(info)}",
+        f"Machine: {_common.describe_machine(info) if info.get('versions') else 'not recorded'}",
         "",
         f"Best eval loss any trial found, L* = {summary['reference_loss']:.4f} (r={best['r']}, "
         f"{best['target_modules']}, lr={best['learning_rate']:g}); target <= {summary['target_loss']:.4f} (1.01 L*), "

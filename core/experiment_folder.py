@@ -8,6 +8,7 @@ An experiment is a folder (or s3:// / gs:// prefix) that Ray Tune and qlora-swee
       data_report.json         rows read, train/eval counts, skipped bad rows          DATA_REPORT_FILE
       infeasible.jsonl         configurations memory admission refused before launch INFEASIBLE_FILE
       optuna.db                the Optuna study (local storage, or copied at the end) STUDY_FILE
+      warm_start.json          earlier experiments the study started from (search.warm_start) WARM_START_FILE
       tuner.pkl, experiment_state-*.json, searcher-state-*.pkl    Ray Tune's own state
       trial_<id>/params.json, result.json, error.txt, checkpoint_*/   one folder per trial
       report/                  what `qlora-sweep report` writes                     REPORT_DIR
@@ -30,6 +31,7 @@ PLAN_FILE = "run_plan.json"
 DATA_REPORT_FILE = "data_report.json"
 INFEASIBLE_FILE = "infeasible.jsonl"
 STUDY_FILE = "optuna.db"
+WARM_START_FILE = "warm_start.json"
 REPORT_DIR = "report"
 TUNER_FILE = "tuner.pkl"  # Ray Tune's pickled Tuner; only `resume` opens it (Tuner.restore)
 TRIAL_PREFIX = "trial_"

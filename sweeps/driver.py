@@ -10,6 +10,7 @@ the trainable, settle the Optuna study, write the report.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ from core import experiment_folder, storage
 from core.redact import redact, redact_data
 from core.run_plan import write_run_plan
 from sweeps.driver_lock import DriverLock
+from sweeps.baseline import STANDARD_RECIPE, map_to_space
 from sweeps.local_env import QUIET_ENV
 from sweeps.memory_plan import MemoryPlan, detect_gpu_size, gpu_names, memory_plan
 from sweeps.plan import make_run_plan, redact_location, resolved_data, trial_job, trial_model_path
@@ -34,6 +36,7 @@ from trainables.params import Fixed
 from trainables.trial_memory import not_modelled
 
 if TYPE_CHECKING:
+    from sweeps.warm_start import WarmStart
     from trainables.data import PreparedData
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -53,9 +56,11 @@ class Preflight:
     skipped: list[str] = field(default_factory=list)
     # The base model's transformers config, for memory predictions (None when not read, e.g. --offline).
     model_config: Any = None
+    # Prior trials from earlier experiments (search.warm_start; sweeps/warm_start.py), None without.
+    warm_start: WarmStart | None = None
 
 
-def preflight(spec: SweepSpec, *, check_storage: bool = True, offline: bool = False) -> Preflight:
+def preflight(spec: SweepSpec, *, check_storage: bool = True, offline: bool = False, warm_start: bool = True) -> Preflight:
     """Check everything about a spec that can be checked before training, and prepare the data.
 
     Args:
@@ -63,6 +68,7 @@ def preflight(spec: SweepSpec, *, check_storage: bool = True, offline: bool = Fa
         check_storage: Also check that results can be written.
         offline: Skip (and list in `Preflight.skipped`) the checks that need a model or dataset hub
             or cloud storage, for validating specs meant for another machine.
+        warm_start: Read search.warm_start's experiments (a resumed sweep's study already has them).
 
     Raises:
         SpecError: With every problem found: model config, target modules, data rows, storage.
@@ -143,6 +149,17 @@ def preflight(spec: SweepSpec, *, check_storage: bool = True, offline: bool = Fa
         problem = storage.check_writable(storage.absolute(spec.storage))
         if problem:
             problems.append(problem)
+    if spec.search.sampler == "cmaes" and importlib.util.find_spec("cmaes") is None:
+        problems.append(
+            "search.sampler: cmaes needs the cmaes package, which is not installed; pip install 'qlora-sweep[cmaes]' "
+            "(or pip install cmaes), or choose tpe, gp, random or grid"
+        )
+    prior = None
+    if warm_start and spec.search.warm_start:
+        from sweeps.warm_start import load as load_warm_start
+
+        prior, warm_problems = load_warm_start(spec)
+        problems.extend(warm_problems)
     if problems:
         raise SpecError("preflight", problems)
     return Preflight(
@@ -152,6 +169,7 @@ def preflight(spec: SweepSpec, *, check_storage: bool = True, offline: bool = Fa
         data=data,
         skipped=skipped,
         model_config=config,
+        warm_start=prior,
     )
 
 
@@ -380,27 +398,45 @@ def _secret_setup_hook(secrets: dict[str, str], keys: dict[Any, Any] | None = No
 
 
 def make_sampler(spec: SweepSpec) -> Any:
-    """Optuna sampler by name; TPE starts after a few random trials scaled to the sweep size."""
+    """The Optuna sampler search.sampler names (search.tpe: TPE's options); model-based samplers start
+    after a few random trials scaled to the sweep size. Prior trials (search.warm_start) count toward
+    that start, so a warm-started TPE models from its first proposal."""
     import optuna
 
+    from sweeps.searcher import TuneGridSampler
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    search = spec.search
+    startup = min(10, max(3, search.num_samples // 3))
+    tpe = search.tpe
     samplers: dict[str, Callable[[], Any]] = {
         "tpe": lambda: optuna.samplers.TPESampler(
-            seed=spec.search.seed, n_startup_trials=min(10, max(3, spec.search.num_samples // 3))
+            seed=search.seed, n_startup_trials=startup, multivariate=tpe.multivariate, group=tpe.group,
+            constant_liar=tpe.constant_liar,
         ),
-        "random": lambda: optuna.samplers.RandomSampler(seed=spec.search.seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=search.seed, n_startup_trials=startup, warn_independent_sampling=False),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(
+            seed=search.seed, n_startup_trials=startup, warn_independent_sampling=False
+        ),
+        "random": lambda: optuna.samplers.RandomSampler(seed=search.seed),
+        "grid": lambda: TuneGridSampler(
+            {name: list(d.choices) for name, d in spec.space.distributions(spec.train.batch_size).items()}, seed=search.seed
+        ),
     }
-    return samplers[spec.search.sampler]()
+    return samplers[search.sampler]()
 
 
 def make_scheduler(spec: SweepSpec) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
+
+    from sweeps.searcher import BaselineASHAScheduler
 
     asha = spec.scheduler.asha
     if asha is None:
         return FIFOScheduler()
-    # One Tune iteration is one evaluation round (one tune.report per evaluation).
-    return ASHAScheduler(
+    # One Tune iteration is one evaluation round (one tune.report per evaluation). The baseline trial
+    # (search.baseline) is never stopped early: it trains to the full budget, a fair reference.
+    return BaselineASHAScheduler(
         time_attr="training_iteration",
         max_t=spec.max_rounds,
         grace_period=asha.grace_period,
@@ -415,8 +451,12 @@ def build_tuner(
     storage_path: str,
     plan: MemoryPlan | None = None,
     sampler: Any = None,
+    log: Callable[[str], None] = print,
 ) -> Any:
-    """The Tuner of a new sweep. `sampler` (an Optuna sampler) replaces the one search.sampler names."""
+    """The Tuner of a new sweep. `sampler` (an Optuna sampler) replaces the one search.sampler names.
+
+    Its study starts from the warm-start trials (search.warm_start) and runs the baseline first
+    (search.baseline, sweeps/baseline.py)."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -432,6 +472,15 @@ def build_tuner(
     mode = spec.tune_mode(metric)
     # The study lives in search.optuna_storage (resolved by `_with_study`), where optuna-dashboard reads it.
     searcher = make_searcher(spec, search_space(spec), sampler or make_sampler(spec), mode)
+    baseline = map_to_space(spec.space, spec.train.batch_size, spec.search.baseline)
+    prior = checked.warm_start
+    searcher.seed_study(baseline, prior.trials if prior else [])
+    for line in prior.lines() if prior else []:
+        log(f"[qlora-sweep] {line}")
+    if baseline is not None:
+        shown = ", ".join(f"{k} {v}" for k, v in baseline.config.items() if k in (*STANDARD_RECIPE, "lora_alpha"))
+        moved = f"; moved to fit the space: {'; '.join(baseline.moved)}" if baseline.moved else ""
+        log(f"[qlora-sweep] baseline (trial 0, trained to the full budget): {shown}{moved}")
     if plan is not None:
         # Rejects proposals predicted not to fit, or as large as one that ran out of memory, before launch.
         searcher = AdmissionSearch(searcher, plan, storage.join(storage_path, experiment_name))
@@ -750,7 +799,7 @@ def resume_sweep(
         storage_path, experiment_name = _split_experiment(experiment_dir)
         spec = parse_spec(raw, source=spec_file).model_copy(update={"storage": storage_path})
         log(f"[qlora-sweep] resuming '{experiment_name}': checking model, target modules, data, storage, study")
-        checked = _with_study(preflight(spec), experiment_dir, experiment_name, resuming=True)
+        checked = _with_study(preflight(spec, warm_start=False), experiment_dir, experiment_name, resuming=True)
         experiment = _Experiment(experiment_dir, experiment_name, storage_path, resuming=True, restart_errored=restart_errored)
         return _sweep(checked, experiment, address, log)
 
@@ -805,7 +854,7 @@ def _sweep(
                 restart_errored=experiment.restart_errored,
             )
         else:
-            tuner = build_tuner(checked, job, experiment.name, experiment.storage_path, plan, sampler)
+            tuner = build_tuner(checked, job, experiment.name, experiment.storage_path, plan, sampler, log)
         with StopSignals() as signals:
             results = tuner.fit()
             interrupted = signals.interrupted()
@@ -841,6 +890,11 @@ def _write_experiment_files(
             experiment_folder.file(folder, experiment_folder.DATA_REPORT_FILE),
             json.dumps(data_report(checked), indent=2),
         )
+        if checked.warm_start is not None:
+            storage.write_text(
+                experiment_folder.file(folder, experiment_folder.WARM_START_FILE),
+                json.dumps(redact_data(checked.warm_start.record()), indent=2),
+            )
     elif storage.exists(plan_file):
         return  # the plan of the run that started the experiment stays
     run_plan = make_run_plan(

@@ -28,12 +28,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from core import experiment_folder, storage
 from core.numbers import is_finite_number
 from core.redact import MASK, has_credentials, redact
 from core.status import TrialStatus
+from sweeps.baseline import BASELINE_ATTR, BASELINE_KEY, Baseline
+from sweeps.warm_start import WARM_START_ATTR
 
 if TYPE_CHECKING:
     from sweeps.spec import SweepSpec
@@ -219,6 +222,31 @@ def make_searcher(spec: SweepSpec, space: Any, sampler: Any, mode: str) -> Optun
     )
 
 
+class TuneGridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler (search.sampler: grid), minus its `study.stop()` once every point has been proposed.
+
+    `Study.stop` only works inside `study.optimize`; under Ray Tune the study is driven by ask/tell
+    and Tune stops after num_samples trials, so the call would only raise. The trials take the
+    grid's points in its seeded, shuffled order, one each; past the grid's size Optuna proposes
+    points again (answered from the study with search.skip_repeats).
+    """
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        pass
+
+
+class BaselineASHAScheduler(ASHAScheduler):
+    """Ray's ASHA, except that the baseline trial (`BASELINE_KEY` in its config) is never stopped
+    early: its results still fill ASHA's rungs, so other trials are compared with it."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and trial.config.get(BASELINE_KEY) and result.get(self._time_attr, 0) < self._max_t:
+            self._num_stopped -= 1
+            return TrialScheduler.CONTINUE
+        return action
+
+
 class OptunaStudySearch(OptunaSearch):
     """Ray's OptunaSearch, with each Optuna trial tagged with its Tune trial id and reports that
     cannot be recorded (finished or unknown Optuna trial after a resume) skipped, not raised."""
@@ -239,7 +267,18 @@ class OptunaStudySearch(OptunaSearch):
         if ot_trial is not None:
             # Lets `settle_study` (and a person on the dashboard) find the Tune trial of an Optuna trial.
             ot_trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+            if params is not None and ot_trial.user_attrs.get(BASELINE_ATTR):
+                # The enqueued baseline (sweeps/baseline.py): its config says so, for ASHA and the trials table.
+                params = {**params, BASELINE_KEY: True}
         return params
+
+    def seed_study(self, baseline: Baseline | None, priors: list[Any]) -> None:
+        """Start a new study from what is known: earlier experiments' trials (search.warm_start) as
+        finished prior trials, and the baseline enqueued as the first trial to run."""
+        if priors:
+            self._ot_study.add_trials(priors)
+        if baseline is not None:
+            self._ot_study.enqueue_trial(baseline.params, user_attrs={BASELINE_ATTR: True}, skip_if_exists=False)
 
     def _answer_repeat(self, trial_id: str) -> bool:
         """If the proposal for `trial_id` repeats a finished trial, tell it that trial's values and forget it."""
@@ -247,7 +286,8 @@ class OptunaStudySearch(OptunaSearch):
 
         proposal = self._ot_trials[trial_id]
         for earlier in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if earlier.params == proposal.params:
+            # A warm-start trial (another experiment's) is not answered from: this sweep has no curve or adapter of it.
+            if earlier.params == proposal.params and WARM_START_ATTR not in earlier.user_attrs:
                 proposal.set_user_attr(REPEAT_ATTR, earlier.number)
                 self._ot_study.tell(proposal, earlier.values)
                 del self._ot_trials[trial_id]

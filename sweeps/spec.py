@@ -62,13 +62,72 @@ class SpecError(ProblemsError):
     noun = "the sweep spec"
 
 
+# search.sampler: the Optuna samplers a spec can name (built by sweeps/driver.py `make_sampler`).
+SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
+
+
+class TPEOptions(_Strict):
+    """Options of Optuna's TPESampler (search.sampler: tpe)."""
+
+    multivariate: bool = Field(
+        default=False,
+        description="Model the parameters jointly (Optuna's multivariate TPE) instead of one at a time.",
+    )
+    group: bool = Field(
+        default=False,
+        description="With multivariate: model each group of parameters that occur together separately. Needs multivariate.",
+    )
+    constant_liar: bool = Field(
+        default=False,
+        description=(
+            "Treat trials in flight as if they had the worst value, so parallel trials (search.max_concurrent > 1) "
+            "are not proposed on top of each other."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _group_needs_multivariate(self) -> TPEOptions:
+        if self.group and not self.multivariate:
+            raise ValueError("group: true needs multivariate: true (Optuna groups parameters only in multivariate TPE)")
+        return self
+
+
 class SearchSpec(_Strict):
     """How many trials, how many at once, and which sampler proposes them."""
 
     num_samples: PositiveInt = 12
     max_concurrent: PositiveInt = 2
     seed: Seed = 0
-    sampler: Literal["tpe", "random"] = "tpe"
+    sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]
+        default="tpe",
+        description=(
+            "tpe (Optuna's TPESampler, options under search.tpe), gp (GPSampler, Gaussian process), cmaes "
+            "(CmaEsSampler; needs the cmaes package, and draws categorical parameters at random), random, or grid "
+            "(every point of a space of lists once, in an order shuffled by search.seed)."
+        ),
+    )
+    tpe: TPEOptions = TPEOptions()
+    baseline: bool | dict[str, Any] = Field(
+        default=True,
+        description=(
+            "Train the standard QLoRA recipe first (r 16, lora_alpha 2r, all-linear, learning_rate 2e-4, "
+            "lora_dropout 0.05; sweeps/baseline.py), mapped to the nearest point of the space, to the full "
+            "budget (ASHA never stops it); the report compares the best trial with it. false: no baseline. A "
+            "mapping, e.g. {r: 8, learning_rate: 1e-4}, changes those values of the recipe."
+        ),
+    )
+    warm_start: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Earlier experiment folders whose finished trials the new study starts from (as prior Optuna trials, "
+            "not retrained): trials outside this space are left out, parameters this space does not search are "
+            "dropped, with a note."
+        ),
+    )
+    same_model_only: bool = Field(
+        default=True,
+        description="warm_start: use only experiments of the same model.path; false: of any base model.",
+    )
     metric: str = Field(
         default=OBJECTIVE,
         description=(
@@ -125,6 +184,17 @@ class SearchSpec(_Strict):
         if len(resolved) < 2:
             raise ValueError("multi-objective mode needs at least two metrics; for one, set search.metric and leave objectives out")
         return resolved
+
+    @field_validator("baseline")
+    @classmethod
+    def _baseline(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            from sweeps.baseline import recipe_problem
+
+            problem = recipe_problem(value)
+            if problem:
+                raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _metric_among_objectives(self) -> SearchSpec:
@@ -386,6 +456,20 @@ class SweepSpec(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _grid_needs_lists(self) -> SweepSpec:
+        if self.search.sampler != "grid":
+            return self
+        from trainables.params import LogUniform, Uniform
+
+        continuous = [k.name for k, kind in self.space.kinds(self.train.batch_size) if isinstance(kind, (LogUniform, Uniform))]
+        if continuous:
+            raise ValueError(
+                f"search.sampler: grid needs a space of lists, and {', '.join(continuous)} is a range; write a list "
+                f"of values (e.g. learning_rate: [1e-4, 2e-4, 5e-4]) or choose another sampler (tpe, gp, random)"
+            )
+        return self
+
     @property
     def max_rounds(self) -> int:
         asha = self.scheduler.asha
@@ -415,6 +499,7 @@ _SECTION_MODELS: dict[tuple[str, ...], type[BaseModel]] = {
     ("data",): DataSpec,
     ("space",): SpaceSpec,
     ("search",): SearchSpec,
+    ("search", "tpe"): TPEOptions,
     ("scheduler",): SchedulerSpec,
     ("scheduler", "asha"): ASHASpec,
     ("train",): TrainSpec,

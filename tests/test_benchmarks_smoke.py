@@ -136,3 +136,44 @@ def test_packing_quick(tmp_path: Path) -> None:
         assert set(runs) == {"off", "on", "padding-free"}
         # Packed rows carry more examples per step; both packed variants train on the same tokens.
         assert runs["on"][0]["tokens"] == runs["padding-free"][0]["tokens"] > runs["off"][0]["tokens"]
+
+
+def test_search_efficiency_issue_analysis_from_json(tmp_path: Path) -> None:
+    """The issue-16 figures from saved runs (no training): the same budget for every method (random's
+    total), steps to 1% and 5% of the best, the best at 1/3 of the budget, and the verdicts."""
+
+    def trial(steps: int, loss: float, i: int) -> dict[str, Any]:
+        return {"trial_id": f"t{i}", "status": "completed", "ended_at": float(i), "steps": steps, "best_eval_loss": loss,
+                "r": 4, "target_modules": "qv", "learning_rate": 1e-3, "lora_alpha": 8.0, "lora_dropout": 0.0,
+                "baseline": i == 0}
+
+    runs = []
+    for seed in range(5):
+        # random: 24 full trials of 80 steps (1,920), the best (1.0) found by its last trial.
+        runs.append({"method": "random", "seed": seed, "wall_s": 1.0,
+                     "trials": [trial(80, 2.0 - (i == 23) * 1.0, i) for i in range(24)]})
+        # default: 20-step trials, 1.0 found at trial 10 (220 steps) in 4 seeds, never in seed 4;
+        # its trials past the budget (64 x 20 = 1,280 < 1,920 here) are all inside it.
+        hit = 10 if seed < 4 else None
+        runs.append({"method": "default", "seed": seed, "wall_s": 1.0,
+                     "trials": [trial(20, 1.0 if i == hit else 1.5, i) for i in range(64)]})
+        # warm: 1.0 at its 5th trial (100 steps): halves the default's 220.
+        runs.append({"method": "warm", "seed": seed, "wall_s": 1.0,
+                     "trials": [trial(20, 1.0 if i == 4 else 1.5, i) for i in range(64)]})
+    saved = tmp_path / "issue.json"
+    saved.write_text(json.dumps({"space_name": "issue", "seeds": list(range(5)), "runs": runs, "machine": {}}))
+    out = tmp_path / "analysis.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "search_efficiency.py"), "--from-json", str(saved), "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["budget_steps"] == 1920 and summary["best_at_third_of_random"]["steps"] == 640
+    default = summary["methods"]["default"]
+    assert default["steps_to_1%"] == [220, 220, 220, 220, None] and default["within_third_1%"] == 4
+    assert summary["methods"]["random"]["steps_to_1%"] == [1920] * 5
+    assert default["best_at_third"] == [1.0, 1.0, 1.0, 1.0, 1.5]
+    assert summary["verdict"]["default_target_met"] is True
+    assert summary["verdict"]["warm_halves_default"] == [True, True, True, True, None]
+    assert "4/5 -> met" in proc.stdout

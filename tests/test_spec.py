@@ -90,8 +90,8 @@ BAD_SPECS = [
         id="bad-lr-scheduler",
     ),
     pytest.param(
-        with_("search", {"num_samples": 0, "sampler": "cmaes"}),
-        r"search\.num_samples: got 0; input should be greater than 0[\s\S]*search\.sampler: got 'cmaes'; allowed values: 'tpe' or 'random'",
+        with_("search", {"num_samples": 0, "sampler": "bayes"}),
+        r"search\.num_samples: got 0; input should be greater than 0[\s\S]*search\.sampler: got 'bayes'; allowed values: 'tpe', 'gp', 'cmaes', 'random' or 'grid'",
         id="two-search-problems-at-once",
     ),
     pytest.param(

@@ -193,11 +193,17 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
     Column("ended_at", "float64", "s", None, "When the trial last reported (Unix time)."),
     Column("micro_batch_size", "Int64", "examples", None, "Micro-batch the trial trained with (half its config's after an OOM retry)."),
     Column("oom_retry", "string", "", None, "Set when the trial ran out of memory and retried with half the micro-batch."),
+    Column(
+        "baseline", "boolean", "", None,
+        "The baseline trial: the standard QLoRA recipe mapped to the space, trained to the full budget (search.baseline).",
+    ),
     # Task metrics (eval.metrics) add best_<metric> and final_<metric> columns, named and directed by the
     # spec (trainables/task_metrics.py, `task_columns`); their evaluation's cost:
     Column("task_eval_total_s", "float64", "s", "lower", "Seconds the trial spent in task evaluation, all rounds."),
     Column("task_eval_peak_mib", "float64", "MiB", "lower", "Highest peak memory of the trial's task evaluations."),
 )
+# The trial-config key (and trials-table column) that marks the baseline trial (sweeps/baseline.py).
+BASELINE_COLUMN = "baseline"
 
 # The search-space columns of trials.csv (one trial's config), from the hyperparameter registry.
 CONFIG_COLUMNS: tuple[Column, ...] = tuple(

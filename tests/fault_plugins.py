@@ -16,6 +16,9 @@ on every local worker's sys.path (run the tests from the repository root).
     fail_one_trial  raise RuntimeError at the first training step of every attempt of one trial, the
                     first to start (it claims the file $QLORA_SWEEP_TEST_FAIL_ONE with its learning
                     rate): an ordinary failure (a bug, a bad node), whatever the sampler proposes
+    crash_once      end the trial's worker process at once (os._exit, no cleanup: what a killed worker
+                    or a lost node looks like to Tune) at the start of training step N, the first time
+                    any attempt gets there; $QLORA_SWEEP_TEST_CRASH_ONCE is "CLAIM_FILE:N"
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ SLOW_TEARDOWN = "tests.fault_plugins:slow_teardown"
 OOM_IN_FORWARD = "tests.fault_plugins:oom_in_forward"
 FAIL_ONE_ENV = "QLORA_SWEEP_TEST_FAIL_ONE"
 FAIL_ONE_TRIAL = "tests.fault_plugins:fail_one_trial"
+CRASH_ONCE_ENV = "QLORA_SWEEP_TEST_CRASH_ONCE"
+CRASH_ONCE = "tests.fault_plugins:crash_once"
 
 
 def _number(name: str, unit: str) -> float | None:
@@ -137,3 +142,25 @@ def fail_one_trial(context: Any) -> Any:
             raise RuntimeError(f"injected by {FAIL_ONE_ENV} (learning rate {mine})")
 
     return InjectedFailure()
+
+
+def crash_once(context: Any) -> Any:
+    """A callback that ends this worker process at step N the first time an attempt reaches it (see the module doc)."""
+    setting = os.environ.get(CRASH_ONCE_ENV)
+    if not setting:
+        return None
+    claim, _, step = setting.rpartition(":")
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 != int(step):
+                return
+            try:
+                with open(claim, "x") as f:
+                    f.write(str(os.getpid()))
+            except FileExistsError:
+                return  # crashed once already: this is the retry
+            os._exit(1)
+
+    return Crash()

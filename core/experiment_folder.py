@@ -7,9 +7,12 @@ An experiment is a folder (or s3:// / gs:// prefix) that Ray Tune and qlora-swee
       run_plan.json            what preflight resolved, with provenance (versioned)   PLAN_FILE
       data_report.json         rows read, train/eval counts, skipped bad rows          DATA_REPORT_FILE
       infeasible.jsonl         configurations memory admission refused before launch INFEASIBLE_FILE
-      optuna.db                the Optuna study (local storage, or copied at the end) STUDY_FILE
+      optuna.db                the Optuna study (local storage), or a consistent snapshot of
+                               one kept elsewhere, published at every trial end       STUDY_FILE
       warm_start.json          earlier experiments the study started from (search.warm_start) WARM_START_FILE
       tuner.pkl, experiment_state-*.json, searcher-state-*.pkl    Ray Tune's own state
+      qlora_sweep_digests.json, qlora_sweep_digests-<session>.json    HMACs of Tune's pickled
+                               state, checked before `resume` unpickles it   DIGESTS_FILE, DIGESTS_PREFIX
       trial_<id>/params.json, result.json, error.txt, checkpoint_*/   one folder per trial
       report/                  what `qlora-sweep report` writes                     REPORT_DIR
 
@@ -34,6 +37,9 @@ STUDY_FILE = "optuna.db"
 WARM_START_FILE = "warm_start.json"
 REPORT_DIR = "report"
 TUNER_FILE = "tuner.pkl"  # Ray Tune's pickled Tuner; only `resume` opens it (Tuner.restore)
+# Digests of Tune's pickled state (sweeps/tune_state.py): tuner.pkl's and vouched-for files', and one per Tune session.
+DIGESTS_FILE = "qlora_sweep_digests.json"
+DIGESTS_PREFIX = "qlora_sweep_digests-"
 TRIAL_PREFIX = "trial_"
 PARAMS_FILE = "params.json"
 RESULT_FILE = "result.json"

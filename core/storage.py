@@ -160,6 +160,12 @@ def read_text(location: str) -> str:
         return f.read().decode("utf-8")
 
 
+def read_bytes(location: str) -> bytes:
+    fs, path = filesystem(location)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
 def write_text(location: str, text: str) -> None:
     """Write a file atomically where the filesystem allows (local: temp file + rename)."""
     write_bytes(location, text.encode("utf-8"))

@@ -159,7 +159,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from sweeps.driver import resume_sweep
 
     with json_stdout(getattr(args, "json", False)) as emit:
-        outcome = resume_sweep(args.resume, restart_errored=args.restart_errored, address=args.address)
+        outcome = resume_sweep(
+            args.resume, restart_errored=args.restart_errored, address=args.address,
+            trust_experiment=getattr(args, "trust_experiment", False),
+        )
         emit(run_summary(outcome))
     return _exit_status(outcome)
 
@@ -386,8 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted sweep from its experiment folder",
         description="Continue a sweep that was interrupted (driver killed, Ctrl+C, lost head node): "
         "unfinished trials continue from their latest checkpoints, finished trials are kept, and the "
-        "Optuna searcher continues its study. Only folders written by `qlora-sweep run` are accepted, "
-        "because resuming unpickles the folder's Tune state. See docs/resume.md.",
+        "Optuna searcher continues its study (restored from the experiment if this machine lacks it, e.g. a new "
+        "head node resuming from s3://). Only folders written by `qlora-sweep run` are accepted, and only when "
+        "the digests of Tune's pickled state match this machine's experiment key (or --trust-experiment), "
+        "because resuming unpickles that state. See docs/resume.md.",
         epilog=EXIT_STATUSES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -434,6 +439,13 @@ def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
         "--restart-errored",
         action="store_true",
         help="run errored trials again from scratch (new trial ids) instead of keeping them failed",
+    )
+    parser.add_argument(
+        "--trust-experiment",
+        action="store_true",
+        help="resume even though Tune's pickled state has no valid digest under this machine's experiment key "
+        "(e.g. a sweep from before digests, or from a machine whose key you do not have). Unpickling can run any "
+        "code: only for folders whose every writer you trust. See docs/resume.md",
     )
 
 

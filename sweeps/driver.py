@@ -462,7 +462,8 @@ def build_tuner(
 
     from sweeps.admission import AdmissionSearch
     from sweeps.progress import SweepProgress
-    from sweeps.searcher import make_searcher, search_space
+    from sweeps.searcher import make_searcher, search_space, study_snapshots
+    from sweeps.tune_state import SignedSearchGenerator
     from sweeps.tracking import callbacks as tracking_callbacks
 
     spec = checked.spec
@@ -492,7 +493,8 @@ def build_tuner(
         tune_config=tune.TuneConfig(
             metric=metric,
             mode=mode,
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent),
+            # Digests of the pickled experiment state are written with every save (sweeps/tune_state.py).
+            search_alg=SignedSearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)),
             scheduler=make_scheduler(spec),
             num_samples=spec.search.num_samples,
             # Reusing a trial's worker process saves re-importing torch/transformers per trial;
@@ -519,7 +521,12 @@ def build_tuner(
                 checkpoint_score_attribute=checkpoint_metric(spec),
                 checkpoint_score_order=spec.tune_mode(checkpoint_metric(spec)),
             ),
-            callbacks=[progress, *tracking_callbacks(spec, experiment_name, storage.join(storage_path, experiment_name), print)],
+            callbacks=[
+                progress,
+                # A study kept outside the experiment (cloud storage) is published into it at every trial end.
+                *study_snapshots(spec, storage.join(storage_path, experiment_name)),
+                *tracking_callbacks(spec, experiment_name, storage.join(storage_path, experiment_name), print),
+            ],
             verbose=0,  # SweepProgress prints a compact live view instead of Tune's tables
         ),
     )
@@ -751,6 +758,7 @@ def resume_sweep(
     restart_errored: bool = False,
     address: str | None = None,
     log: Callable[[str], None] = print,
+    trust_experiment: bool = False,
 ) -> SweepOutcome:
     """Continue an interrupted sweep: unfinished trials resume from their latest checkpoints,
     finished ones are kept, and the searcher continues with its Optuna study. Writes the report.
@@ -763,9 +771,12 @@ def resume_sweep(
         restart_errored: Run errored trials again from scratch (Tune gives them new trial ids)
             instead of keeping them failed.
         address: The Ray cluster, as for `run_sweep`.
+        trust_experiment: Resume even if Tune's pickled state has no valid digest under this
+            machine's key (sweeps/tune_state.py); its digests are then recorded as they are.
 
     Raises:
         NotAnExperiment: If `path` was not written by qlora-sweep.
+        UntrustedExperiment: If Tune's pickled state lacks a valid digest, without `trust_experiment`.
         SpecError: Before Ray starts, if the saved spec, model, data, storage or study is unusable.
     """
     from analysis.results import NotAnExperiment
@@ -788,9 +799,17 @@ def resume_sweep(
         if not storage.exists(experiment_folder.file(experiment_dir, experiment_folder.TUNER_FILE)):
             raise SpecError(
                 "resume",
-                [f"{experiment_dir} has no {experiment_folder.TUNER_FILE}: the sweep stopped before Ray Tune started, "
-                 "so there is nothing to resume. Start it again with `qlora-sweep run SPEC --name NEW_NAME`"],
+                [f"{experiment_dir} has no {experiment_folder.TUNER_FILE}: the sweep stopped before Ray Tune started, so "
+                 "there is nothing to resume. Start it again with `qlora-sweep run SPEC --name NEW_NAME`"],
             )
+        from sweeps import tune_state
+
+        if trust_experiment:
+            vouched = tune_state.trust(experiment_dir)
+            log(f"[qlora-sweep] {tune_state.TRUST_FLAG}: unpickling {len(vouched)} files of Tune state without checking "
+                "who wrote them; their digests are recorded now")
+        else:
+            tune_state.verify(experiment_dir)  # before anything of the folder is unpickled
         spec_file = experiment_folder.file(experiment_dir, experiment_folder.SPEC_FILE)
         raw = safe_yaml(storage.read_text(spec_file), spec_file)
         if isinstance(raw, dict) and isinstance(raw.get("search"), dict):
@@ -799,7 +818,7 @@ def resume_sweep(
         storage_path, experiment_name = _split_experiment(experiment_dir)
         spec = parse_spec(raw, source=spec_file).model_copy(update={"storage": storage_path})
         log(f"[qlora-sweep] resuming '{experiment_name}': checking model, target modules, data, storage, study")
-        checked = _with_study(preflight(spec, warm_start=False), experiment_dir, experiment_name, resuming=True)
+        checked = _with_study(preflight(spec, warm_start=False), experiment_dir, experiment_name, resuming=True, log=log)
         experiment = _Experiment(experiment_dir, experiment_name, storage_path, resuming=True, restart_errored=restart_errored)
         return _sweep(checked, experiment, address, log)
 
@@ -855,6 +874,9 @@ def _sweep(
             )
         else:
             tuner = build_tuner(checked, job, experiment.name, experiment.storage_path, plan, sampler, log)
+            from sweeps.tune_state import sign_tuner
+
+            sign_tuner(experiment.directory)  # Tune wrote tuner.pkl as the Tuner was built
         with StopSignals() as signals:
             results = tuner.fit()
             interrupted = signals.interrupted()
@@ -943,11 +965,18 @@ def _split_experiment(experiment_dir: str) -> tuple[str, str]:
     return str(Path(experiment_dir).parent), Path(experiment_dir).name
 
 
-def _with_study(checked: Preflight, experiment_dir: str, experiment_name: str, *, resuming: bool) -> Preflight:
-    """Resolve where the Optuna study lives and check it is usable, before Ray starts."""
-    from sweeps.searcher import check_study, resolve_study
+def _with_study(
+    checked: Preflight, experiment_dir: str, experiment_name: str, *, resuming: bool, log: Callable[[str], None] = print
+) -> Preflight:
+    """Resolve where the Optuna study lives and check it is usable, before Ray starts. A resumed sweep
+    whose sqlite study is not on this machine (a new head node) gets it back from the experiment."""
+    from sweeps.searcher import check_study, resolve_study, restore_study
 
     spec = resolve_study(checked.spec, experiment_dir, experiment_name)
+    if resuming:
+        spec, restored = restore_study(spec, experiment_dir, experiment_name)
+        if restored:
+            log(f"[qlora-sweep] {restored}")
     problem = check_study(spec, resuming=resuming)
     if problem:
         raise SpecError("optuna study", [problem])
@@ -964,14 +993,14 @@ def _log_study(spec: SweepSpec, log: Callable[[str], None]) -> None:
 
 def _settle_study(spec: SweepSpec, experiment_dir: str, log: Callable[[str], None], *, finished: bool) -> None:
     """Leave no stale RUNNING trial in the Optuna study (see sweeps.searcher.settle_study); once
-    the sweep is over, copy a driver-local study into a cloud experiment."""
+    the sweep is over, publish a last snapshot of a study kept outside the experiment into it."""
     from sweeps.searcher import publish_study, settle_study
 
     for line in settle_study(spec, experiment_dir):
         log(f"[qlora-sweep] settled {line}")
     copied = publish_study(spec, experiment_dir) if finished else None
     if copied:
-        log(f"[qlora-sweep] optuna study copied to {copied}")
+        log(f"[qlora-sweep] optuna study published to {copied}")
 
 
 def _finish(

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
+from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
     from sweeps.spec import SweepSpec
 
 # Where cloud-storage sweeps keep their sqlite study on the driver machine (a database cannot
-# live in an object store); the file is copied into the experiment when the sweep ends.
+# live in an object store); a consistent snapshot of it is published into the experiment at every
+# trial end (`StudySnapshots`), from which `resume` on another machine restores it (`restore_study`).
 STUDIES_ENV = "QLORA_SWEEP_STUDIES"
 # User attribute linking an Optuna trial to its Tune trial (and trial_<id>/ folder).
 TUNE_TRIAL_ATTR = "ray_trial_id"
@@ -124,12 +126,16 @@ def open_storage(url: str) -> Any:
 
 # Study URLs with credentials, by their redacted form: what an unpickled storage connects with.
 _STUDY_URLS: dict[str, str] = {}
+# sqlite studies restored from an experiment's snapshot to another path (`restore_study`): the URL Ray's
+# pickled searcher holds -> the URL this process uses.
+_RELOCATED: dict[str, str] = {}
 
 
 def unmasked_study_url(url: str) -> str:
     """The URL an unpickled or resumed study connects with: the real one if this process has it;
     otherwise a password that was masked is left out, so the database driver's own sources apply
     (PGPASSWORD or ~/.pgpass for PostgreSQL)."""
+    url = _RELOCATED.get(url, url)
     if url in _STUDY_URLS:
         return _STUDY_URLS[url]
     if MASK not in url or url == "memory":
@@ -395,11 +401,115 @@ def settle_study(spec: SweepSpec, experiment_dir: str) -> list[str]:
     return settled
 
 
-def publish_study(spec: SweepSpec, experiment_dir: str) -> str | None:
-    """Copy a driver-local sqlite study into a cloud experiment, so the study travels with the results."""
-    db = sqlite_path(spec.search.optuna_storage)
-    if db is None or not storage.is_uri(experiment_dir) or not db.exists():
-        return None
+def snapshot_target(url: str | None, experiment_dir: str) -> tuple[Path, str] | None:
+    """(the sqlite study file, where its snapshot goes in the experiment), or None when there is
+    nothing to publish: no sqlite study, or the study is the experiment's own file already."""
+    db = sqlite_path(_RELOCATED.get(url, url) if url else url)
     target = experiment_folder.file(experiment_dir, experiment_folder.STUDY_FILE)
-    storage.write_bytes(target, db.read_bytes())
-    return target
+    if db is None or (not storage.is_uri(target) and Path(target).resolve() == db.resolve()):
+        return None
+    return db, target
+
+
+def snapshot_study(db: Path, target: str) -> None:
+    """Write a consistent copy of the sqlite study `db` to `target` (local or cloud).
+
+    sqlite3's online backup API copies pages under the database's own locks, so the copy is a
+    state the database was in even while Optuna (or a dashboard) writes; a byte copy of a file in
+    use can be torn. The copy is written whole (core/storage.py: temp file + rename locally; an
+    object store publishes an object at close).
+    """
+    import sqlite3
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="qlora-sweep-study-") as tmp:
+        copy = Path(tmp, experiment_folder.STUDY_FILE)
+        source = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            destination = sqlite3.connect(copy)
+            try:
+                source.backup(destination)
+            finally:
+                destination.close()
+        finally:
+            source.close()
+        storage.write_bytes(target, copy.read_bytes())
+
+
+def publish_study(spec: SweepSpec, experiment_dir: str) -> str | None:
+    """Publish a snapshot of a sqlite study kept outside the experiment into it (`snapshot_study`)."""
+    found = snapshot_target(spec.search.optuna_storage, experiment_dir)
+    if found is None or not found[0].exists():
+        return None
+    snapshot_study(*found)
+    return found[1]
+
+
+def restore_study(spec: SweepSpec, experiment_dir: str, experiment_name: str) -> tuple[SweepSpec, str | None]:
+    """On resume, bring back a sqlite study that is not on this machine from the experiment's snapshot.
+
+    The saved spec names the study file of the machine that ran the sweep (a lost head node's disk,
+    for cloud storage). When that file is missing here and the experiment holds a snapshot, the
+    snapshot becomes `studies_root()/<experiment>.db` (or continues one restored there before), and
+    Ray's searcher, unpickled with the old path, connects to it (see `unmasked_study_url`).
+
+    Returns:
+        (the spec with the URL in use, a line for the log or None).
+    """
+    url = spec.search.optuna_storage
+    found = snapshot_target(url, experiment_dir)
+    if url is None or found is None or found[0].exists() or not storage.exists(found[1]):
+        return spec, None
+    local = studies_root() / f"{experiment_name}.db"
+    line = f"optuna study {found[0]} is not on this machine; continuing the one restored before at {local}"
+    if not local.exists():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(local.name + ".partial")
+        partial.write_bytes(storage.read_bytes(found[1]))
+        partial.replace(local)
+        line = f"optuna study {found[0]} is not on this machine; restored it from {found[1]} to {local}"
+    new_url = f"sqlite:///{local}"
+    if new_url != url:
+        _RELOCATED[url] = new_url
+    search = spec.search.model_copy(update={"optuna_storage": new_url})
+    return spec.model_copy(update={"search": search}), line
+
+
+def study_snapshots(spec: SweepSpec, experiment_dir: str) -> list[Any]:
+    """The Tune callback publishing the study at every trial end, when the study lives outside the experiment."""
+    if snapshot_target(spec.search.optuna_storage, experiment_dir) is None:
+        return []
+    return [StudySnapshots(spec.search.optuna_storage, experiment_dir)]
+
+
+class StudySnapshots(Callback):
+    """At every trial end (completed, stopped by ASHA, errored), publish the study into the experiment.
+
+    Tune tells the searcher before its callbacks (ray/tune/execution/tune_controller.py `stop_trial`,
+    `_process_trial_failure`), so each snapshot holds the trial's outcome. A new head node can then
+    resume from the experiment alone. Pickled into tuner.pkl with the run config; it holds the study
+    URL with credentials masked (a sqlite URL has none) and resolves a restored study's new path.
+    """
+
+    def __init__(self, url: str, experiment_dir: str):
+        self.url = redact(url)
+        self.experiment_dir = experiment_dir
+        self.failures = 0
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.publish()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.publish()
+
+    def publish(self) -> None:
+        found = snapshot_target(self.url, self.experiment_dir)
+        if found is None or not found[0].exists():
+            return
+        try:
+            snapshot_study(*found)
+        except Exception as exc:  # a storage hiccup must not end the sweep; the next trial end retries
+            self.failures += 1
+            first = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+            print(f"[qlora-sweep] warning: could not publish the optuna study to {redact(found[1])} ({first}); "
+                  "retrying at the next trial end", flush=True)

@@ -55,7 +55,9 @@ TINY_SPEC: dict[str, Any] = {
     },
     "search": {"num_samples": 2, "max_concurrent": 2, "seed": 0},
     "scheduler": {"asha": None},
-    "train": {"max_steps": 20, "eval_every": 10, "batch_size": 8},
+    # A checkpoint at every round (the default, '5m', would leave these seconds-long trials only their last):
+    # the fault and resume tests kill trials between rounds and check they continue from a checkpoint.
+    "train": {"max_steps": 20, "eval_every": 10, "batch_size": 8, "checkpoint_every": 1},
     "resources": {"gpus_per_trial": 0, "cpus_per_trial": 1},
 }
 
@@ -84,6 +86,17 @@ def make_spec_dict(**overrides: Any) -> dict[str, Any]:
 def write_spec(path: Path, spec: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def experiment_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The key that digests Tune's pickled state (core/integrity.py), in a temp folder: never the
+    user's own ~/.config/qlora-sweep/experiment.key. Subprocesses and Ray workers inherit it."""
+    from core.integrity import KEY_ENV
+
+    if not os.environ.get(KEY_ENV):
+        os.environ[KEY_ENV] = str(tmp_path_factory.mktemp("qlora-sweep-key") / "experiment.key")
+    return Path(os.environ[KEY_ENV])
 
 
 @pytest.fixture(scope="session", autouse=True)

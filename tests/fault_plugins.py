@@ -23,6 +23,9 @@ on every local worker's sys.path (run the tests from the repository root).
                     (slow but alive); the others train normally
     slow_steps      every trial sleeps $QLORA_SWEEP_TEST_SLOW_STEP_S seconds at the end of every
                     training step (time for a test to act between two checkpoints)
+    crash_once      end the trial's worker process at once (os._exit, no cleanup: what a killed worker
+                    or a lost node looks like to Tune) at the start of training step N, the first time
+                    any attempt gets there; $QLORA_SWEEP_TEST_CRASH_ONCE is "CLAIM_FILE:N"
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ SLOW_STEP_ENV = "QLORA_SWEEP_TEST_SLOW_STEP_S"
 HANG_OR_SLOW = "tests.fault_plugins:hang_or_slow"
 HANG_AT_STEP = 2
 SLOW_STEPS = "tests.fault_plugins:slow_steps"
+CRASH_ONCE_ENV = "QLORA_SWEEP_TEST_CRASH_ONCE"
+CRASH_ONCE = "tests.fault_plugins:crash_once"
 
 
 def _number(name: str, unit: str) -> float | None:
@@ -207,3 +212,23 @@ def slow_steps(context: Any) -> Any:
             time.sleep(seconds)
 
     return SlowSteps()
+def crash_once(context: Any) -> Any:
+    """A callback that ends this worker process at step N the first time an attempt reaches it (see the module doc)."""
+    setting = os.environ.get(CRASH_ONCE_ENV)
+    if not setting:
+        return None
+    claim, _, step = setting.rpartition(":")
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 != int(step):
+                return
+            try:
+                with open(claim, "x") as f:
+                    f.write(str(os.getpid()))
+            except FileExistsError:
+                return  # crashed once already: this is the retry
+            os._exit(1)
+
+    return Crash()

@@ -42,7 +42,7 @@ from trainables.memory_probe import (
     free_memory,
 )
 from trainables.params import TrialConfig
-from trainables.settings import CALLBACK_PATTERN, ModelSpec
+from trainables.settings import CALLBACK_PATTERN, CheckpointInterval, ModelSpec
 from trainables.task_metrics import TaskEvaluator, TaskSchedule
 from trainables.tiny_models import is_builtin, materialize
 from trainables.training_setup import TrainingSetup, load_tokenizer
@@ -614,6 +614,7 @@ def _build_trainer(
         probe=probe,
         trial_report=trial_report,
         checkpointing=job.train.checkpoint,
+        checkpoint_interval=job.train.checkpoint_interval,
         tensor_probe=tensor_probe,
         predict_tensor_peak=predict_tensor_peak,
         task=task,
@@ -640,6 +641,7 @@ def _tune_reporter_class() -> type:
             probe: PeakMemoryProbe,
             trial_report: TrialReport,
             checkpointing: bool,
+            checkpoint_interval: CheckpointInterval | None = None,
             tensor_probe: TensorPeakProbe | None = None,
             predict_tensor_peak: Callable[[int, int], float | None] | None = None,
             task: TaskEvaluator | None = None,
@@ -653,6 +655,11 @@ def _tune_reporter_class() -> type:
             self.probe = probe
             self.trial_report = trial_report
             self.checkpointing = checkpointing
+            # train.checkpoint_every, counted from the last checkpoint or the attempt's start (a resumed
+            # attempt starts at its checkpoint).
+            self.checkpoint_interval = checkpoint_interval or CheckpointInterval(rounds=1)
+            self.rounds_since_checkpoint = 0
+            self.last_checkpoint = time.monotonic()
             self.tensor_probe = tensor_probe
             self.predict_tensor_peak = predict_tensor_peak
             self.pending: dict[str, Any] | None = None
@@ -737,7 +744,15 @@ def _tune_reporter_class() -> type:
             if status is None and self.task is not None and self.schedule.due(state.global_step // self.eval_every):
                 # Off the throughput clock: segment_start restarts below.
                 task = self.task.evaluate(kwargs["model"], self.probe)
-            if self.checkpointing and status is None:
+            self.rounds_since_checkpoint += 1
+            due = self.checkpointing and status is None and self.checkpoint_interval.due(
+                self.rounds_since_checkpoint,
+                time.monotonic() - self.last_checkpoint,
+                last_round=state.global_step >= state.max_steps,
+            )
+            # The save that save_steps (= eval_every) asked for happens only when train.checkpoint_every says so.
+            control.should_save = due
+            if due:
                 self.pending = self._metrics(state, eval_loss, task=task)  # reported from on_save, with its checkpoint
             else:
                 self.report(self._metrics(state, eval_loss, status, task=task))
@@ -751,6 +766,8 @@ def _tune_reporter_class() -> type:
                 json.dump({"train_s": self.train_seconds, "step": state.global_step}, f)
             metrics, self.pending = self.pending, None
             self.report(metrics, folder)
+            self.rounds_since_checkpoint = 0
+            self.last_checkpoint = time.monotonic()
 
         def restore(self, checkpoint_dir: str) -> None:
             """Continue the throughput clock of a resumed trial."""

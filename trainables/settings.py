@@ -8,11 +8,13 @@ into the whole sweep spec, which adds the search, scheduler, resources and stora
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     NonNegativeInt,
@@ -26,6 +28,63 @@ from pydantic import (
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
 # Step counts: ASHA computes with them as floats, so an absurd count must stop here, not after launch.
 StepCount = Annotated[int, Field(gt=0, lt=2**31)]
+
+
+# A checkpoint interval of train.checkpoint_every: whole evaluation rounds (an int) or wall time ("90s", "10m", "1h").
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)\s*$")
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+DEFAULT_CHECKPOINT_EVERY = "5m"
+
+
+def _checkpoint_every(value: object) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(
+            f"{value!r} is not an interval; give evaluation rounds as a whole number (e.g. 2) or a time with its "
+            "unit (e.g. '90s', '10m', '1h')"
+        )
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"{value} rounds: give at least 1 (a checkpoint at every evaluation round), or a time such as '10m'")
+        return value
+    match = _DURATION.match(value)
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(
+            f"{value!r} is not an interval; give evaluation rounds as a number (e.g. 2) or a positive time with its unit "
+            "(e.g. '90s', '10m', '1h')"
+        )
+    return value.strip()
+
+
+CheckpointEvery = Annotated[int | str, BeforeValidator(_checkpoint_every)]
+
+
+@dataclass(frozen=True)
+class CheckpointInterval:
+    """When a trial saves a checkpoint (train.checkpoint_every), at an evaluation round's end.
+
+    Tune takes checkpoints only with a report, so one can come only at the end of a round; ASHA still
+    decides at every round. The round that ends training always checkpoints (`export` needs an adapter).
+    """
+
+    rounds: int | None = None  # every this many evaluation rounds
+    seconds: float | None = None  # at the first round ending this long (wall time) after the last checkpoint
+
+    @classmethod
+    def parse(cls, value: int | str) -> CheckpointInterval:
+        if isinstance(value, int):
+            return cls(rounds=value)
+        match = _DURATION.match(value)
+        assert match is not None, value  # validated by the spec (_checkpoint_every)
+        return cls(seconds=float(match.group(1)) * _DURATION_UNITS[match.group(2)])
+
+    def due(self, rounds_since: int, seconds_since: float, *, last_round: bool) -> bool:
+        """Whether the round that just ended saves a checkpoint, `rounds_since` rounds (this one
+        included) and `seconds_since` seconds after the last checkpoint (or the attempt's start)."""
+        if last_round:
+            return True
+        if self.rounds is not None:
+            return rounds_since >= self.rounds
+        return self.seconds is not None and seconds_since >= self.seconds
 
 
 def _usable_path(value: str) -> str:
@@ -186,9 +245,18 @@ class TrainSpec(Strict):
     optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "auto"
     max_grad_norm: PositiveFloat = 1.0
     seed: Seed = 0
-    # Save adapter + optimizer state at every evaluation, so a retried or resumed trial continues
-    # from its last evaluation instead of step 0 (and `export` has an adapter to copy).
+    # Save adapter + optimizer state (every checkpoint_every), so a retried or resumed trial continues
+    # from its last checkpoint instead of step 0 (and `export` has an adapter to copy).
     checkpoint: bool = True
+    checkpoint_every: CheckpointEvery = Field(
+        default=DEFAULT_CHECKPOINT_EVERY,
+        description=(
+            "How often a trial saves its checkpoint (with train.checkpoint): evaluation rounds (e.g. 2), or wall "
+            "time since the last one, checked at each round's end (e.g. '90s', '10m', '1h'). The last round always "
+            "saves one. A trial that is retried or resumed redoes what came after its last checkpoint: at the default "
+            "'5m', at most about five minutes and one round. ASHA still decides at every round."
+        ),
+    )
     max_failures: NonNegativeInt = Field(
         default=2,
         description=(
@@ -248,6 +316,10 @@ class TrainSpec(Strict):
                 f"{self.max_steps - self.max_steps % self.eval_every or self.eval_every}"
             )
         return self
+
+    @property
+    def checkpoint_interval(self) -> CheckpointInterval:
+        return CheckpointInterval.parse(self.checkpoint_every)
 
     @property
     def rounds(self) -> int:

@@ -254,7 +254,8 @@ class TrainingSetup:
             eval_steps=train.eval_every,
             logging_steps=1,  # every step, so a NaN loss stops the trial at once
             logging_nan_inf_filter=False,
-            # A checkpoint per evaluation; Tune copies it to storage, so one local copy is enough.
+            # A save is offered at every evaluation; the trainable keeps only those train.checkpoint_every
+            # asks for (trainables/qlora.py TuneReporter). Tune copies it to storage: one local copy is enough.
             save_strategy="steps" if train.checkpoint else "no",
             save_steps=train.eval_every,
             save_total_limit=1,

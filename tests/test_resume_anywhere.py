@@ -127,9 +127,23 @@ def _s3_results(s3: Any, bucket: str, prefix: str) -> dict[str, list[dict[str, A
 S3_STEPS = 20
 
 
+def _terminated_in_bucket(s3: Any, bucket: str, prefix: str) -> int:
+    """Trials that Tune's newest uploaded experiment state records as TERMINATED (read as JSON)."""
+    from tests.test_s3_storage import keys
+
+    states = sorted(k for k in keys(s3, prefix) if k.split("/")[-1].startswith("experiment_state-"))
+    if not states:
+        return 0
+    try:
+        state = json.loads(s3.client.get_object(Bucket=bucket, Key=states[-1])["Body"].read())
+    except ValueError:
+        return 0
+    return sum(json.loads(trial).get("status") == "TERMINATED" for trial, _ in state.get("trial_data", []))
+
+
 @pytest.mark.integration
 def test_a_sweep_on_s3_resumes_on_a_new_head_node_from_the_bucket_alone(tmp_path: Path) -> None:
-    """SIGKILL the driver after a trial ended; delete the study and Ray's driver-side files; resume with
+    """SIGKILL the driver after a trial ended (and Tune uploaded its state saying so); delete the study and Ray's driver-side files; resume with
     another study folder and Ray temp dir: every trial completes, each reports every round once.
     Control: without the per-trial-end snapshot (sweeps/searcher.py StudySnapshots) the bucket has no
     study until a sweep ends normally, and this resume is refused ("the study database ... is gone")."""
@@ -144,7 +158,10 @@ def test_a_sweep_on_s3_resumes_on_a_new_head_node_from_the_bucket_alone(tmp_path
         make_spec_dict(
             name="s3resume",
             search={"num_samples": 2, "max_concurrent": 1},
-            train={"max_steps": S3_STEPS, "eval_every": 10, "batch_size": 8},
+            # 4 micro-batches per step: trial 2 is still in its first round when the kill lands. (Killed
+            # between two checkpoints of one trial, Tune 2.60 can restore a state naming the checkpoint that
+            # num_to_keep=1 just deleted: "Could not recover from checkpoint"; seen with 1 micro-batch.)
+            train={"max_steps": S3_STEPS, "eval_every": 10, "batch_size": 8, "grad_accum": 4},
         ),
     )
     uri, prefix = f"s3://{BUCKET}/sweeps/s3resume", "sweeps/s3resume/"
@@ -165,13 +182,16 @@ def test_a_sweep_on_s3_resumes_on_a_new_head_node_from_the_bucket_alone(tmp_path
                         assert time.time() < deadline, f"no trial ended:\n{log.read_text()[-3000:]}"
                         results = _s3_results(s3, BUCKET, prefix)
                         ended = [t for t, rows in results.items() if rows and rows[-1]["step"] == S3_STEPS]
-                        if ended and f"{prefix}optuna.db" in keys(s3, prefix):
+                        if ended and f"{prefix}optuna.db" in keys(s3, prefix) and _terminated_in_bucket(s3, BUCKET, prefix) >= 1:
                             break
                         time.sleep(0.3)
                 finally:
                     os.killpg(driver.pid, signal.SIGKILL)  # the head node is gone: driver, Ray, its disk
                     driver.wait()
             killed_at = time.time()
+            at_kill = _s3_results(s3, BUCKET, prefix)
+            # The kill landed mid-sweep: the study in the bucket came from a trial end, not the sweep's end.
+            assert sum(bool(rows) and rows[-1]["step"] == S3_STEPS for rows in at_kill.values()) < 2, at_kill
             assert not wait_for_no_ray_processes(), "Ray processes outlived the kill"
         # private_ray_tmp removed the old head's Ray temp dir (Tune's driver staging files); now its study.
         shutil.rmtree(old_head)

@@ -203,7 +203,8 @@ def redact_frame(frame: pd.DataFrame) -> pd.DataFrame:
     out = frame.copy()
     for column in out.columns:
         if not (pd.api.types.is_numeric_dtype(out[column]) or pd.api.types.is_bool_dtype(out[column])):
-            if out[column].map(lambda v: isinstance(v, str) and has_credentials(v)).any():
+            # A plain loop: map() on a string column keeps its dtype, which has no any().
+            if any(isinstance(v, str) and has_credentials(v) for v in out[column]):
                 out[column] = out[column].map(lambda v: redact(v) if isinstance(v, str) else v)
     return out
 

@@ -245,8 +245,10 @@ def recorded_sweep(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) 
                     write_report(str(experiment), out_dir=str(out))
                     statuses = read_trials_csv(out / "trials.csv")["status"].tolist()
                     partial.append((out, statuses, None))
-                except Exception as exc:  # recorded for the test to report, not swallowed
-                    partial.append((out, [], f"{type(exc).__name__}: {exc}"))
+                except Exception:  # recorded for the test to report, not swallowed
+                    import traceback
+
+                    partial.append((out, [], traceback.format_exc(limit=-4)))
             done.wait(1.0)
 
     poller = threading.Thread(target=report_while_running, daemon=True)

@@ -200,7 +200,7 @@ TRIAL_COLUMNS: tuple[Column, ...] = (
     # Task metrics (eval.metrics) add best_<metric> and final_<metric> columns, named and directed by the
     # spec (trainables/task_metrics.py, `task_columns`); their evaluation's cost:
     Column("task_eval_total_s", "float64", "s", "lower", "Seconds the trial spent in task evaluation, all rounds."),
-    Column("task_eval_peak_mib", "float64", "MiB", "lower", "Highest peak memory of the trial's task evaluations."),
+    REPORTED["task_eval_peak_mib"],  # the highest of the trial's task evaluations
 )
 # The trial-config key (and trials-table column) that marks the baseline trial (sweeps/baseline.py).
 BASELINE_COLUMN = "baseline"

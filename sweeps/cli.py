@@ -64,6 +64,10 @@ def json_stdout(enabled: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
     """With --json, stdout carries exactly one JSON object: everything else this process (and any
     process it starts, Ray's included) writes to file descriptor 1 goes to stderr meanwhile.
 
+    Run as the `qlora-sweep` command (the process is ours until it exits), descriptor 1 stays on
+    stderr after the JSON: what Ray's threads and exit handlers print later must not follow the
+    object on stdout. Called in-process (`main(argv)`), descriptor 1 is given back.
+
     Yields:
         A function that writes the JSON object (call it once, at the end).
     """
@@ -77,7 +81,8 @@ def json_stdout(enabled: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
         yield lambda obj: os.write(saved, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
     finally:
         sys.stdout.flush()
-        os.dup2(saved, 1)
+        if not _OWN_PROCESS:
+            os.dup2(saved, 1)
         os.close(saved)
 
 
@@ -468,8 +473,15 @@ def handle_errors(func: Callable[[], int]) -> int:
         return 130
 
 
+# Set by `main()` run as the command itself (no argv given): see json_stdout.
+_OWN_PROCESS = False
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _OWN_PROCESS
     from sweeps.driver import quiet_driver
+
+    _OWN_PROCESS = argv is None
 
     quiet_driver()
     args = build_parser().parse_args(argv)

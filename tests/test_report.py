@@ -473,3 +473,20 @@ def test_report_compare_and_validate_speak_json(recorded_sweep: RecordedSweep, t
     validated, _ = cli("validate", str(spec), "--set", "search.num_samples=3")
     assert validated["valid"] is True and validated["overrides"] == ["search.num_samples=3"]
     assert validated["train_rows"] > 0
+
+
+def test_what_the_process_prints_after_the_json_object_stays_off_stdout(recorded_sweep: RecordedSweep, tmp_path: Path) -> None:
+    """Ray's threads and exit handlers can print after the command is done (a joined cluster's
+    error lines did, in the node-loss test): with --json those lines must not follow the object."""
+    import subprocess
+    import sys
+
+    late = "import atexit, os, sys; atexit.register(os.write, 1, b'printed at exit\\n'); "
+    code = late + "from sweeps.cli import main; sys.argv = ['qlora-sweep', *sys.argv[1:]]; sys.exit(main())"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "report", str(recorded_sweep.path), "--out", str(tmp_path / "r"), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["trials"] > 0  # one object and nothing after it
+    assert "printed at exit" in done.stderr

@@ -201,5 +201,7 @@ def test_without_retries_a_killed_trial_fails(s3: S3, tmp_path: Path) -> None:
     assert run.returncode == 1, run.stderr[-3000:]  # some trials failed
     summary = json.loads(run.stdout)
     assert summary["failed"] >= 1 and summary["statuses"].get("failed", 0) >= 1, summary
+    # The killed trial never came back. (It may have no reported round at all: the kill can land
+    # between its checkpoint reaching the bucket and its report reaching the driver.)
     rows = result_rows(s3, prefix, kills[0].trial_id)
-    assert rows[-1]["step"] < MAX_STEPS  # the killed trial never came back
+    assert all(r["step"] < MAX_STEPS for r in rows), [r["step"] for r in rows]

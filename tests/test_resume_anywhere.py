@@ -309,7 +309,10 @@ def test_a_killed_trial_continues_from_its_last_checkpoint_chosen_by_checkpoint_
     # trial is its last uploaded copy plus the retry's rows, so the first attempt's round 30 may be gone.)
     retry = [r["step"] for r in rows if r["started_at"] > crashed_at]
     assert retry == [30, 40], [(r["step"], r["started_at"]) for r in rows]
-    assert [r["step"] for r in rows if r["started_at"] < crashed_at][:2] == [10, 20]
+    # The first attempt's rows survive only as far as Tune had synced result.json before the crash
+    # (none at all, seen in CI): whatever survived is its rounds in order.
+    before = [r["step"] for r in rows if r["started_at"] < crashed_at]
+    assert before == [10, 20, 30][: len(before)], before
 
 
 def _tripwire(marker: Path, original: bytes) -> bytes:

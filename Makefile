@@ -31,7 +31,7 @@ smoke: install
 test: test-suite test-e2e
 
 test-suite: install
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=30
 
 test-e2e: install
 	$(BIN)/python -m pytest tests -m e2e -p no:cacheprovider

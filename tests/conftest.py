@@ -7,13 +7,18 @@ drives `ray up`/`ray submit` and runs alone (`make test-e2e`).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
+import tempfile
 
 from analysis.results import read_trials_csv
 from sweeps.local_env import use_local_env
 
 use_local_env()  # before anything imports ray: every local Ray service binds to 127.0.0.1 only
+
+from sweeps.searcher import STUDIES_ENV  # noqa: E402  (after use_local_env: it imports ray)
 
 import time
 import uuid
@@ -40,6 +45,19 @@ os.environ.setdefault(RUN_MARKER, uuid.uuid4().hex)
 if "RAY_AUTH_TOKEN" not in os.environ and "RAY_AUTH_TOKEN_PATH" not in os.environ:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ["RAY_AUTH_TOKEN"] = uuid.uuid4().hex
+
+# Caches and settings that libraries keep in the home folder (matplotlib's font cache, MLflow's
+# telemetry id, W&B's logs, Hugging Face's cache, our default Optuna study folder) go to a folder of
+# this test run, so the suite writes nothing under ~/.cache, ~/.config or ~/.local. Set at import,
+# before test modules import those libraries; subprocesses and Ray workers inherit it.
+HOME_CACHES = Path(tempfile.mkdtemp(prefix="qlora-sweep-test-home-"))
+atexit.register(shutil.rmtree, HOME_CACHES, ignore_errors=True)
+for _name, _sub in (("XDG_CACHE_HOME", "cache"), ("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data"),
+                    ("MPLCONFIGDIR", "matplotlib"), ("WANDB_CACHE_DIR", "wandb-cache"),
+                    ("WANDB_CONFIG_DIR", "wandb-config"), ("WANDB_DATA_DIR", "wandb-data"),
+                    (STUDIES_ENV, "studies")):
+    (HOME_CACHES / _sub).mkdir()
+    os.environ[_name] = str(HOME_CACHES / _sub)
 
 # A small, fast sweep for integration tests that are not about the smoke sweep itself.
 TINY_SPEC: dict[str, Any] = {

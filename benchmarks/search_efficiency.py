@@ -525,17 +525,8 @@ def main() -> int:
     if args.space == "large" and not args.quick:
         space, trials = LARGE_SPACE, dict(LARGE_TRIALS)
 
-    import ray
-
-    from sweeps.driver import connect_ray
-
-    _common.warm_model_cache()
-    before = set(_common.ray_processes())
-    storage = args.storage or tempfile.mkdtemp(prefix="bench-search-")
     runs = []
-    # One local Ray for every sweep (run_sweep joins it): its start-up is not what is measured here.
-    connect_ray("local", num_cpus=2)
-    try:
+    with local_ray(args.storage, "bench-search-") as storage:
         for seed in args.seeds:
             for method in methods:
                 run = run_method(method, seed, space, trials[method], steps, asha, storage)
@@ -545,13 +536,6 @@ def main() -> int:
                 spent, best = trajectory(run)[-1]
                 print(f"[seed {seed}] {method}: {len(run['trials'])} trials, {spent} steps, best {best:.4f}, "
                       f"{run['wall_s']:.0f} s", file=sys.stderr, flush=True)
-    finally:
-        ray.shutdown()
-        if not args.storage:
-            shutil.rmtree(storage, ignore_errors=True)
-    left = _common.wait_for_ray_to_exit(before)
-    if left:
-        raise RuntimeError(f"Ray processes left behind: {left}")
 
     summary = summarize(runs, args.seeds)
     if args.plot:
@@ -562,24 +546,33 @@ def main() -> int:
     return 0
 
 
-def main_issue(args: Any) -> int:
+@contextlib.contextmanager
+def local_ray(storage: str | None, prefix: str) -> Any:
+    """One local Ray for every sweep of the run (run_sweep joins it: its start-up is not what is
+    measured), and the storage folder to use (a temp one, removed after, unless --storage gave one).
+    Raises if Ray leaves a process behind."""
     import ray
 
     from sweeps.driver import connect_ray
 
     _common.warm_model_cache()
     before = set(_common.ray_processes())
-    storage = args.storage or tempfile.mkdtemp(prefix="bench-search-issue-")
+    folder = storage or tempfile.mkdtemp(prefix=prefix)
     connect_ray("local", num_cpus=2)
     try:
-        runs = run_issue(args, storage)
+        yield folder
     finally:
         ray.shutdown()
-        if not args.storage:
-            shutil.rmtree(storage, ignore_errors=True)
+        if not storage:
+            shutil.rmtree(folder, ignore_errors=True)
     left = _common.wait_for_ray_to_exit(before)
     if left:
         raise RuntimeError(f"Ray processes left behind: {left}")
+
+
+def main_issue(args: Any) -> int:
+    with local_ray(args.storage, "bench-search-issue-") as storage:
+        runs = run_issue(args, storage)
     summary = summarize_issue(runs, args.seeds)
     if args.plot:
         plot(runs, summary, args.plot, ISSUE_EFFECTIVE_POINTS)

@@ -11,28 +11,14 @@ import atexit
 import os
 import shutil
 import socket
+import sys
 import tempfile
-
-from analysis.results import read_trials_csv
-from sweeps.local_env import use_local_env
-
-use_local_env()  # before anything imports ray: every local Ray service binds to 127.0.0.1 only
-
-from sweeps.searcher import STUDIES_ENV  # noqa: E402  (after use_local_env: it imports ray)
-
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import psutil
-import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-SMOKE_DATA = REPO / "sweeps" / "data" / "smoke_instructions.jsonl"
 
 # Every process this test run starts inherits this variable (Ray's GCS, raylets and workers included),
 # so the leftover checks below count only Ray processes of this run: a contributor's own Ray job, or a
@@ -42,9 +28,30 @@ RUN_MARKER = "QLORA_SWEEP_TEST_RUN"
 os.environ.setdefault(RUN_MARKER, uuid.uuid4().hex)
 # Ray 2.60 turns token auth on for a new local cluster and, with no token given, writes one to the
 # invoking user's ~/.ray/auth_token. The test run brings its own token, so no dotfile is written.
+# This must happen before anything imports ray: ray's core reads RAY_AUTH_MODE once, so a process
+# that imported ray first keeps "disabled" while the GCS it starts reads "token" from the
+# environment, and every in-process ray.init / Cluster then fails with InvalidAuthToken (and leaves
+# that GCS running). A CI run failed 36 tests that way after an import was added above this block.
+if "ray" in sys.modules:
+    raise RuntimeError("tests/conftest.py: ray was imported before the test run's Ray auth settings; "
+                       "import project modules only after this block")
 if "RAY_AUTH_TOKEN" not in os.environ and "RAY_AUTH_TOKEN_PATH" not in os.environ:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ["RAY_AUTH_TOKEN"] = uuid.uuid4().hex
+
+import psutil  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from analysis.results import read_trials_csv  # noqa: E402
+from sweeps.local_env import use_local_env  # noqa: E402
+
+use_local_env()  # before anything imports ray: every local Ray service binds to 127.0.0.1 only
+
+from sweeps.searcher import STUDIES_ENV  # noqa: E402  (after use_local_env: it imports ray)
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE_DATA = REPO / "sweeps" / "data" / "smoke_instructions.jsonl"
 
 # Caches and settings that libraries keep in the home folder (matplotlib's font cache, MLflow's
 # telemetry id, W&B's logs, Hugging Face's cache, our default Optuna study folder) go to a folder of
@@ -179,7 +186,7 @@ def ray_processes(any_run: bool = False) -> list[psutil.Process]:
 
 
 def wait_for_no_ray_processes(timeout_s: float = 30.0, ignore: frozenset[int] = frozenset()) -> list[str]:
-    """Wait for Ray processes to exit; return descriptions of any still alive.
+    """Wait for Ray processes to exit; return descriptions of any still alive, after killing them.
 
     Args:
         timeout_s: How long to wait.
@@ -192,7 +199,22 @@ def wait_for_no_ray_processes(timeout_s: float = 30.0, ignore: frozenset[int] = 
         if not alive:
             return []
         time.sleep(0.5)
-    return [f"{p.pid} {' '.join(p.cmdline()[:3])}" for p in ray_processes() if p.pid not in ignore]
+    left = [p for p in ray_processes() if p.pid not in ignore]
+    described = []
+    for proc in left:
+        try:
+            described.append(f"{proc.pid} {' '.join(proc.cmdline()[:3])}")
+        except psutil.Error:
+            continue  # exited meanwhile
+    # The calling test fails on these; they are this run's own (RUN_MARKER), so they are killed here
+    # rather than left to break every later test that checks for a clean machine.
+    for proc in left:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=10)
+    return described
 
 
 def ray_pids() -> frozenset[int]:

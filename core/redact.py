@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 MASK = "***"
 # Query options whose value is a secret (compared lower-case): pyarrow's S3 options, and the usual
@@ -54,23 +54,32 @@ def has_credentials(text: str) -> bool:
     return redact(text) != text
 
 
+def split_userinfo(after_scheme: str) -> tuple[str | None, str]:
+    """(userinfo or None, the rest from the host on) of what follows a URL's "://".
+
+    The userinfo runs to the last "@" before the query, so a password holding "/" (AWS secret keys
+    often do) is part of it rather than read as the start of a path; the user name before the
+    first ":" holds no "/", so `host/path@x` is not taken for a userinfo.
+    """
+    head = re.split(r"[?#]", after_scheme, maxsplit=1)[0]
+    userinfo, at, _ = head.rpartition("@")
+    if not at or "/" in userinfo.split(":", 1)[0]:
+        return None, after_scheme
+    return userinfo, after_scheme[len(userinfo) + 1:]
+
+
 def _redact_url(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # e.g. an unbalanced [ in the host: mask everything between :// and @
-        return re.sub(r"(://[^/@]*?:)[^/@]*@", rf"\1{MASK}@", url)
-    scheme_end = len(parts.scheme) + 3
-    netloc = parts.netloc
-    userinfo, at, host = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:{MASK}@{host}"
-    rest = url[scheme_end + len(parts.netloc):]
+    scheme_end = url.index("://") + 3
+    userinfo, rest = split_userinfo(url[scheme_end:])
+    prefix = url[:scheme_end]
+    if userinfo is not None:
+        user, colon, _ = userinfo.partition(":")
+        prefix += f"{user}:{MASK}@" if colon else f"{userinfo}@"
     path, qmark, tail = rest.partition("?")
     if qmark:
         query, hash_, fragment = tail.partition("#")
         tail = _redact_query(query) + hash_ + fragment
-    return url[:scheme_end] + netloc + path + qmark + tail
+    return prefix + path + qmark + tail
 
 
 def _redact_query(query: str) -> str:

@@ -17,6 +17,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pyarrow.fs as pafs
 
+from core.redact import split_userinfo
+
 
 def is_uri(location: str) -> bool:
     return "://" in location
@@ -71,12 +73,12 @@ def without_credentials(location: str) -> str:
 
     Other locations are returned as they are (a local path, a URI without userinfo).
     """
-    match = _AUTHORITY.match(location) if is_uri(location) else None
-    if match is None or "@" not in match.group(2) or match.group(1) != "s3":
+    if not location.startswith("s3://"):
         return location
-    scheme, authority, rest = match.groups()
-    userinfo, _, bucket = authority.rpartition("@")
-    clean = f"{scheme}://{bucket}{rest}"
+    userinfo, rest = split_userinfo(location.removeprefix("s3://"))
+    if userinfo is None:
+        return location
+    clean = f"s3://{rest}"
     key, _, secret = userinfo.partition(":")
     _CREDENTIALS[_scope(clean)] = (unquote(key), unquote(secret))
     return clean

@@ -710,7 +710,12 @@ def test_redact_masks_url_passwords_and_secret_options_in_any_text() -> None:
         # inside prose, quotes and HTML (& escaped as &amp;)
         "run `qlora-sweep resume 's3://K:S@b/e'` or see <a href=\"mysql://u:p@h/d?x=1&amp;token=t\">":
             "run `qlora-sweep resume 's3://K:***@b/e'` or see <a href=\"mysql://u:***@h/d?x=1&amp;token=***\">",
-        # nothing to mask: a user without password, a local path with @, an ordinary query
+        # a password with a raw "/" or "+" (AWS secret keys often hold them) is masked whole
+        "s3://AKIA:ab/cd+ef/gh@bucket/p?region=x": "s3://AKIA:***@bucket/p?region=x",
+        "postgresql://u:pa/ss@h/db": "postgresql://u:***@h/db",
+        # nothing to mask: a user without password, a local path with @, an ordinary query,
+        # a path with ":" and "@" (its "user" would hold a "/")
+        "https://example.com/a:b@c/d": "https://example.com/a:b@c/d",
         "https://user@github.com/x /tmp/a:b@c/d s3://b/p?region=us-east-1 memory": "https://user@github.com/x /tmp/a:b@c/d s3://b/p?region=us-east-1 memory",
     }
     for text, masked in cases.items():
@@ -729,6 +734,9 @@ def test_s3_keys_of_a_uri_stay_in_memory_and_out_of_every_pickle(monkeypatch: py
     secret = f"ab+c/{secrets.token_hex(8)}"
     uri = f"s3://AKIATEST:{secret.replace('+', '%2B').replace('/', '%2F')}@bkt/p?endpoint_override=127.0.0.1:9&scheme=http"
     assert storage.without_credentials(uri) == "s3://bkt/p?endpoint_override=127.0.0.1:9&scheme=http"
+    # A raw "/" in the secret (not percent-encoded) is part of it, not the start of the bucket's path.
+    assert storage.without_credentials("s3://AKIATEST:ab/cd@bkt2/p") == "s3://bkt2/p"
+    assert storage._CREDENTIALS[("bkt2", "")] == ("AKIATEST", "ab/cd")
     path, fs = storage.for_ray(storage.join(storage.without_credentials(uri), "exp"))
     assert path == "bkt/p/exp" and isinstance(fs, storage.S3FileSystemKeysInMemory)
     assert pafs.S3FileSystem.__reduce__(fs)[1][0]["secret_key"] == secret  # it holds them

@@ -226,3 +226,14 @@ def test_the_exact_match_example_sweeps_on_exact_match_and_the_report_ranks_by_i
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     finals = {round(float(v), 6) for v in trials["final_exact_match"]}
     assert done and {round(t.value, 6) for t in done} <= finals
+
+
+def test_rouge_l_scores_a_reference_without_the_pattern_whole() -> None:
+    """A reference the extraction regex does not match is compared whole (it used to crash rouge-score)."""
+    from trainables.task_metrics import Generated, TaskEvaluator
+
+    evaluator = TaskEvaluator.__new__(TaskEvaluator)  # _score needs no model, tokenizer or data
+    metric = MetricSpec(type="rouge_l", extract="### (.*)")
+    scores = evaluator._score(metric, Generated(prompts=["p", "p"], generations=["### the cat sat", "### a dog"],
+                                                 references=["the cat sat", "### a dog"]))
+    assert scores == {metric.metric_name: 1.0}

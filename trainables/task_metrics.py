@@ -429,7 +429,8 @@ class TaskEvaluator:
             from rouge_score import rouge_scorer
 
             scorer = rouge_scorer.RougeScorer(["rougeL"])
-            pairs = [(self._answer(ref, metric), self._answer(gen, metric)) for gen, ref in zip(g.generations, g.references)]
+            # A reference without the extraction pattern is scored whole, as exact_match compares it.
+            pairs = [(self._answer(ref, metric) or ref, self._answer(gen, metric)) for gen, ref in zip(g.generations, g.references)]
             return {name: sum(scorer.score(ref, gen or "")["rougeL"].fmeasure for ref, gen in pairs) / len(pairs)}
         if metric.type == "math_verify":
             from math_verify import parse, verify

@@ -186,7 +186,7 @@ def ray_processes(any_run: bool = False) -> list[psutil.Process]:
 
 
 def wait_for_no_ray_processes(timeout_s: float = 30.0, ignore: frozenset[int] = frozenset()) -> list[str]:
-    """Wait for Ray processes to exit; return descriptions of any still alive, after killing them.
+    """Wait for Ray processes to exit; return descriptions of any still alive, after ending them.
 
     Args:
         timeout_s: How long to wait.
@@ -206,15 +206,26 @@ def wait_for_no_ray_processes(timeout_s: float = 30.0, ignore: frozenset[int] = 
             described.append(f"{proc.pid} {' '.join(proc.cmdline()[:3])}")
         except psutil.Error:
             continue  # exited meanwhile
-    # The calling test fails on these; they are this run's own (RUN_MARKER), so they are killed here
+    # The calling test fails on these; they are this run's own (RUN_MARKER), so they are ended here
     # rather than left to break every later test that checks for a clean machine.
-    for proc in left:
+    end_processes(left)
+    return described
+
+
+def end_processes(processes: list[psutil.Process]) -> None:
+    """Terminate `processes`, then kill those still alive after 15 s; wait for them to go."""
+    for proc in processes:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=15)
+    for proc in alive:
         try:
             proc.kill()
-        except psutil.Error:
+        except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(left, timeout=10)
-    return described
+    psutil.wait_procs(alive, timeout=10)
 
 
 def ray_pids() -> frozenset[int]:

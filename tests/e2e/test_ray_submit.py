@@ -46,7 +46,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port, ray_processes
+from tests.conftest import REPO, end_processes, free_port, ray_processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 
@@ -147,21 +147,6 @@ def carrying(marker: str) -> list[psutil.Process]:
     return found
 
 
-def end(processes: list[psutil.Process]) -> None:
-    for proc in processes:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(processes, timeout=15)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-
-
 @dataclass
 class User:
     name: str
@@ -206,7 +191,7 @@ def throwaway_user() -> Iterator[User]:
         entry = pwd.getpwnam(name)
         yield User(name, entry.pw_uid, entry.pw_gid, home)
     finally:
-        end(processes_of(pwd.getpwnam(name).pw_uid) if _user_exists(name) else [])  # all started by this test
+        end_processes(processes_of(pwd.getpwnam(name).pw_uid) if _user_exists(name) else [])  # all started by this test
         uid = pwd.getpwnam(name).pw_uid if _user_exists(name) else None
         subprocess.run(["userdel", "--remove", name], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
@@ -264,7 +249,7 @@ def loopback_sshd(workdir: Path, user: User, port: int) -> Iterator[None]:
         yield
     finally:
         # The listener's forked session processes (Ray keeps an SSH master open for 10 s) go too.
-        end([*psutil.Process(sshd.pid).children(recursive=True), psutil.Process(sshd.pid)])
+        end_processes([*psutil.Process(sshd.pid).children(recursive=True), psutil.Process(sshd.pid)])
         if made_privsep:
             shutil.rmtree(privsep, ignore_errors=True)
 
@@ -286,7 +271,7 @@ def another_ray_cluster(workdir: Path) -> Iterator[list[psutil.Process]]:
         assert len(core) == 2, [p.name() for p in processes]
         yield core
     finally:
-        end(carrying(marker))  # only what this test started; never `ray stop`
+        end_processes(carrying(marker))  # only what this test started; never `ray stop`
 
 
 def home_snapshot() -> dict[str, object]:

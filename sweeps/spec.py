@@ -454,6 +454,12 @@ class SweepSpec(_Strict):
                 f"scheduler.asha.grace_period ({asha.grace_period}) exceeds max_t ({asha.max_t or rounds}); "
                 "no trial could ever be stopped early. Lower grace_period."
             )
+        if self.eval.when == "final" and self.search.metric in self.eval.names and self.max_rounds > 1:
+            raise ValueError(
+                f"eval.when: final measures search.metric {self.search.metric!r} after the last round only, so "
+                "scheduler.asha, which compares trials on it, could stop no trial early; use eval.when: rungs, "
+                "or search.metric: eval_loss, or remove scheduler.asha"
+            )
         return self
 
     @model_validator(mode="after")

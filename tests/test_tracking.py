@@ -238,14 +238,22 @@ def test_tracker_secrets_are_written_nowhere(tracked_sweep: TrackedSweep) -> Non
 def test_the_wandb_callback_gives_the_key_no_runtime_env() -> None:
     """Control for the test above: Ray's own WandbLoggerCallback puts WANDB_API_KEY in the logging actor's
     runtime_env (which Ray logs in plain text); ours does not."""
+    import ast
     import inspect
+    import textwrap
 
     from ray.air.integrations.wandb import WandbLoggerCallback
 
     from sweeps.tracking_callbacks import TrialRunsToWandb
 
-    assert 'env_vars[WANDB_ENV_VAR] = os.environ[WANDB_ENV_VAR]' in inspect.getsource(WandbLoggerCallback._start_logging_actor)
-    assert "env_vars" not in inspect.getsource(TrialRunsToWandb._start_logging_actor).split('"""')[-1].split("#")[0]
+    def runtime_env_keywords(method: Any) -> list[str]:
+        """The runtime_env= arguments of the calls in `method`, as source text."""
+        tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
+        return [ast.unparse(k.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                for k in node.keywords if k.arg == "runtime_env"]
+
+    assert runtime_env_keywords(WandbLoggerCallback._start_logging_actor) == ["{'env_vars': env_vars}"]
+    assert runtime_env_keywords(TrialRunsToWandb._start_logging_actor) == []
     from sweeps.driver import SECRET_ENV
 
     assert {"MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "WANDB_API_KEY"} <= set(SECRET_ENV)

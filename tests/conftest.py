@@ -116,11 +116,11 @@ def write_spec(path: Path, spec: dict[str, Any]) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def experiment_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The key that digests Tune's pickled state (core/integrity.py), in a temp folder: never the
-    user's own ~/.config/qlora-sweep/experiment.key. Subprocesses and Ray workers inherit it."""
+    user's own ~/.config/qlora-sweep/experiment.key, nor a key the caller's environment names (tests
+    rewrite and re-permission it). Subprocesses and Ray workers inherit it."""
     from core.integrity import KEY_ENV
 
-    if not os.environ.get(KEY_ENV):
-        os.environ[KEY_ENV] = str(tmp_path_factory.mktemp("qlora-sweep-key") / "experiment.key")
+    os.environ[KEY_ENV] = str(tmp_path_factory.mktemp("qlora-sweep-key") / "experiment.key")
     return Path(os.environ[KEY_ENV])
 
 

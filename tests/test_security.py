@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import pickle
+import re
 import secrets
 import shutil
 import socket
@@ -172,7 +173,10 @@ def test_every_ray_listener_of_a_local_sweep_is_on_loopback(watched_sweep: Watch
     assert any(n.startswith("ray::") for n in names), names
     listening = {l.process for l in watched_sweep.listeners}
     assert {"gcs_server", "raylet"} <= listening, watched_sweep.listeners
-    assert any(l.port == 8265 for l in watched_sweep.listeners), "the dashboard was not seen"
+    # The port the driver printed (8265 unless that was taken, then Ray picks another).
+    shown = re.search(r"dashboard: http://[^\s:]+:(\d+)", run.output)
+    assert shown, run.output[-4000:]
+    assert any(l.port == int(shown.group(1)) for l in watched_sweep.listeners), "the dashboard was not seen"
     assert not_on_loopback(watched_sweep.listeners) == []
     print(f"\n[loopback] {len(watched_sweep.listeners)} listening sockets, all loopback: "
           f"{sorted({l.process for l in watched_sweep.listeners})}")

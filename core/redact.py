@@ -59,11 +59,13 @@ def split_userinfo(after_scheme: str) -> tuple[str | None, str]:
 
     The userinfo runs to the last "@" before the query, so a password holding "/" (AWS secret keys
     often do) is part of it rather than read as the start of a path; the user name before the
-    first ":" holds no "/", so `host/path@x` is not taken for a userinfo.
+    first ":" holds no "/", so `host/path@x` is not taken for a userinfo, and neither is
+    `host:8080/path@x` (a port, then a path; the price: a password that is digits up to its first "/"
+    is not masked).
     """
     head = re.split(r"[?#]", after_scheme, maxsplit=1)[0]
     userinfo, at, _ = head.rpartition("@")
-    if not at or "/" in userinfo.split(":", 1)[0]:
+    if not at or "/" in userinfo.split(":", 1)[0] or re.match(r"[^:/]*:\d+/", userinfo):
         return None, after_scheme
     return userinfo, after_scheme[len(userinfo) + 1:]
 

@@ -720,6 +720,7 @@ def test_redact_masks_url_passwords_and_secret_options_in_any_text() -> None:
         # nothing to mask: a user without password, a local path with @, an ordinary query,
         # a path with ":" and "@" (its "user" would hold a "/")
         "https://example.com/a:b@c/d": "https://example.com/a:b@c/d",
+        "http://127.0.0.1:5000/api/@x/runs": "http://127.0.0.1:5000/api/@x/runs",
         "https://user@github.com/x /tmp/a:b@c/d s3://b/p?region=us-east-1 memory": "https://user@github.com/x /tmp/a:b@c/d s3://b/p?region=us-east-1 memory",
     }
     for text, masked in cases.items():

@@ -273,3 +273,103 @@ def test_checkpoint_problem_reads_every_file_of_a_checkpoint(tmp_path: Path) -> 
     broken.write_text('{"global_step": 2')
     assert checkpoint_problem(str(broken.parent)).startswith("trainer_state.json: JSONDecodeError")
     assert checkpoint_step(str(broken.parent)) == 20  # from qlora_sweep_state.json
+
+
+# --- a long task evaluation is progress, not a stall ---------------------------------------------
+
+TASK_STALL_S = 3.0
+SLOW_FORWARD_S = 0.25  # each generation forward; a batch of 1 row and 4 new tokens: at most 1 s + compute
+
+
+@pytest.mark.integration
+def test_a_task_evaluation_longer_than_stall_timeout_is_not_a_stall(tmp_path: Path) -> None:
+    """Real training with task evaluation (generated exact match, one row per batch, every forward
+    of generation slowed): the whole evaluation runs past stall_timeout_s, each batch does not, and
+    the watchdog, beaten per batch, lets the healthy trial finish."""
+    from transformers import TrainerCallback
+
+    from sweeps.plan import trial_job
+    from sweeps.spec import parse_spec
+    from tests.conftest import TRIAL_CONFIG
+    from trainables.qlora import run_trial
+    from trainables.watchdog import TrialWatchdog
+
+    raw = make_spec_dict(
+        data={"path": str(REPO / "sweeps" / "data" / "smoke_answers.jsonl"), "eval_size": 40, "max_seq_length": 64},
+        train={"max_steps": 10, "eval_every": 10, "checkpoint": False},
+        eval={
+            "metrics": [{"type": "exact_match", "mode": "generate"}],
+            "max_examples": 10, "batch_size": 1, "max_new_tokens": 4, "when": "every_round",
+        },
+    )
+    job = trial_job(parse_spec(raw, base_dir=tmp_path))
+    reports: list[dict] = []
+    exits: list[float] = []
+    watchdog = TrialWatchdog(
+        None, TASK_STALL_S, lambda m, c=None: reports.append(m),
+        exit_process=lambda: (exits.append(time.time()), watchdog.close()),  # not the test process
+    )
+
+    def slow_generation(context):
+        class SlowGeneration(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                def pause(module, inputs, kw):
+                    if not module.training and kw.get("labels") is None:  # task evaluation, not the eval loss
+                        time.sleep(SLOW_FORWARD_S)
+
+                model.get_base_model().register_forward_pre_hook(pause, with_kwargs=True)
+                watchdog.start()  # the clock starts with training: start-up gaps are not what is tested
+
+        return SlowGeneration()
+
+    try:
+        run_trial(
+            {**TRIAL_CONFIG, "learning_rate": 1e-2}, job, report=watchdog.report,
+            callbacks=[watchdog.callback, slow_generation],
+        )
+    finally:
+        watchdog.close()
+    assert exits == [], f"the watchdog ended a healthy trial during its task evaluation: {reports[-1]}"
+    (last,) = reports
+    assert "trial_status" not in last and last["step"] == 10, last  # a normal report, not a terminal one
+    # The evaluation really was longer than the stall limit: the test would catch a missing beat.
+    assert last["task_eval_s"] > 1.5 * TASK_STALL_S, last["task_eval_s"]
+    print(f"\n[watchdog] task evaluation took {last['task_eval_s']:.1f} s with stall_timeout_s={TASK_STALL_S}: not a stall")
+
+
+def test_past_trial_timeout_a_report_in_progress_is_let_finish_before_the_hard_path() -> None:
+    """A checkpoint upload (the report) running past trial_timeout_s + grace is not cut off; once it
+    returns, a trial that reaches no step end is still ended after the grace, and a report that
+    never returns is ended REPORT_WAIT_S past the limit. The report here stands in for Tune's."""
+    from trainables.watchdog import REPORT_WAIT_S, TrialWatchdog
+
+    limit_s, grace_s, upload_s = 0.2, 0.3, 1.5
+    seen: dict[str, object] = {}
+
+    def upload(metrics, checkpoint_dir=None):
+        if metrics.get("trial_status") == "timed_out":
+            seen["terminal"] = metrics
+            return
+        now = time.monotonic()
+        limit = watchdog.started + limit_s
+        seen["would_cut_at_grace"] = watchdog._past_grace(now=limit + grace_s + 1)
+        seen["cut_at_wait"] = watchdog._past_grace(now=limit + REPORT_WAIT_S + 1)
+        time.sleep(upload_s)
+        seen["fired_during_upload"] = watchdog.fired.is_set()
+
+    watchdog = TrialWatchdog(limit_s, None, upload, exit_process=lambda: seen.setdefault("exit", time.monotonic()), grace_s=grace_s)
+    watchdog.start()
+    try:
+        time.sleep(0.1)
+        watchdog.report({"step": 10, "eval_loss": 1.0}, "/checkpoint")  # crosses limit + grace while uploading
+        returned = time.monotonic()
+        assert seen["fired_during_upload"] is False, "the hard path cut off a checkpoint upload in progress"
+        assert seen["would_cut_at_grace"] is False and seen["cut_at_wait"] is True
+        deadline = returned + grace_s + 5
+        while "exit" not in seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        watchdog.close()
+    assert "exit" in seen, "no step end after the upload, and the hard path never came"
+    assert seen["exit"] - returned >= grace_s  # the grace counts from the upload's end
+    assert seen["terminal"]["timeout_reason"] == "trial_timeout"

@@ -624,6 +624,7 @@ def _build_trainer(
     trainer.add_callback(reporter)
     for callback in callbacks:
         trainer.add_callback(callback)
+    reporter.events = trainer.callback_handler
     return trainer, reporter
 
 
@@ -649,6 +650,7 @@ def _tune_reporter_class() -> type:
             eval_every: int = 1,
         ):
             self.task = task
+            self.events: Any = None  # the trainer's CallbackHandler, set once the trainer has it
             self.schedule = schedule or TaskSchedule(None)
             self.eval_every = eval_every
             self.report = report
@@ -743,7 +745,10 @@ def _tune_reporter_class() -> type:
             task = None
             if status is None and self.task is not None and self.schedule.due(state.global_step // self.eval_every):
                 # Off the throughput clock: segment_start restarts below.
-                task = self.task.evaluate(kwargs["model"], self.probe)
+                # Each batch is a prediction step for every callback: the watchdog's beat among them.
+                events = self.events
+                on_batch = None if events is None else (lambda: events.on_prediction_step(args, state, control))
+                task = self.task.evaluate(kwargs["model"], self.probe, on_batch=on_batch)
             self.rounds_since_checkpoint += 1
             due = self.checkpointing and status is None and self.checkpoint_interval.due(
                 self.rounds_since_checkpoint,

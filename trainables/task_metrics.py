@@ -34,7 +34,7 @@ import math
 import re
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -385,11 +385,21 @@ class TaskEvaluator:
             m.metric_name: load_python_metric(m, job.python_sources) for m in self.spec.metrics if m.type == "python"
         }
         self.base_losses: dict[str, float] = {}
+        self._on_batch: Callable[[], None] | None = None
 
-    def evaluate(self, model: Any, probe: Any = None) -> dict[str, Any]:
-        """Every metric of the spec for `model` (a peft model), with the seconds and peak memory it took."""
+    def evaluate(self, model: Any, probe: Any = None, on_batch: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Every metric of the spec for `model` (a peft model), with the seconds and peak memory it took.
+
+        Args:
+            model: The peft model.
+            probe: The trial's PeakMemoryProbe; its section gives the evaluation's own peak.
+            on_batch: Called after every batch (generation, teacher-forced or forgetting): the trial's
+                progress beat, so the stall watchdog (trainables/watchdog.py) sees a long task
+                evaluation as alive.
+        """
         import torch
 
+        self._on_batch = on_batch
         began = time.time()
         was_training = model.training
         model.eval()
@@ -454,9 +464,13 @@ class TaskEvaluator:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _batches(self, items: list[Any]) -> list[list[Any]]:
+    def _batches(self, items: list[Any]) -> Iterator[list[Any]]:
+        """The items in batches of eval.batch_size; `on_batch` runs once each batch is done."""
         size = self.spec.batch_size
-        return [items[i : i + size] for i in range(0, len(items), size)]
+        for i in range(0, len(items), size):
+            yield items[i : i + size]
+            if self._on_batch is not None:
+                self._on_batch()
 
     def _device(self, model: Any) -> Any:
         return next(p.device for p in model.parameters())

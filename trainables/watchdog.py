@@ -7,13 +7,15 @@ limit is set; the clock starts with the attempt (model loading included).
 
 * **Progress.** The attempt's start, its data being ready (its callbacks are built), the start of
   training (the model loaded), every training step (and gradient-accumulation micro-step),
-  evaluation batch, log, save and report is a beat (`TrialWatchdog.callback`, a TrainerCallback, and `TrialWatchdog.report`).
+  evaluation batch (task evaluation batches included), log, save and report is a beat
+  (`TrialWatchdog.callback`, a TrainerCallback, and `TrialWatchdog.report`).
   The stall clock does not run while the trial is inside a report (Tune may hold it there).
 * **Slow but alive (trial_timeout_s): cooperative.** At the end of the first step past the limit the
   callback sets `should_training_stop`; the Trainer finishes that step (and the evaluation and save it
   triggers), `run_trial` returns, and the trainable reports the terminal timed_out result itself.
-* **Hung (stall_timeout_s, or trial_timeout_s not honoured within GRACE_S).** The watchdog thread
-  reports the terminal result from its own thread, marked `done`. This rests on Ray 2.60's function
+* **Hung (stall_timeout_s, or trial_timeout_s not honoured within GRACE_S).** A report in progress
+  past trial_timeout_s (Tune uploading a checkpoint) is let finish first, up to REPORT_WAIT_S. The
+  watchdog thread reports the terminal result from its own thread, marked `done`. This rests on Ray 2.60's function
   trainables (ray/train/_internal/session.py): the session is one object per worker process, and
   `report` only queues the result for the actor's main thread, which hands it to the driver whatever
   thread queued it. `done` makes Tune stop the trial as TERMINATED (Trial.should_stop): not an error,
@@ -45,6 +47,11 @@ STALL = "stall"
 # After trial_timeout_s, how long the cooperative stop (at the next step end) may take before the
 # watchdog ends the trial itself, as it would a stalled one.
 GRACE_S = 30.0
+# After trial_timeout_s, a report in progress (Tune copying a checkpoint to storage, which for a large
+# adapter on cloud storage takes minutes) is let finish, up to this long past the limit: ending the
+# process mid-upload would lose the round and leave a partial checkpoint behind. The grace then
+# counts from the report's return.
+REPORT_WAIT_S = 600.0
 # After the watchdog's terminal report: how long to wait for Tune to take it (its stop releases the
 # report) before ending the process anyway, and how long to let the stop task finish after it.
 DELIVERY_WAIT_S = 60.0
@@ -92,6 +99,7 @@ class TrialWatchdog:
         self._lock = threading.Lock()
         self._last_beat = self.started
         self._in_report = 0
+        self._report_ended = self.started  # when the last report returned (monotonic)
         self.step = 0
         self.last_metrics: dict[str, Any] = {}
         # (reason, message) once a limit was passed; set by the callback (cooperative) or the thread (hard).
@@ -133,7 +141,7 @@ class TrialWatchdog:
         finally:
             with self._lock:
                 self._in_report -= 1
-                self._last_beat = time.monotonic()
+                self._last_beat = self._report_ended = time.monotonic()
 
     def due(self, now: float | None = None) -> tuple[str, str] | None:
         """The limit passed at `now`, with what was seen, or None."""
@@ -236,9 +244,16 @@ class TrialWatchdog:
             self._end_hung_trial(due)
             return
 
-    def _past_grace(self) -> bool:
+    def _past_grace(self, now: float | None = None) -> bool:
+        """Past trial_timeout_s, has the cooperative stop had its chance? (See GRACE_S and REPORT_WAIT_S.)"""
         assert self.trial_timeout_s is not None
-        return time.monotonic() - self.started >= self.trial_timeout_s + self.grace_s
+        now = time.monotonic() if now is None else now
+        limit = self.started + self.trial_timeout_s
+        with self._lock:
+            in_report, report_ended = self._in_report, self._report_ended
+        if in_report:
+            return now >= limit + REPORT_WAIT_S
+        return now >= max(limit, report_ended) + self.grace_s
 
     def _end_hung_trial(self, due: tuple[str, str]) -> None:
         """Report timed_out from this thread, let Tune take it, then end the process (see the module doc)."""

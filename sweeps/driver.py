@@ -874,9 +874,9 @@ def _sweep(
             )
         else:
             tuner = build_tuner(checked, job, experiment.name, experiment.storage_path, plan, sampler, log)
-            from sweeps.tune_state import sign_tuner
+            from sweeps import tune_state
 
-            sign_tuner(experiment.directory)  # Tune wrote tuner.pkl as the Tuner was built
+            tune_state.sign(experiment.directory)  # Tune wrote tuner.pkl as the Tuner was built
         with StopSignals() as signals:
             results = tuner.fit()
             interrupted = signals.interrupted()

@@ -4,13 +4,16 @@ What `Tuner.restore` and `fit` unpickle from an experiment (Ray 2.60: ray/tune/i
 ray/tune/execution/tune_controller.py `resume`, ray/tune/search/search_generator.py, ray/tune/callback.py,
 ray/tune/experiment/trial.py `get_pickled_error`):
 
-* tuner.pkl, written once when the Tuner is built (`sign_tuner`, right after `build_tuner`);
+* tuner.pkl, written once when the Tuner is built (`sign`, right after `build_tuner`);
 * experiment_state-<session>.json (cloudpickle payloads inside the JSON), search_gen_state-<session>.json
   (a pickle), searcher-state-<session>.pkl, callback-states-<session>.pkl and each errored trial's
   trial_<id>/error.pkl, written into the driver's staging folder at every experiment checkpoint and then
   uploaded together. `SignedSearchGenerator.save_to_dir` runs inside that save, after the experiment
   state and the searcher state are written and before the upload, and writes their digests beside them
   (DIGESTS_PREFIX-<session>.json), so they travel in the same upload.
+
+sweep_spec.yaml is digested too (`sign`, with tuner.pkl): resume runs what it names, and a spec can
+name code (train.callbacks, `python:` metrics, model.trust_remote_code with a model of the writer's).
 
 `verify` checks every such file of an experiment against the recorded digests (core/integrity.py:
 HMAC-SHA256 with a key kept outside the experiment). The digest files are JSON, read with json.loads.
@@ -35,6 +38,8 @@ DIGESTS_PREFIX = experiment_folder.DIGESTS_PREFIX
 # Tune's files that are unpickled on restore, at the experiment's root and in trial folders.
 PICKLED_ROOT = ("tuner.pkl", "experiment_state-*.json", "search_gen_state-*.json", "*.pkl")
 PICKLED_IN_TRIAL = ("*.pkl",)
+# Files resume acts on that are not pickles but can make it run code, written once by `run`.
+SIGNED_ONCE = (experiment_folder.SPEC_FILE,)
 TRUST_FLAG = "--trust-experiment"
 KEPT_PER_FILE = 8
 
@@ -84,11 +89,11 @@ class SignedSearchGenerator(SearchGenerator):
         os.replace(tmp, target)
 
 
-def sign_tuner(experiment_dir: str) -> None:
-    """Record the digest of tuner.pkl, which Tune wrote when the Tuner was built."""
+def sign(experiment_dir: str) -> None:
+    """Record the digests of tuner.pkl, which Tune wrote when the Tuner was built, and of SIGNED_ONCE."""
     key = integrity.ensure_key()
-    name = experiment_folder.TUNER_FILE
-    _record(experiment_dir, {name: integrity.digest(key, name, storage.read_bytes(experiment_folder.file(experiment_dir, name)))})
+    names = (experiment_folder.TUNER_FILE, *SIGNED_ONCE)
+    _record(experiment_dir, {n: integrity.digest(key, n, storage.read_bytes(experiment_folder.file(experiment_dir, n))) for n in names})
 
 
 def _record(experiment_dir: str, digests: dict[str, str]) -> None:
@@ -112,9 +117,10 @@ def _load(location: str) -> dict[str, list[str]]:
         return {}
 
 
-def pickled_files(experiment_dir: str) -> list[str]:
-    """Every file of the experiment that restoring it unpickles, relative to it."""
-    names = [n for n in storage.list_files(experiment_dir) if _is_pickled(n, PICKLED_ROOT)]
+def checked_files(experiment_dir: str) -> list[str]:
+    """Every file of the experiment that restoring it unpickles, and SIGNED_ONCE, relative to it."""
+    root = storage.list_files(experiment_dir)
+    names = [n for n in root if _is_pickled(n, PICKLED_ROOT) or n in SIGNED_ONCE]
     for folder in experiment_folder.trial_dirnames(experiment_dir):
         names += [f"{folder}/{n}" for n in storage.list_files(storage.join(experiment_dir, folder)) if _is_pickled(n, PICKLED_IN_TRIAL)]
     return sorted(names)
@@ -131,15 +137,16 @@ def recorded_digests(experiment_dir: str) -> dict[str, list[str]]:
 
 
 def verify(experiment_dir: str) -> None:
-    """Check that every pickled Tune file of the experiment was written by qlora-sweep under this machine's key.
+    """Check that every file resume unpickles or acts on (`checked_files`) was written by qlora-sweep under this machine's key.
 
     Raises:
         UntrustedExperiment: Naming the files without a valid digest (or the missing key), and the way on.
     """
     key = integrity.read_key()
-    names = pickled_files(experiment_dir)
+    names = checked_files(experiment_dir)
     way_on = (
-        f"Resuming unpickles these files, and unpickling can run any code, so only state whose digest matches this "
+        f"Resuming unpickles Tune's state and runs what {experiment_folder.SPEC_FILE} names (callbacks, python "
+        f"metrics, a model's remote code), either of which can run any code, so only files whose digest matches this "
         f"machine's key ({integrity.key_path()}, or ${integrity.KEY_ENV}) is opened. If the sweep ran on another "
         f"machine, give this one its key file. If you know who wrote every file of this folder (e.g. an experiment "
         f"from before digests were recorded), resume with {TRUST_FLAG}"
@@ -157,9 +164,9 @@ def verify(experiment_dir: str) -> None:
 
 
 def trust(experiment_dir: str) -> list[str]:
-    """Record digests for every pickled Tune file as it is now (the user vouched for them with --trust-experiment),
+    """Record digests for every checked file as it is now (the user vouched for them with --trust-experiment),
     so later resumes of the experiment check against them. Returns the files vouched for."""
     key = integrity.ensure_key()
-    names = pickled_files(experiment_dir)
+    names = checked_files(experiment_dir)
     _record(experiment_dir, {n: integrity.digest(key, n, storage.read_bytes(storage.join(experiment_dir, n))) for n in names})
     return names

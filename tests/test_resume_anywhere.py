@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from core import integrity
 from sweeps.spec import SpecError, parse_spec
@@ -258,6 +259,22 @@ def test_a_tampered_tuner_pkl_is_refused_before_unpickling_unless_trusted(tmp_pa
     with pytest.raises(tune_state.UntrustedExperiment, match="experiment_state-"):
         tune_state.verify(str(experiment))
     state.write_bytes(saved_state)
+    # sweep_spec.yaml names code that resume runs (here a train.callbacks plug-in whose import would
+    # create the marker): it is digested with tuner.pkl, and a changed spec is refused before preflight.
+    spec_file = experiment / "sweep_spec.yaml"
+    saved_spec_text = spec_file.read_text()
+    (tmp_path / "planted.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('planted')\ndef f(context):\n    return None\n"
+    )
+    planted = yaml.safe_load(saved_spec_text)
+    planted["train"]["callbacks"] = ["planted:f"]
+    spec_file.write_text(yaml.safe_dump(planted, sort_keys=False))
+    with private_ray_tmp() as ray_tmp:
+        refused = run_cli(["resume", str(experiment), "--address", "local"], ray_tmp, cwd=tmp_path)
+    assert refused.returncode == 2, refused.output[-3000:]
+    assert "sweep_spec.yaml has no valid digest" in refused.output, refused.output[-3000:]
+    assert not marker.exists(), "resume ran a plug-in that a writer of the folder planted in its spec"
+    spec_file.write_text(saved_spec_text)
     key_file = integrity.key_path()
     key = key_file.read_bytes()
     key_file.unlink()

@@ -127,7 +127,8 @@ def load(spec: Any) -> tuple[WarmStart | None, list[str]]:
             problems.append(f"search.warm_start: cannot read {given} ({type(exc).__name__}: {exc}); check the path")
             continue
         model = str(exp.saved_spec.model.path or "unknown")
-        if search.same_model_only and model != spec.model.path:
+        # The saved spec holds the model path as resolved (sweeps/driver.py saved_spec): compare it resolved.
+        if search.same_model_only and model != spec.resolve_path(spec.model.path):
             problems.append(
                 f"search.warm_start: {given} is a sweep of model {model}, this one trains {spec.model.path}; remove it, "
                 "or set search.same_model_only: false to learn from another base model's trials"

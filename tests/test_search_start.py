@@ -8,12 +8,14 @@ sweep with the baseline and ASHA, a sweep warm-started from it, and one sweep pe
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import optuna
 import pytest
+import yaml
 
 from analysis.results import load_experiment, read_trials_csv
 from sweeps.baseline import BASELINE_KEY, map_to_space
@@ -226,6 +228,31 @@ def test_warm_start_refuses_another_model_unless_asked(baseline_sweep: tuple[Any
     allowed = spec.model_copy(update={"search": spec.search.model_copy(update={"same_model_only": False, "warm_start": [earlier.experiment_dir]})})
     prior, problems = load(allowed)
     assert problems == [] and prior is not None and prior.trials and prior.sources[0].model == "builtin:tiny-llama"
+
+
+@pytest.mark.integration
+def test_warm_start_knows_a_local_model_given_by_a_relative_path(baseline_sweep: tuple[Any, list[str]], tmp_path: Path) -> None:
+    """The saved spec records a local model by its absolute path; a new spec naming the same folder
+    relative to itself is the same model. A copy of the baseline sweep stands for a local-model sweep."""
+    from sweeps.warm_start import load
+
+    earlier, _ = baseline_sweep
+    model = tmp_path / "models" / "tiny"
+    model.mkdir(parents=True)
+    copy = tmp_path / "local-model-sweep"
+    shutil.copytree(earlier.experiment_dir, copy, ignore=shutil.ignore_patterns("checkpoint_*"))
+    saved = yaml.safe_load((copy / "sweep_spec.yaml").read_text())
+    saved["model"]["path"] = str(model)
+    (copy / "sweep_spec.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    spec = parse_spec(make_spec_dict(model={"path": "models/tiny"}, space=SPACE, search={"warm_start": [str(copy)]}),
+                      base_dir=tmp_path)
+    prior, problems = load(spec)
+    assert problems == [] and prior is not None and prior.trials, problems
+    assert prior.sources[0].model == str(model)
+    # Another folder is still another model.
+    (tmp_path / "models" / "other").mkdir()
+    other = spec.model_copy(update={"model": spec.model.model_copy(update={"path": "models/other"})})
+    assert "search.same_model_only: false" in "\n".join(load(other)[1])
 
 
 SAMPLERS = [

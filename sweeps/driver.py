@@ -436,7 +436,10 @@ def make_scheduler(spec: SweepSpec) -> Any:
         return FIFOScheduler()
     # One Tune iteration is one evaluation round (one tune.report per evaluation). The baseline trial
     # (search.baseline) is never stopped early: it trains to the full budget, a fair reference.
+    # Its own metric (scheduler.asha.metric, else search.metric): Tune then takes none from TuneConfig.
     return BaselineASHAScheduler(
+        metric=spec.asha_metric,
+        mode=spec.tune_mode(spec.asha_metric),
         time_attr="training_iteration",
         max_t=spec.max_rounds,
         grace_period=asha.grace_period,
@@ -467,8 +470,9 @@ def build_tuner(
     from sweeps.tracking import callbacks as tracking_callbacks
 
     spec = checked.spec
-    # Tune, ASHA and checkpoint ranking take one metric. In multi-objective mode (search.objectives)
-    # only the searcher gets the list (make_searcher); ASHA stops on search.metric (docs/multi-objective.md).
+    # The searcher optimizes search.metric (in multi-objective mode, search.objectives: make_searcher);
+    # ASHA stops on its own metric (make_scheduler: scheduler.asha.metric, else search.metric), so
+    # TuneConfig names none, and the kept checkpoints are ranked apart (checkpoint_metric).
     metric = spec.search.metric
     mode = spec.tune_mode(metric)
     # The study lives in search.optuna_storage (resolved by `_with_study`), where optuna-dashboard reads it.
@@ -491,8 +495,6 @@ def build_tuner(
     return tune.Tuner(
         make_trainable(checked, job, plan),
         tune_config=tune.TuneConfig(
-            metric=metric,
-            mode=mode,
             # Digests of the pickled experiment state are written with every save (sweeps/tune_state.py).
             search_alg=SignedSearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)),
             scheduler=make_scheduler(spec),

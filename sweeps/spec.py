@@ -238,6 +238,14 @@ class ASHASpec(_Strict):
     max_t: PositiveInt | None = None
     grace_period: PositiveInt = 1
     reduction_factor: Annotated[float, Field(gt=1)] = 2.0
+    metric: str | None = Field(
+        default=None,
+        description=(
+            "What ASHA compares trials on: eval_loss, perplexity or a task metric of eval.metrics. Omitted: "
+            "search.metric. E.g. search.metric: exact_match with asha.metric: eval_loss stops weak trials on the "
+            "loss of every round while Optuna optimizes exact match (measured at ASHA's rungs and the last round)."
+        ),
+    )
 
 
 class SchedulerSpec(_Strict):
@@ -396,6 +404,11 @@ class SweepSpec(_Strict):
             raise ValueError(
                 f"search.metric: got {self.search.metric!r}. {did}Allowed: {', '.join(single)}{hint}"
             )
+        asha = self.scheduler.asha
+        if asha is not None and asha.metric is not None and asha.metric not in single:
+            close = difflib.get_close_matches(asha.metric, single, n=1)
+            did = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(f"scheduler.asha.metric: got {asha.metric!r}. {did}Allowed: {', '.join(single)}, or leave it out for search.metric")
         if self.search.objectives is not None:
             allowed = [*OBJECTIVE_METRICS, *task]
             unknown = [n for n in self.search.objectives if n not in allowed]
@@ -426,6 +439,12 @@ class SweepSpec(_Strict):
         return "min" if self.direction(metric) == "lower" else "max"
 
     @property
+    def asha_metric(self) -> str:
+        """What ASHA compares trials on: scheduler.asha.metric, else search.metric."""
+        asha = self.scheduler.asha
+        return (asha.metric if asha is not None else None) or self.search.metric
+
+    @property
     def task_eval_rounds(self) -> tuple[int, ...]:
         """The evaluation rounds after which trials measure their task metrics (eval.when): where ASHA can
         stop a trial plus the last round, every round, or the last only."""
@@ -454,11 +473,11 @@ class SweepSpec(_Strict):
                 f"scheduler.asha.grace_period ({asha.grace_period}) exceeds max_t ({asha.max_t or rounds}); "
                 "no trial could ever be stopped early. Lower grace_period."
             )
-        if self.eval.when == "final" and self.search.metric in self.eval.names and self.max_rounds > 1:
+        if self.eval.when == "final" and self.asha_metric in self.eval.names and self.max_rounds > 1:
             raise ValueError(
-                f"eval.when: final measures search.metric {self.search.metric!r} after the last round only, so "
-                "scheduler.asha, which compares trials on it, could stop no trial early; use eval.when: rungs, "
-                "or search.metric: eval_loss, or remove scheduler.asha"
+                f"eval.when: final measures {self.asha_metric!r} after the last round only, so scheduler.asha, which "
+                "compares trials on it, could stop no trial early; use eval.when: rungs, or scheduler.asha.metric: "
+                "eval_loss (Optuna still optimizes search.metric), or remove scheduler.asha"
             )
         return self
 

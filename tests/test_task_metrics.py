@@ -48,7 +48,9 @@ def test_a_task_metric_gives_search_asha_and_optuna_its_direction() -> None:
         ({"eval": {"metrics": ["exact_match"], "when": "sometimes"}}, "eval.when: got 'sometimes'; allowed values"),
         ({"eval": {"metrics": ["exact_match"], "when": "final"}, "search": {"metric": "exact_match"},
           "scheduler": {"asha": {"grace_period": 1, "reduction_factor": 2}}},
-         "eval.when: final measures search.metric 'exact_match' after the last round only.*use eval.when: rungs"),
+         "eval.when: final measures 'exact_match' after the last round only.*use eval.when: rungs.*asha.metric: eval_loss"),
+        ({"eval": {"metrics": ["exact_match"]}, "scheduler": {"asha": {"metric": "exact_matsh"}}},
+         "scheduler.asha.metric: got 'exact_matsh'. did you mean 'exact_match'"),
         ({"eval": {"metrics": ["exact_match"]}, "search": {"objectives": ["eval_loss", "exact_matsh"]}},
          "search.objectives: got .*unknown objective 'exact_matsh'. did you mean 'exact_match'"),
     ],
@@ -72,6 +74,25 @@ def test_a_missing_forgetting_file_or_python_function_is_a_spec_error_before_tra
     text = str(caught.value)
     assert "eval.metrics[0] (forgetting).path: cannot read" in text and "nowhere.txt" in text
     assert "eval.metrics[1] (mine).python: eval metric mine: " in text and "has no function 'score'" in text
+
+
+def test_asha_can_stop_on_eval_loss_while_optuna_optimizes_the_task_metric() -> None:
+    """scheduler.asha.metric: ASHA compares trials on eval loss (minimized), the searcher maximizes
+    exact match; with ASHA on the loss, eval.when: final is allowed (one task evaluation per trial)."""
+    from sweeps.driver import make_scheduler
+    from sweeps.searcher import make_searcher, search_space
+
+    s = spec(eval={"metrics": ["exact_match"], "when": "final"}, search={"metric": "exact_match"},
+             scheduler={"asha": {"grace_period": 1, "reduction_factor": 2, "metric": "eval_loss"}})
+    scheduler = make_scheduler(s)
+    assert (scheduler._metric, scheduler._mode) == ("eval_loss", "min")
+    searcher = make_searcher(s, search_space(s), None, s.tune_mode(s.search.metric))
+    assert (searcher._metric, searcher._mode) == ("exact_match", "max")
+    assert s.task_eval_rounds == (s.max_rounds,)
+    # Without asha.metric ASHA takes search.metric, in its direction.
+    both = make_scheduler(spec(eval={"metrics": ["exact_match"]}, search={"metric": "exact_match"},
+                               scheduler={"asha": {"grace_period": 1, "reduction_factor": 2}}))
+    assert (both._metric, both._mode) == ("exact_match", "max")
 
 
 def test_the_task_rounds_are_the_rounds_where_ray_asha_records_a_trial_plus_the_last() -> None:

@@ -659,6 +659,14 @@ def saved_spec(checked: Preflight, storage_path: str) -> dict[str, Any]:
     raw["data"]["path"] = spec.resolve_path(spec.data.path)
     if spec.data.eval_path:
         raw["data"]["eval_path"] = spec.resolve_path(spec.data.eval_path)
+    # The files task metrics name (forgetting texts, a python: metric's file) are relative to the spec
+    # file: resume and export read them from the saved spec, wherever they are run from.
+    for metric, saved in zip(spec.eval.metrics, raw.get("eval", {}).get("metrics") or []):
+        if metric.path:
+            saved["path"] = spec.resolve_path(metric.path)
+        target, _, function = (metric.python or "").rpartition(":")
+        if target.endswith(".py"):
+            saved["python"] = f"{spec.resolve_path(target)}:{function}"
     raw["storage"] = storage_path
     return redact_data(raw)  # e.g. a password in search.optuna_storage (core/redact.py)
 

@@ -95,6 +95,22 @@ def test_asha_can_stop_on_eval_loss_while_optuna_optimizes_the_task_metric() -> 
     assert (both._metric, both._mode) == ("exact_match", "max")
 
 
+def test_the_saved_spec_names_task_metric_files_by_absolute_path(tmp_path: Path) -> None:
+    """Resume and export read eval.metrics files from sweep_spec.yaml, run from any folder: the paths,
+    written relative to the spec file, are saved resolved."""
+    from sweeps.driver import Preflight, saved_spec
+
+    (tmp_path / "general.txt").write_text("a plain sentence.\n")
+    (tmp_path / "m.py").write_text("def f(**kw):\n    return 1.0\n")
+    s = parse_spec(make_spec_dict(eval={"metrics": [{"type": "forgetting", "path": "general.txt"},
+                                                    {"python": "m.py:f", "name": "mine", "direction": "higher"}]}),
+                   base_dir=tmp_path)
+    saved = saved_spec(Preflight(s, "builtin:tiny-llama", "llama", None), str(tmp_path / "results"))
+    assert saved["eval"]["metrics"][0]["path"] == str(tmp_path / "general.txt")
+    assert saved["eval"]["metrics"][1]["python"] == f"{tmp_path / 'm.py'}:f"
+    assert parse_spec(saved).eval.metrics[1].python == saved["eval"]["metrics"][1]["python"]  # and it parses back
+
+
 def test_the_task_rounds_are_the_rounds_where_ray_asha_records_a_trial_plus_the_last() -> None:
     from ray.tune.schedulers.async_hyperband import _Bracket
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.formatting import fmt_loss, markdown_table, memory_label
+from analysis.formatting import markdown_table, memory_label
 from analysis.html import CSS, data_table, figure
 from analysis.pareto import DEFAULT_BUDGETS_GIB, MEMORY, QUALITY
 from analysis.results import load_experiment
@@ -71,15 +71,17 @@ def comparison_table(analyses: dict[str, Analysis]) -> pd.DataFrame:
             "trials": sum(a.counts.values()),
             "ranked": len(a.ranked),
             "memory_kind": a.memory_kind,
+            "objective": a.quality.describe(),
             "best_trial": None if a.best is None else a.best["trial_id"],
+            "best_value": None if a.best is None else float(a.best[a.quality.column]),
             QUALITY: None if a.best is None else float(a.best[QUALITY]),
             MEMORY: None if a.best is None else float(a.best[MEMORY]),
             "cheapest_within_1pct": None if a.cheapest is None else a.cheapest["trial_id"],
             "cheapest_memory_mib": None if a.cheapest is None else float(a.cheapest[MEMORY]),
         }
-        for budget in a.budgets.itertuples():
-            row[f"best_under_{budget.budget_gib:g}gib"] = (
-                f"{budget.trial_id} ({fmt_loss(budget.best_eval_loss)})" if pd.notna(budget.trial_id) else "none fits"
+        for budget in a.budgets.to_dict("records"):
+            row[f"best_under_{budget['budget_gib']:g}gib"] = (
+                f"{budget['trial_id']} ({a.quality.fmt(budget[a.quality.column])})" if pd.notna(budget["trial_id"]) else "none fits"
             )
         rows.append(row)
     return pd.DataFrame(rows)
@@ -105,15 +107,16 @@ def compare_experiments(
             e.path.rstrip("/").rsplit("/", 1)[-1] for e in experiments))
     table = comparison_table(analyses)
     kinds = {a.memory_kind for a in analyses.values() if a.memory_kind}
+    qualities = {a.quality for a in analyses.values()}
     charts: dict[str, bytes] = {}
-    if len(kinds) <= 1:
+    if len(kinds) <= 1 and len(qualities) == 1:
         kind = next(iter(kinds), None)
-        png = plots.fronts_overlay({label: a.ranked for label, a in analyses.items()}, kind)
+        png = plots.fronts_overlay({label: a.ranked for label, a in analyses.items()}, kind, next(iter(qualities)))
         if png:
             charts["fronts"] = png
-    else:
+    else:  # different memory kinds or objectives: one chart each, never one axis for both
         for label, a in analyses.items():
-            png = plots.fronts_overlay({label: a.ranked}, a.memory_kind)
+            png = plots.fronts_overlay({label: a.ranked}, a.memory_kind, a.quality)
             if png:
                 charts[f"front {label}"] = png
     differences = spec_differences(experiments[0].spec, experiments[1].spec) if len(experiments) == 2 else []
@@ -128,10 +131,17 @@ def compare_experiments(
         + ", ".join(f"{escape(label)}: {escape(str(a.memory_kind))}" for label, a in analyses.items())
         + "), so their fronts are drawn separately and their memory figures are not comparable.</div>"
     )
+    if len(qualities) > 1:
+        kinds_note += (
+            "<div class=\"banner warn\">The sweeps optimize different objectives ("
+            + ", ".join(f"{escape(label)}: {escape(a.quality.describe())}" for label, a in analyses.items())
+            + "), so each is ranked by its own and their fronts are drawn separately.</div>"
+        )
     best_lines = "".join(
         f"<li><b>{escape(label)}</b>: "
         + (
-            f"best trial <code>{escape(str(a.best['trial_id']))}</code>, eval loss {fmt_loss(a.best[QUALITY])}, "
+            f"best trial <code>{escape(str(a.best['trial_id']))}</code>, {escape(a.quality.metric)} "
+            f"{a.quality.fmt(a.best[a.quality.column])}, "
             f"{escape(memory_label(a.best[MEMORY], a.memory_kind))}" if a.best is not None else "no evaluation yet"
         )
         + (" (partial: still running)" if a.in_progress else "")

@@ -45,7 +45,7 @@ from collections.abc import Callable
 import pandas as pd
 import yaml
 
-from analysis.pareto import QUALITY, best_trial, rankable
+from analysis.pareto import LOSS, QUALITY, Quality, best_trial, rankable
 from analysis.results import AnalysisInputError, Experiment, load_experiment
 from analysis.saved_spec import trial_settings
 from core import experiment_folder, storage
@@ -95,21 +95,25 @@ class ExportOutcome:
 
 
 def choose_trial(exp: Experiment, trial: str) -> pd.Series:
-    """The trial to export: "best" (lowest best_eval_loss with a kept checkpoint) or an id.
+    """The trial to export: "best" (the best by the sweep's objective in its direction, with a kept
+    checkpoint) or an id.
 
     Raises:
         AnalysisInputError: Unknown id, or a trial without a checkpoint; the message lists the
             trial ids that can be exported.
     """
     trials = exp.trials
+    quality = Quality.of(exp.saved_spec)
     exportable = trials[trials["checkpoint_path"].notna()]
     listing = ", ".join(
         f"{r['trial_id']} ({r['status']}, eval_loss {r[QUALITY]:.4f})"
         for r in exportable.sort_values(QUALITY).to_dict("records")
     ) or "none"
     if trial == "best":
-        best = best_trial(rankable(exportable)) if not exportable.empty else None
+        best = best_trial(rankable(exportable, quality=quality), quality) if not exportable.empty else None
         if best is None:
+            best = best_trial(exportable, quality) if not exportable.empty else None
+        if best is None and quality != LOSS:  # no trial measured the objective yet: by eval loss
             best = best_trial(exportable) if not exportable.empty else None
         if best is None:
             raise AnalysisInputError(
@@ -200,7 +204,9 @@ def export_trial(
     row = choose_trial(exp, trial)
     out = _check_out_dir(out_dir)
     checkpoint = str(row["checkpoint_path"])
-    log(f"[export] trial {row['trial_id']} ({row['status']}, best eval_loss {row[QUALITY]:.4f}) from {checkpoint}")
+    quality = Quality.of(exp.saved_spec)
+    objective = "" if quality == LOSS else f", best {quality.metric} {quality.fmt(row.get(quality.column))}"
+    log(f"[export] trial {row['trial_id']} ({row['status']}, best eval_loss {row[QUALITY]:.4f}{objective}) from {checkpoint}")
     files = copy_adapter(checkpoint, out)
     outcome = ExportOutcome(out_dir=str(out), trial_id=str(row["trial_id"]), checkpoint=checkpoint, files=files)
     if merge:

@@ -70,7 +70,7 @@ def fmt_value(name: str, value: Any) -> str:
         return f"{float(value):.2e}"
     if name in (QUALITY, "final_eval_loss"):
         return f"{float(value):.4f}"
-    if name in ("memory_error_pct", "memory_saved_pct", "loss_increase_pct", "tensor_peak_error_pct"):
+    if name in ("memory_error_pct", "memory_saved_pct", "quality_lost_pct", "tensor_peak_error_pct"):
         return f"{float(value):+.1f}%"
     if name in ("tensor_peak_mib", "predicted_tensor_peak_mib"):
         return f"{float(value):,.3f}" if abs(float(value)) < 100 else f"{float(value):,.0f}"  # tiny models: a few MiB

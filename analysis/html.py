@@ -178,7 +178,8 @@ def _deploy_words(analysis: Analysis) -> str:
 
 
 def _summary_cards(analysis: Analysis) -> str:
-    kind = analysis.memory_kind
+    kind, q = analysis.memory_kind, analysis.quality
+    metric = q.metric.replace("_", " ")
     varying = headline_config(analysis)
     cards = []
     best = analysis.best
@@ -187,7 +188,7 @@ def _summary_cards(analysis: Analysis) -> str:
     else:
         cards.append(
             '<div class="card best"><h3>Best configuration</h3>'
-            f'<div class="big">eval loss {fmt_loss(best[QUALITY])}</div>'
+            f'<div class="big">{_e(metric)} {q.fmt(best[q.column])}</div>'
             f'<div class="sub">trial <code>{_e(best["trial_id"])}</code> {pill(str(best["status"]))} - peak '
             f"{_e(memory_label(best[MEMORY], kind))}</div>{_config_kv(best, varying)}"
             f'<div class="sub" style="margin-top:8px">{_e(_deploy_words(analysis))}</div><pre><code>{_e(export_command(analysis))}</code></pre>'
@@ -197,22 +198,22 @@ def _summary_cards(analysis: Analysis) -> str:
     if cheap is not None:
         if best is not None and cheap["trial_id"] == best["trial_id"]:
             body = '<div class="big">the best trial itself</div><div class="sub">no cheaper trial comes within ' \
-                   f"{WITHIN_OF_BEST:.0%} of its loss</div>"
+                   f"{WITHIN_OF_BEST:.0%} of its {_e(metric)}</div>"
             cheapest_front = analysis.tradeoffs.iloc[0] if len(analysis.tradeoffs) else None
             if cheapest_front is not None and cheapest_front["trial_id"] != best["trial_id"]:
                 body += (
                     f'<p class="sub">The cheapest trade-off on the Pareto front, trial '
                     f'<code>{_e(cheapest_front["trial_id"])}</code>, uses {cheapest_front["memory_saved_pct"]:.1f}% '
-                    f'less memory for {cheapest_front["loss_increase_pct"]:+.1f}% eval loss '
-                    f"({fmt_loss(cheapest_front[QUALITY])}).</p>"
+                    f'less memory for {cheapest_front["quality_lost_pct"]:.1f}% worse {_e(metric)} '
+                    f"({q.fmt(cheapest_front[q.column])}).</p>"
                 )
         else:
             saved = (float(best[MEMORY]) - float(cheap[MEMORY])) / float(best[MEMORY]) * 100
-            lost = (float(cheap[QUALITY]) - float(best[QUALITY])) / abs(float(best[QUALITY])) * 100
+            lost = -q.gain(cheap[q.column], best[q.column]) * 100
             body = (
                 f'<div class="big">{saved:.1f}% less memory</div>'
-                f'<div class="sub">for {lost:+.2f}% eval loss: trial <code>{_e(cheap["trial_id"])}</code>, loss '
-                f"{fmt_loss(cheap[QUALITY])}, peak {_e(memory_label(cheap[MEMORY], kind))}</div>"
+                f'<div class="sub">for {lost:.2f}% worse {_e(metric)}: trial <code>{_e(cheap["trial_id"])}</code>, '
+                f"{_e(metric)} {q.fmt(cheap[q.column])}, peak {_e(memory_label(cheap[MEMORY], kind))}</div>"
                 f"{_config_kv(cheap, varying)}"
             )
         cards.append(f'<div class="card cheap"><h3>Cheapest within {WITHIN_OF_BEST:.0%} of the best</h3>{body}</div>')
@@ -252,7 +253,7 @@ def _budget_section(analysis: Analysis) -> str:
     label = "peak (MiB, VRAM)" if analysis.budgets_apply else f"peak (MiB, {kind or 'n/a'}{', not VRAM' if kind == 'host_rss' else ''})"
     table = data_table(
         analysis.budgets,
-        ["budget_gib", "fits", "trial_id", QUALITY, MEMORY, "headroom_mib"],
+        ["budget_gib", "fits", "trial_id", analysis.quality.column, MEMORY, "headroom_mib"],
         headers={"budget_gib": "budget", "fits": "trials that fit", MEMORY: label, "headroom_mib": "headroom (MiB)"},
     )
     return f"<h2>Best under each memory budget</h2>{banner}<p>{intro}</p>{table}"
@@ -306,7 +307,7 @@ def render_html(analysis: Analysis, charts: dict[str, bytes]) -> str:
             charts.get("quality_vs_memory"),
             "Quality vs peak memory",
             f"Each point is a trial; colour = target modules, marker = status. Ringed points joined by the step line are "
-            f"the Pareto front: no other trial has both lower eval loss and lower peak memory. Memory is "
+            f"the Pareto front: no other trial has both better {_e(analysis.quality.describe())} and lower peak memory. Memory is "
             + (
                 "<b>cpu_tensor_peak</b>: the live tensor bytes of each CPU trial (torch.profiler's allocator events over "
                 "its first steps and evaluation; not VRAM), because host RSS barely moves with the configuration; the "
@@ -331,9 +332,10 @@ def render_html(analysis: Analysis, charts: dict[str, bytes]) -> str:
         parts.append(
             data_table(
                 analysis.tradeoffs,
-                ["trial_id", "status", *varying, QUALITY, MEMORY, "memory_saved_pct", "loss_increase_pct"],
+                ["trial_id", "status", *varying, *dict.fromkeys((analysis.quality.column, QUALITY)), MEMORY,
+                 "memory_saved_pct", "quality_lost_pct"],
                 highlight=best_id,
-                headers={"memory_saved_pct": "memory saved vs best", "loss_increase_pct": "loss vs best"},
+                headers={"memory_saved_pct": "memory saved vs best", "quality_lost_pct": f"{analysis.quality.metric} worse than best"},
             )
         )
     # Predicted vs measured memory, GPU packing, the multi-objective front (analysis/memory_report.py).
@@ -353,8 +355,8 @@ def render_html(analysis: Analysis, charts: dict[str, bytes]) -> str:
     parts.append(
         '<div class="charts">'
         + figure(charts.get("importance"), "Hyperparameter importance", "Share of the variation in the objective each parameter explains.")
-        + figure(charts.get("rank_targets"), "Rank x target modules", "Best eval loss in each (rank, target modules) cell; grey cells were never tried.")
-        + figure(charts.get("lr_vs_loss"), "Learning rate vs loss", "Best eval loss against learning rate (log scale); colour = target modules.")
+        + figure(charts.get("rank_targets"), "Rank x target modules", f"Best {_e(analysis.quality.describe())} in each (rank, target modules) cell; grey cells were never tried.")
+        + figure(charts.get("lr_vs_loss"), "Learning rate vs quality", f"Best {_e(analysis.quality.describe())} against learning rate (log scale); colour = target modules.")
         + figure(
             charts.get("loss_curves"),
             "Eval-loss curves",
@@ -369,7 +371,8 @@ def render_html(analysis: Analysis, charts: dict[str, bytes]) -> str:
         parts.append("<h2>Task metrics</h2>")
         parts.append(
             "<p>Measured inside each trial on a fixed, seeded subset of the eval split (eval.metrics). "
-            f"Ranked by {_e(task.objective)}; the budget table and the Pareto front rank by eval loss.</p>"
+            f"Ranked by {_e(analysis.quality.describe())}, as are the best trial, the budget table, the Pareto front "
+            "and the recommendation.</p>"
         )
         parts.append('<ul class="compact">' + "".join(f"<li>{_e(line)}</li>" for line in task.lines()) + "</ul>")
         parts.append(data_table(task.table(), list(task.table().columns), sortable=True))

@@ -4,7 +4,8 @@ The study the searcher wrote (`<experiment>/optuna.db`, or the spec's search.opt
 used when it can be read; it is opened from a temporary copy, so a report never writes to a running
 sweep's database. Otherwise an in-memory study is rebuilt from the trials table, with the exact
 distributions the sweep sampled from (the saved space's `SpaceSpec.distributions`, from the
-hyperparameter registry in trainables/params.py), and each trial's best_eval_loss as its value.
+hyperparameter registry in trainables/params.py), and each trial's best value of the objective
+(best_eval_loss, or best_<task metric>; analysis.pareto.Quality) as its value.
 The report says which source was used.
 
 Importances are Optuna's `get_param_importances` with its default evaluator (PED-ANOVA in
@@ -22,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.pareto import QUALITY
+from analysis.pareto import Quality
 from analysis.results import Experiment
 from core import experiment_folder, storage
 from core.experiment_folder import REPEAT_ATTR  # a study trial answered from an identical earlier one
@@ -81,7 +82,7 @@ def _param_importances(exp: Experiment) -> Importance:
         if study is not None:
             notes.append(f"{source} has fewer than {MIN_TRIALS} completed trials; rebuilt from the trials table instead")
         study, source = _rebuilt_study(exp, notes)
-        target = "best_eval_loss"
+        target = Quality.of(exp.saved_spec).column
     if study is None:
         return Importance({}, source, notes=notes)
     count = _complete(study)
@@ -175,15 +176,16 @@ def _rebuilt_study(exp: Experiment, notes: list[str]) -> tuple[Any, str]:
         notes.append(f"{problems[0]}; no importances")
         return None, "none"
     distributions = space.distributions(exp.saved_spec.train.batch_size)
-    source = "an in-memory Optuna study rebuilt from the trials table (value: best_eval_loss)"
+    quality = Quality.of(exp.saved_spec)
+    source = f"an in-memory Optuna study rebuilt from the trials table (value: {quality.column})"
     if not distributions:
         notes.append("every parameter is fixed in the spec; nothing was searched")
         return None, source
-    study = optuna.create_study(direction="minimize")
+    study = optuna.create_study(direction="minimize" if quality.lower_is_better else "maximize")
     rows = exp.trials[exp.trials["status"].isin([s.value for s in RANKABLE_STATUSES])]
     skipped = 0
     for row in rows.to_dict("records"):
-        value = row.get(QUALITY)
+        value = row.get(quality.column)
         params = {name: _param_value(row.get(name), dist) for name, dist in distributions.items()}
         if not is_finite_number(value) or any(v is None for v in params.values()):
             skipped += 1

@@ -27,10 +27,11 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.pareto import MEMORY, QUALITY, pareto_front
+from analysis.pareto import MEMORY, QUALITY, dominance_front
 from analysis.saved_spec import SavedSpec
 from core.numbers import is_finite_number
 from core.status import TrialStatus
+from trainables.metrics import direction
 
 NOT_COMPARABLE = "n/a (measured host RSS, not comparable)"
 # search.objectives metric -> the trials-table column that holds it per trial.
@@ -323,17 +324,32 @@ def packing_lines(summary: PackingSummary) -> list[str]:
 
 
 def objective_columns(spec: SpecLike) -> list[str]:
-    """The trials-table columns of a multi-objective search's objectives ([] in single-objective mode)."""
-    objectives = SavedSpec.from_raw(spec).search.objectives or []
-    return [OBJECTIVE_COLUMNS[o] for o in objectives if o in OBJECTIVE_COLUMNS]
+    """The trials-table columns of a multi-objective search's objectives ([] in single-objective mode):
+    best_<name> for a task metric of eval.metrics."""
+    saved = SavedSpec.from_raw(spec)
+    columns = []
+    for objective in saved.search.objectives or []:
+        if objective in OBJECTIVE_COLUMNS:
+            columns.append(OBJECTIVE_COLUMNS[objective])
+        elif objective in saved.task_metrics:
+            columns.append(f"best_{objective}")
+    return columns
 
 
-def objectives_front(ranked: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
-    """The ranked trials no other beats on every searched objective, best first on the first one."""
+def objectives_front(ranked: pd.DataFrame, columns: Sequence[str], spec: SpecLike | None = None) -> pd.DataFrame:
+    """The ranked trials no other beats on every searched objective, best first on the first one.
+
+    Directions come from trainables/metrics.py, and for task metrics (best_<name>) from the spec's eval.metrics.
+    """
     if ranked.empty or not columns:
         return ranked.iloc[0:0]
-    front = ranked[pareto_front(ranked, list(dict.fromkeys(columns)))]
-    return front.sort_values(list(columns)[0], kind="mergesort")
+    tasks = SavedSpec.from_raw(spec).task_metrics if spec is not None else {}
+    objectives = [
+        (c, (tasks[c.removeprefix("best_")] if c.removeprefix("best_") in tasks else direction(c)) == "lower")
+        for c in dict.fromkeys(columns)
+    ]
+    front = ranked[dominance_front(ranked, objectives)]
+    return front.sort_values(objectives[0][0], ascending=objectives[0][1], kind="mergesort")
 
 
 # --- what the report shows --------------------------------------------------------------------------
@@ -408,7 +424,7 @@ def memory_markdown(
     saved = SavedSpec.from_raw(spec)
     columns = objective_columns(saved)
     if columns:
-        front = objectives_front(ranked, columns)
+        front = objectives_front(ranked, columns, saved)
         parts += [
             "## Pareto front of the searched objectives (multi-objective mode)",
             "",
@@ -460,7 +476,7 @@ def memory_html(
     saved = SavedSpec.from_raw(spec)
     columns = objective_columns(saved)
     if columns:
-        front = objectives_front(ranked, columns)
+        front = objectives_front(ranked, columns, saved)
         shown = ["trial_id", *[c for c in ("r", "target_modules", "batch_size") if c in front], *dict.fromkeys(columns)]
         parts.append(
             "<h2>Pareto front of the searched objectives</h2><p>"

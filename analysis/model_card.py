@@ -18,7 +18,6 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.pareto import QUALITY
 from analysis.results import AnalysisInputError, Experiment
 from core.hub import is_hub_id
 from trainables.metrics import MEMORY_KINDS
@@ -60,6 +59,19 @@ def model_card(exp: Experiment, row: pd.Series, info: dict[str, Any], body: str)
     hub_data = is_hub_id(data_path)
     quality = info.get("best_eval_loss")
     results = []
+    for name, value in (info.get("task_metrics") or {}).items():  # re-measured on the exported adapter
+        if value is not None:
+            results.append(
+                EvalResult(
+                    task_type="text-generation",
+                    dataset_type=data_path if hub_data else "local",
+                    dataset_name=data_path if hub_data else Path(data_path).name,
+                    dataset_split="eval",
+                    metric_type=name,
+                    metric_name=name,
+                    metric_value=float(value),
+                )
+            )
     if quality is not None:
         results.append(
             EvalResult(
@@ -89,14 +101,15 @@ def sweep_section(exp: Experiment, row: pd.Series, info: dict[str, Any]) -> str:
     from analysis.summary import analyze
 
     analysis = analyze(exp, importance=False)
-    ranked = analysis.ranked.sort_values(QUALITY, kind="stable")
+    q = analysis.quality
+    ranked = analysis.ranked.sort_values(q.column, ascending=q.lower_is_better, kind="stable")
     place = list(ranked["trial_id"]).index(row["trial_id"]) + 1 if row["trial_id"] in set(ranked["trial_id"]) else None
     kind = info.get("memory_kind")
     counts = ", ".join(f"{n} {status}" for status, n in analysis.counts.items())
     lines = [
         "## Chosen by qlora-sweep",
         "",
-        f"- sweep `{analysis.name}`: {len(exp.trials)} trials ({counts}), ranked by best eval_loss (lower is better)"
+        f"- sweep `{analysis.name}`: {len(exp.trials)} trials ({counts}), ranked by best {q.describe()}"
         + (f"; this trial is number {place} of {len(ranked)} ranked" if place else ""),
         "- hyperparameters: " + ", ".join(f"`{k}={v}`" for k, v in info["config"].items()),
         f"- peak memory: {info.get('peak_memory_mib')} MiB, measured as {MEMORY_KINDS.get(kind, kind or 'not recorded')}",

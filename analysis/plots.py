@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from analysis.memory_report import TENSOR, TENSOR_PREDICTED, chart_memory
-from analysis.pareto import MEMORY, MIB_PER_GIB, QUALITY, pareto_front
+from analysis.pareto import LOSS, MEMORY, MIB_PER_GIB, Quality, pareto_front
 from core.status import TrialStatus
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
@@ -81,9 +81,14 @@ def _target_legend(
 
 
 def quality_vs_memory(
-    ranked: pd.DataFrame, memory_kind: str | None, budgets_gib: Sequence[float] = (), highlight: Sequence[str] = ()
+    ranked: pd.DataFrame,
+    memory_kind: str | None,
+    budgets_gib: Sequence[float] = (),
+    highlight: Sequence[str] = (),
+    quality: Quality = LOSS,
 ) -> bytes | None:
-    """Best eval loss against peak memory, the Pareto front as a step line, one colour per target-module set.
+    """The objective (best eval loss, or a task metric) against peak memory, the Pareto front as a step
+    line, one colour per target-module set.
 
     Args:
         ranked: Rankable trials of one memory kind (analysis.pareto.rankable).
@@ -91,7 +96,9 @@ def quality_vs_memory(
         budgets_gib: VRAM budgets drawn as vertical lines when they fall inside the plotted range
             (only for VRAM measurements).
         highlight: Trial ids to ring and label (best, cheapest within 1%).
+        quality: The objective on the y axis.
     """
+    column = quality.column
     if ranked.empty:
         return None
     ranked, memory_kind = chart_memory(ranked, memory_kind)
@@ -99,7 +106,7 @@ def quality_vs_memory(
     colours = target_colours(ranked["target_modules"].fillna("?").astype(str))
     fig, ax = _figure()
     x = ranked[MEMORY].astype(float) / scale
-    y = ranked[QUALITY].astype(float)
+    y = ranked[column].astype(float)
     predicted = None
     if memory_kind == "cpu_tensor_peak" and TENSOR_PREDICTED in ranked:
         predicted = pd.to_numeric(ranked[TENSOR_PREDICTED], errors="coerce").astype(float) / scale
@@ -126,16 +133,16 @@ def quality_vs_memory(
             linewidths=0.5,
             zorder=3,
         )
-    front = ranked[pareto_front(ranked)].sort_values([MEMORY, QUALITY])
+    front = ranked[pareto_front(ranked, quality)].sort_values([MEMORY, column])
     if not front.empty:
-        ax.step(front[MEMORY] / scale, front[QUALITY], where="post", color="#333333", linewidth=1.2, zorder=2,
+        ax.step(front[MEMORY] / scale, front[column], where="post", color="#333333", linewidth=1.2, zorder=2,
                 label="Pareto front")
-        ax.scatter(front[MEMORY] / scale, front[QUALITY], s=130, facecolors="none", edgecolors="#333333",
+        ax.scatter(front[MEMORY] / scale, front[column], s=130, facecolors="none", edgecolors="#333333",
                    linewidths=1.0, zorder=4)
     for i, trial_id in enumerate(highlight):
         row = ranked[ranked["trial_id"] == trial_id]
         if not row.empty:  # stacked, so two highlighted trials at one point stay readable
-            ax.annotate(str(trial_id), (float(row[MEMORY].iloc[0]) / scale, float(row[QUALITY].iloc[0])),
+            ax.annotate(str(trial_id), (float(row[MEMORY].iloc[0]) / scale, float(row[column].iloc[0])),
                         textcoords="offset points", xytext=(6, 6 + 10 * i), fontsize=8)
     if memory_kind == "cuda_reserved":
         low, high = ax.get_xlim()
@@ -144,10 +151,10 @@ def quality_vs_memory(
             if low <= position <= high:
                 ax.axvline(position, color="#999999", linestyle=":", linewidth=1)
                 ax.text(position, ax.get_ylim()[1], f" {budget:g} GiB", fontsize=7, va="top", color="#666666")
-    if _spans_decade(y):
+    if _log_quality(quality, y):
         ax.set_yscale("log")
     ax.set_xlabel(memory_axis_label(memory_kind, unit))
-    ax.set_ylabel("best eval loss (nats/token, lower is better)")
+    ax.set_ylabel(quality_axis_label(quality))
     if memory_kind == "cpu_tensor_peak":
         ax.set_title("Quality vs CPU tensor peak (ringed: Pareto front on this axis"
                      + ("; hollow diamonds: predicted" if predicted is not None else "") + ")", fontsize=10)
@@ -239,43 +246,46 @@ def loss_curves(
     return _png(fig)
 
 
-def rank_targets_heatmap(ranked: pd.DataFrame) -> bytes | None:
-    """Best eval loss for each (rank, target-module set) cell; the count of trials below the value."""
+def rank_targets_heatmap(ranked: pd.DataFrame, quality: Quality = LOSS) -> bytes | None:
+    """The best objective value for each (rank, target-module set) cell; the count of trials below the value."""
     if ranked.empty or ranked["r"].isna().all():
         return None
-    table = ranked.groupby(["r", "target_modules"], observed=True)[QUALITY].agg(["min", "count"]).reset_index()
+    best = "min" if quality.lower_is_better else "max"
+    table = ranked.groupby(["r", "target_modules"], observed=True)[quality.column].agg([best, "count"]).reset_index()
+    table = table.rename(columns={best: "best"})
     ranks = sorted(int(r) for r in table["r"].unique())
     targets = sorted(str(t) for t in table["target_modules"].unique())
     grid = np.full((len(ranks), len(targets)), np.nan)
     counts = np.zeros_like(grid, dtype=int)
     for row in table.itertuples(index=False):
         i, j = ranks.index(int(row.r)), targets.index(str(row.target_modules))
-        grid[i, j], counts[i, j] = row.min, row.count
+        grid[i, j], counts[i, j] = row.best, row.count
     fig = Figure(figsize=(max(4.0, 1.5 * len(targets) + 2.2), max(2.6, 0.55 * len(ranks) + 1.6)), layout="constrained")
     ax = fig.add_subplot()
     masked = np.ma.masked_invalid(grid)
-    cmap = _cmap("viridis_r").with_extremes(bad="#eeeeee")
+    cmap = _cmap("viridis_r" if quality.lower_is_better else "viridis").with_extremes(bad="#eeeeee")
     image = ax.imshow(masked, cmap=cmap, aspect="auto")
-    fig.colorbar(image, ax=ax, label="best eval loss (lower is better)")
+    fig.colorbar(image, ax=ax, label=quality_axis_label(quality))
     low, high = np.nanmin(grid), np.nanmax(grid)
     for i in range(len(ranks)):
         for j in range(len(targets)):
             if np.isnan(grid[i, j]):
                 ax.text(j, i, "not tried", ha="center", va="center", fontsize=8, color="#888888")
                 continue
-            dark = high > low and (grid[i, j] - low) / (high - low) > 0.55
+            share = (grid[i, j] - low) / (high - low) if high > low else 0.0
+            dark = high > low and (share if quality.lower_is_better else 1 - share) > 0.55
             ax.text(j, i, f"{grid[i, j]:.3g}\n({counts[i, j]} trial{'s' if counts[i, j] != 1 else ''})", ha="center",
                     va="center", fontsize=8, color="white" if dark else "black")
     ax.set_xticks(range(len(targets)), targets)
     ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
     ax.set_xlabel("target modules")
     ax.set_ylabel("LoRA rank r")
-    ax.set_title("Best eval loss by rank and target modules", fontsize=10)
+    ax.set_title(f"Best {quality.metric.replace('_', ' ')} by rank and target modules", fontsize=10)
     return _png(fig)
 
 
-def lr_vs_loss(ranked: pd.DataFrame) -> bytes | None:
-    """Best eval loss against learning rate (log x), one colour per target-module set."""
+def lr_vs_loss(ranked: pd.DataFrame, quality: Quality = LOSS) -> bytes | None:
+    """The objective (best eval loss, or a task metric) against learning rate (log x), one colour per target-module set."""
     usable = ranked[pd.to_numeric(ranked["learning_rate"], errors="coerce") > 0]
     if usable.empty:
         return None
@@ -283,14 +293,14 @@ def lr_vs_loss(ranked: pd.DataFrame) -> bytes | None:
     fig, ax = _figure(6.5, 3.8)
     for status in usable["status"].unique():
         part = usable[usable["status"] == status]
-        ax.scatter(part["learning_rate"], part[QUALITY], c=[colours[str(t)] for t in part["target_modules"].fillna("?")],
+        ax.scatter(part["learning_rate"], part[quality.column], c=[colours[str(t)] for t in part["target_modules"].fillna("?")],
                    marker=STATUS_MARKERS.get(status, "o"), s=46, alpha=0.85, edgecolors="white", linewidths=0.5)
     ax.set_xscale("log")
-    if _spans_decade(usable[QUALITY]):
+    if _log_quality(quality, usable[quality.column]):
         ax.set_yscale("log")
     ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel("best eval loss (nats/token)")
-    ax.set_title("Learning rate vs best eval loss", fontsize=10)
+    ax.set_ylabel(quality_axis_label(quality))
+    ax.set_title(f"Learning rate vs best {quality.metric.replace('_', ' ')}", fontsize=10)
     _target_legend(ax, colours, sorted(usable["status"].unique()))
     return _png(fig)
 
@@ -310,8 +320,10 @@ def importance_bars(values: dict[str, float], source: str = "") -> bytes | None:
     return _png(fig)
 
 
-def fronts_overlay(fronts: dict[str, pd.DataFrame], memory_kind: str | None) -> bytes | None:
-    """Several sweeps' Pareto fronts on one chart (compare), each sweep's trials faint behind its front."""
+def fronts_overlay(fronts: dict[str, pd.DataFrame], memory_kind: str | None, quality: Quality = LOSS) -> bytes | None:
+    """Several sweeps' Pareto fronts on one chart (compare), each sweep's trials faint behind its front,
+    all on one objective (compare ranks every sweep by the same one)."""
+    column = quality.column
     frames = [f for f in fronts.values() if not f.empty]
     if not frames:
         return None
@@ -321,18 +333,30 @@ def fronts_overlay(fronts: dict[str, pd.DataFrame], memory_kind: str | None) -> 
         if ranked.empty:
             continue
         colour = PALETTE[i % len(PALETTE)]
-        ax.scatter(ranked[MEMORY] / scale, ranked[QUALITY], color=colour, alpha=0.3, s=30)
-        front = ranked[pareto_front(ranked)].sort_values([MEMORY, QUALITY])
-        ax.step(front[MEMORY] / scale, front[QUALITY], where="post", color=colour, linewidth=1.8, label=name)
-        ax.scatter(front[MEMORY] / scale, front[QUALITY], color=colour, s=50, edgecolors="black", linewidths=0.6,
+        ax.scatter(ranked[MEMORY] / scale, ranked[column], color=colour, alpha=0.3, s=30)
+        front = ranked[pareto_front(ranked, quality)].sort_values([MEMORY, column])
+        ax.step(front[MEMORY] / scale, front[column], where="post", color=colour, linewidth=1.8, label=name)
+        ax.scatter(front[MEMORY] / scale, front[column], color=colour, s=50, edgecolors="black", linewidths=0.6,
                    zorder=3)
-    if _spans_decade(pd.concat([f[QUALITY] for f in frames])):
+    if _log_quality(quality, pd.concat([f[column] for f in frames])):
         ax.set_yscale("log")
     ax.set_xlabel(memory_axis_label(memory_kind, unit))
-    ax.set_ylabel("best eval loss (nats/token, lower is better)")
+    ax.set_ylabel(quality_axis_label(quality))
     ax.set_title("Pareto fronts (faint: all rankable trials)", fontsize=10)
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def quality_axis_label(quality: Quality) -> str:
+    """The y-axis label of a quality: what it is, its unit, which way is better."""
+    if quality == LOSS:
+        return "best eval loss (nats/token, lower is better)"
+    return f"best {quality.metric} ({quality.better} is better)"
+
+
+def _log_quality(quality: Quality, values: pd.Series) -> bool:
+    """A log axis for losses spanning a decade; never for task metrics (accuracies include 0)."""
+    return quality == LOSS and _spans_decade(values)
 
 
 def _cmap(name: str):

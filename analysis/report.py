@@ -113,10 +113,8 @@ def render_markdown(analysis: Analysis, plot_files: dict[str, str] | None = None
             "## Task metrics",
             "",
             "Measured inside each trial on a fixed, seeded subset of the eval split (eval.metrics; "
-            "docs/task-metrics.md). Trials ranked by " + (
-                f"{task.objective} ({task.metrics[task.objective]} is better)." if task.objective in task.metrics
-                else f"{task.objective}."
-            ) + " The budget table and the Pareto front below rank by eval loss.",
+            f"docs/task-metrics.md). Trials ranked by {analysis.quality.describe()}, as are the best trial, the budget "
+            "table, the Pareto front and the recommendation.",
             "",
             *[f"- {line}" for line in task.lines()],
             "",
@@ -132,12 +130,13 @@ def render_markdown(analysis: Analysis, plot_files: dict[str, str] | None = None
         parts += [
             "## Pareto front: what a memory saving costs",
             "",
-            f"Trials no other trial beats on both eval loss and peak memory ({kind}), from least memory up; "
+            f"Trials no other trial beats on both {analysis.quality.describe()} and peak memory ({kind}), from least memory up; "
             "the last two columns compare each with the best trial.",
             "",
             markdown_table(
                 analysis.tradeoffs,
-                ["trial_id", *varying, QUALITY, MEMORY, "memory_saved_pct", "loss_increase_pct"],
+                ["trial_id", *varying, *dict.fromkeys((analysis.quality.column, QUALITY)), MEMORY, "memory_saved_pct",
+                 "quality_lost_pct"],
             ),
             "",
         ]
@@ -186,14 +185,16 @@ def render_plots(analysis: Analysis) -> dict[str, bytes]:
     best_id = analysis.best["trial_id"] if analysis.best is not None else None
     highlight = [t for t in dict.fromkeys([best_id, analysis.cheapest["trial_id"] if analysis.cheapest is not None else None]) if t]
     charts = {
-        "quality_vs_memory": plots.quality_vs_memory(analysis.ranked, analysis.memory_kind, analysis.budgets_gib, highlight),
+        "quality_vs_memory": plots.quality_vs_memory(
+            analysis.ranked, analysis.memory_kind, analysis.budgets_gib, highlight, analysis.quality
+        ),
         "predicted_vs_measured": plots.predicted_vs_measured(analysis.exp.trials),
         "loss_curves": plots.loss_curves(
             analysis.exp.curves, analysis.exp.trials, asha_rung_steps(analysis.exp.saved_spec), best_id
         ),
         "importance": plots.importance_bars(analysis.importance.values),
-        "rank_targets": plots.rank_targets_heatmap(analysis.ranked),
-        "lr_vs_loss": plots.lr_vs_loss(analysis.ranked),
+        "rank_targets": plots.rank_targets_heatmap(analysis.ranked, analysis.quality),
+        "lr_vs_loss": plots.lr_vs_loss(analysis.ranked, analysis.quality),
     }
     return {name: png for name, png in charts.items() if png}
 

@@ -23,9 +23,11 @@ from analysis.importance import Importance, param_importances
 from analysis.memory_report import memory_summary_lines
 from analysis.pareto import (
     DEFAULT_BUDGETS_GIB,
+    LOSS,
     MEMORY,
     QUALITY,
     WITHIN_OF_BEST,
+    Quality,
     best_trial,
     best_under_budgets,
     cheapest_within,
@@ -69,6 +71,7 @@ class Analysis:
         counts: Trials per status.
         generated_at: When the report was made (local time).
         task: The task metrics section (eval.metrics; analysis/task_report.py), None without any.
+        quality: What ranks the trials: the objective (search.metric) in its direction.
     """
 
     exp: Experiment
@@ -84,6 +87,7 @@ class Analysis:
     counts: dict[str, int]
     generated_at: str
     task: TaskSummary | None = None
+    quality: Quality = LOSS
 
     @property
     def in_progress(self) -> bool:
@@ -111,7 +115,8 @@ class Analysis:
         best, base = self.best, self.baseline
         if best is None or base is None or best["trial_id"] == base["trial_id"]:
             return best
-        return base if _gain(best[QUALITY], base[QUALITY]) < BASELINE_MARGIN else best
+        q = self.quality.column
+        return base if self.quality.gain(best[q], base[q]) < BASELINE_MARGIN else best
 
     @cached_property
     def summary(self) -> list[str]:
@@ -130,7 +135,7 @@ class Analysis:
                 "status": str(row["status"]),
                 "params": {k: plain_value(row[k]) for k in config_names if plain_value(row.get(k)) is not None},
             }
-            for column in (QUALITY, MEMORY, "memory_kind", "steps"):
+            for column in dict.fromkeys((self.quality.column, QUALITY, MEMORY, "memory_kind", "steps")):
                 if column in row.index:
                     record[column] = plain_value(row[column])
             return record
@@ -141,7 +146,8 @@ class Analysis:
             "experiment_dir": self.exp.path,
             "trials": int(len(self.exp.trials)),
             "statuses": dict(self.counts),
-            "quality": QUALITY,
+            "quality": self.quality.column,
+            "quality_better": self.quality.better,
             "memory": MEMORY,
             "memory_kind": self.memory_kind,
             "best": trial_record(self.best) if self.best is not None else None,
@@ -162,9 +168,10 @@ def analyze(
 ) -> Analysis:
     """Compute the report's content from a loaded experiment (no files written)."""
     trials = exp.trials
-    kind = primary_memory_kind(trials)
-    ranked = rankable(trials, kind).copy()
-    ranked["on_front"] = pareto_front(ranked)
+    quality = Quality.of(exp.saved_spec)
+    kind = primary_memory_kind(trials, quality)
+    ranked = rankable(trials, kind, quality).copy()
+    ranked["on_front"] = pareto_front(ranked, quality)
     counts = {s: int(n) for s, n in trials["status"].value_counts().items()}
     order = {s.value: i for i, s in enumerate(ALL_STATUSES)}
     counts = {s: counts[s] for s in sorted(counts, key=lambda s: order.get(s, len(order)))}
@@ -173,19 +180,20 @@ def analyze(
         budgets_gib=tuple(float(b) for b in budgets_gib),
         memory_kind=kind,
         ranked=ranked,
-        best=best_trial(ranked),
-        cheapest=cheapest_within(ranked),
-        budgets=best_under_budgets(ranked, budgets_gib),
-        tradeoffs=tradeoff_table(ranked),
+        best=best_trial(ranked, quality),
+        cheapest=cheapest_within(ranked, quality=quality),
+        budgets=best_under_budgets(ranked, budgets_gib, quality),
+        tradeoffs=tradeoff_table(ranked, quality),
         importance=param_importances(exp) if importance else Importance({}, "not computed"),
-        not_ranked=_not_ranked(trials, ranked, kind),
+        not_ranked=_not_ranked(trials, ranked, kind, quality),
         counts=counts,
         generated_at=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         task=task_summary(exp, ranked),
+        quality=quality,
     )
 
 
-def _not_ranked(trials: pd.DataFrame, ranked: pd.DataFrame, kind: str | None) -> pd.DataFrame:
+def _not_ranked(trials: pd.DataFrame, ranked: pd.DataFrame, kind: str | None, quality: Quality = LOSS) -> pd.DataFrame:
     """Trials not in the ranking, each with the reason; nothing is dropped silently."""
     rest = trials[~trials["trial_id"].isin(ranked["trial_id"])].copy()
     reasons = []
@@ -210,6 +218,8 @@ def _not_ranked(trials: pd.DataFrame, ranked: pd.DataFrame, kind: str | None) ->
             reason = f"{status}: no evaluation yet"
         elif not present(row.get(QUALITY)):
             reason = "no evaluation yet"
+        elif not present(row.get(quality.column)):
+            reason = f"no {quality.metric} measured (eval.when measures it only at some rounds)"
         elif not present(row.get(MEMORY)):
             reason = "no memory measurement"
         else:
@@ -291,40 +301,36 @@ def export_command(analysis: Analysis, trial_id: str | None = None) -> str:
 # --- summary ------------------------------------------------------------------------------------
 
 
-def _gain(best: float, baseline: float) -> float:
-    """How much lower (better) `best` is than `baseline`, as a fraction of the baseline."""
-    return (float(baseline) - float(best)) / abs(float(baseline)) if float(baseline) else 0.0
-
-
 def baseline_lines(analysis: Analysis) -> list[str]:
     """The gain over the baseline (the summary's first line) and the recommendation; [] without a baseline."""
     trials = analysis.exp.trials
     marked = trials[trials[BASELINE_COLUMN].fillna(False).astype(bool)] if BASELINE_COLUMN in trials else trials.iloc[:0]
     if not len(marked):
         return []
-    base, best, kind = analysis.baseline, analysis.best, analysis.memory_kind
+    base, best, kind, q = analysis.baseline, analysis.best, analysis.memory_kind, analysis.quality
+    metric, column = q.metric, q.column
     if base is None:
         return [f"baseline (standard QLoRA recipe): trial {marked.iloc[0]['trial_id']} has no ranked evaluation "
                 f"({marked.iloc[0]['status']}); no comparison"]
     recipe = config_text(base, headline_config(analysis))
     if best is None or best["trial_id"] == base["trial_id"]:
         return [f"vs baseline: the baseline (standard QLoRA recipe, trial {base['trial_id']}, {recipe}) is the best trial, "
-                f"eval_loss {fmt_loss(base[QUALITY])}; recommended: the baseline"]
-    gain = _gain(best[QUALITY], base[QUALITY])
+                f"{metric} {q.fmt(base[column])}; recommended: the baseline"]
+    gain = q.gain(best[column], base[column])
     memory = ""
     if present(best.get(MEMORY)) and present(base.get(MEMORY)) and float(base[MEMORY]):
         change = (float(best[MEMORY]) - float(base[MEMORY])) / float(base[MEMORY]) * 100
         memory = (f", peak memory {memory_label(best[MEMORY], kind)} vs {memory_label(base[MEMORY], kind)} "
                   f"({abs(change):.1f}% {'more' if change > 0 else 'less'})")
-    line = (f"vs baseline: best trial {best['trial_id']} eval_loss {fmt_loss(best[QUALITY])} vs the baseline's "
-            f"{fmt_loss(base[QUALITY])} (trial {base['trial_id']}, standard QLoRA recipe: {recipe}), "
-            f"{gain * 100:.1f}% lower{memory}")
+    line = (f"vs baseline: best trial {best['trial_id']} {metric} {q.fmt(best[column])} vs the baseline's "
+            f"{q.fmt(base[column])} (trial {base['trial_id']}, standard QLoRA recipe: {recipe}), "
+            f"{gain * 100:.1f}% {'lower' if q.lower_is_better else 'higher'} (better){memory}")
     rec = analysis.recommended
     if rec is not None and rec["trial_id"] == base["trial_id"]:
         advice = (f"recommended: the baseline, trial {base['trial_id']}: the best beats it by {gain * 100:.1f}% "
-                  f"eval_loss, under the {BASELINE_MARGIN:.0%} that counts as a real gain")
+                  f"{metric}, under the {BASELINE_MARGIN:.0%} that counts as a real gain")
     else:
-        advice = f"recommended: trial {best['trial_id']} (it beats the baseline by {gain * 100:.1f}% eval_loss)"
+        advice = f"recommended: trial {best['trial_id']} (it beats the baseline by {gain * 100:.1f}% {metric})"
     return [line, advice]
 
 
@@ -353,30 +359,29 @@ def summary_lines(analysis: Analysis) -> list[str]:
     if analysis.in_progress:
         lines.append("the sweep is still running: this is a partial report")
     lines += input_lines(analysis.exp)
-    best, kind = analysis.best, analysis.memory_kind
+    best, kind, q = analysis.best, analysis.memory_kind, analysis.quality
     if best is None:
-        lines.append("no trial has reported an evaluation yet")
+        lines.append("no trial has reported an evaluation yet" if q == LOSS else f"no trial has measured {q.metric} yet")
         return lines
-    task_objective = analysis.task is not None and analysis.task.objective in analysis.task.metrics
     if analysis.task is not None:
         lines += analysis.task.lines()
+    loss = "" if q == LOSS else f" ({q.better} is better), eval_loss {fmt_loss(best[QUALITY])}"
     lines.append(
-        ("lowest eval loss" if task_objective else "best")
-        + f": trial {best['trial_id']} eval_loss {fmt_loss(best[QUALITY])} ({config_text(best, headline_config(analysis))}), "
-        f"peak memory {memory_label(best[MEMORY], kind)}"
+        f"best: trial {best['trial_id']} {q.metric} {q.fmt(best[q.column])}{loss} "
+        f"({config_text(best, headline_config(analysis))}), peak memory {memory_label(best[MEMORY], kind)}"
     )
     cheap = analysis.cheapest
     if cheap is not None and cheap["trial_id"] != best["trial_id"]:
         saved = (float(best[MEMORY]) - float(cheap[MEMORY])) / float(best[MEMORY]) * 100
         lines.append(
-            f"cheapest within {WITHIN_OF_BEST:.0%} of best: trial {cheap['trial_id']} eval_loss {fmt_loss(cheap[QUALITY])}, "
+            f"cheapest within {WITHIN_OF_BEST:.0%} of best: trial {cheap['trial_id']} {q.metric} {q.fmt(cheap[q.column])}, "
             f"{memory_label(cheap[MEMORY], kind)} ({saved:.1f}% less memory)"
         )
     elif cheap is not None:
         lines.append(f"cheapest within {WITHIN_OF_BEST:.0%} of best: the best trial itself (nothing cheaper comes close)")
     per_budget = ", ".join(
-        f"{b.budget_gib:g} GiB: " + (f"{b.trial_id} ({fmt_loss(b.best_eval_loss)})" if present(b.trial_id) else "none fits")
-        for b in analysis.budgets.itertuples()
+        f"{b['budget_gib']:g} GiB: " + (f"{b['trial_id']} ({q.fmt(b[q.column])})" if present(b["trial_id"]) else "none fits")
+        for b in analysis.budgets.to_dict("records")
     )
     if analysis.budgets_apply:
         lines.append(f"best under each VRAM budget: {per_budget}")

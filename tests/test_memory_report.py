@@ -82,6 +82,14 @@ def test_the_searched_objectives_front_uses_each_objectives_direction() -> None:
     )
     front = objectives_front(ranked, objective_columns(spec))
     assert list(front["trial_id"]) == ["best", "bad-fast"]  # good-slow loses to best on both; higher tokens/s is better
+    # A task metric objective (multi-objective [exact_match, peak_memory]) is in the front, higher is better.
+    task_spec = {"search": {"metric": "exact_match", "objectives": ["exact_match", "peak_memory_mib"]},
+                 "eval": {"metrics": ["exact_match"]}}
+    assert objective_columns(task_spec) == ["best_exact_match", "peak_memory_mib"]
+    ranked = pd.DataFrame({"trial_id": ["right-big", "wrong-small", "dominated"], "best_exact_match": [0.9, 0.2, 0.5],
+                           "peak_memory_mib": [900.0, 100.0, 950.0]})
+    front = objectives_front(ranked, objective_columns(task_spec), task_spec)
+    assert list(front["trial_id"]) == ["right-big", "wrong-small"]  # best first on exact_match
 
 
 def test_summary_counts_rejections_by_reason() -> None:

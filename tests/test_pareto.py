@@ -78,12 +78,29 @@ def test_single_row_and_empty_table() -> None:
     assert best_under_budgets(trials([]), [8])["trial_id"].isna().all()
 
 
-def test_higher_is_better_columns_are_flipped_using_the_metrics_table() -> None:
-    # tokens_per_s is higher-is-better in trainables/metrics.py.
-    frame = pd.DataFrame(
-        {"trial_id": ["fast-cheap", "slow-cheap", "fast-big"], "peak_memory_mib": [1.0, 1.0, 2.0], "tokens_per_s": [10.0, 5.0, 10.0]}
-    )
-    assert frame.loc[pareto_front(frame, ("peak_memory_mib", "tokens_per_s")), "trial_id"].tolist() == ["fast-cheap"]
+def test_a_higher_is_better_objective_ranks_every_way_in_its_direction() -> None:
+    """A task metric (exact_match, higher is better) as the quality: the front, the best trial, the
+    cheapest within 1%, the budget table and the trade-offs all read it the right way up."""
+    from analysis.pareto import Quality
+
+    em = Quality("exact_match", "higher")
+    frame = pd.DataFrame({
+        "trial_id": ["best", "close-cheap", "far-cheapest", "dominated"],
+        "peak_memory_mib": [4096.0, 2048.0, 1024.0, 4096.0],
+        "best_exact_match": [0.80, 0.795, 0.50, 0.70],
+        "best_eval_loss": [0.9, 0.5, 0.4, 0.3],  # the loss would rank them the other way
+    })
+    assert sorted(frame.loc[pareto_front(frame, em), "trial_id"]) == ["best", "close-cheap", "far-cheapest"]
+    assert best_trial(frame, em)["trial_id"] == "best"
+    assert best_trial(frame)["trial_id"] == "dominated"  # by eval loss, the default
+    assert cheapest_within(frame, quality=em)["trial_id"] == "close-cheap"  # 0.795 is within 1% of 0.80
+    assert cheapest_within(frame, tolerance=0.0, quality=em)["trial_id"] == "best"
+    table = best_under_budgets(frame, [1, 2, 4], em)
+    assert table["trial_id"].tolist() == ["far-cheapest", "close-cheap", "best"]
+    assert table["best_exact_match"].tolist() == [0.50, 0.795, 0.80]
+    lost = tradeoff_table(frame, em).set_index("trial_id")["quality_lost_pct"]
+    assert lost.to_dict() == pytest.approx({"far-cheapest": 37.5, "close-cheap": 0.625, "best": 0.0})
+    assert em.gain(0.8, 0.5) == pytest.approx(0.6) and Quality().gain(0.5, 1.0) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -187,4 +204,4 @@ def test_tradeoff_table_orders_the_front_by_memory_and_states_the_cost() -> None
     table = tradeoff_table(frame)
     assert table["trial_id"].tolist() == ["half", "best"]
     assert table["memory_saved_pct"].tolist() == pytest.approx([50.0, 0.0])
-    assert table["loss_increase_pct"].tolist() == pytest.approx([10.0, 0.0])
+    assert table["quality_lost_pct"].tolist() == pytest.approx([10.0, 0.0])

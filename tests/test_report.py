@@ -49,16 +49,19 @@ def trial(
     truncated: bool = False,
     deleted_checkpoints: tuple[int, ...] = (),
     predicted: float | None = None,
+    exact_match: tuple[float, ...] = (),
 ) -> dict[str, Any]:
-    """A trial as written to disk: evals are (eval_loss, keeps a checkpoint) per round of 10 steps."""
+    """A trial as written to disk: evals are (eval_loss, keeps a checkpoint) per round of 10 steps;
+    exact_match, when given, one value per round (a task metric of eval.metrics)."""
     return {k: v for k, v in locals().items()}
 
 
-def write_experiment(root: Path, trials: list[dict[str, Any]], name: str = "exp") -> Path:
+def write_experiment(root: Path, trials: list[dict[str, Any]], name: str = "exp", **sections: Any) -> Path:
     """An experiment folder in the layout Tune + qlora-sweep write (no Ray needed to read it back)."""
     spec = parse_spec(
         make_spec_dict(
-            space={"r": [8, 16], "target_modules": ["qv", "all-linear"], "learning_rate": {"loguniform": [1e-4, 1e-2]}}
+            space={"r": [8, 16], "target_modules": ["qv", "all-linear"], "learning_rate": {"loguniform": [1e-4, 1e-2]}},
+            **sections,
         )
     ).model_dump(mode="json")
     path = root / name
@@ -95,6 +98,8 @@ def write_experiment(root: Path, trials: list[dict[str, Any]], name: str = "exp"
             }
             if t["predicted"] is not None:
                 result["predicted_memory_mib"] = t["predicted"]
+            if t["exact_match"]:
+                result["exact_match"] = t["exact_match"][i]
             if keeps:
                 result["checkpoint_dir_name"] = f"checkpoint_{i:06d}"
                 if i not in t["deleted_checkpoints"]:
@@ -490,3 +495,35 @@ def test_what_the_process_prints_after_the_json_object_stays_off_stdout(recorded
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["trials"] > 0  # one object and nothing after it
     assert "printed at exit" in done.stderr
+
+
+def test_a_task_objective_ranks_the_best_trial_budgets_front_recommendation_and_export(tmp_path: Path) -> None:
+    """search.metric exact_match (higher is better): the trial with the lowest eval loss is not the
+    one that gets most answers right, and everything the report ranks follows exact match."""
+    from analysis.export import choose_trial
+    from analysis.results import load_experiment
+    from analysis.summary import analyze
+
+    path = write_experiment(tmp_path, [
+        trial("lowloss", evals=[(0.5, True), (0.3, True)], exact_match=(0.2, 0.4), memory=6000.0),
+        trial("rightbig", r=16, evals=[(0.9, True), (0.8, True)], exact_match=(0.5, 0.9), memory=9000.0),
+        trial("closecheap", targets="all-linear", evals=[(0.9, True), (0.85, True)], exact_match=(0.6, 0.895),
+              memory=7000.0),
+    ], eval={"metrics": ["exact_match"]}, search={"metric": "exact_match"})
+    exp = load_experiment(str(path))
+    a = analyze(exp, budgets_gib=(6, 8, 16), importance=False)
+    assert a.quality.column == "best_exact_match" and a.quality.better == "higher"
+    assert a.best["trial_id"] == "rightbig"  # lowloss has the lowest loss
+    assert a.cheapest["trial_id"] == "closecheap"  # 0.895 is within 1% of 0.9, with less memory
+    assert a.budgets["trial_id"].tolist() == ["lowloss", "closecheap", "rightbig"]
+    assert set(a.ranked.loc[a.ranked["on_front"], "trial_id"]) == {"lowloss", "closecheap", "rightbig"}
+    assert a.recommended["trial_id"] == "rightbig"
+    assert any(line.startswith("best: trial rightbig exact_match 0.9 (higher is better)") for line in a.summary), a.summary
+    assert a.json_summary()["quality"] == "best_exact_match"
+    assert choose_trial(exp, "best")["trial_id"] == "rightbig"
+    # Control: the same trials ranked by eval loss pick the other trial.
+    by_loss = write_experiment(tmp_path, [
+        trial("lowloss", evals=[(0.5, True), (0.3, True)], exact_match=(0.2, 0.4), memory=6000.0),
+        trial("rightbig", r=16, evals=[(0.9, True), (0.8, True)], exact_match=(0.5, 0.9), memory=9000.0),
+    ], name="by-loss", eval={"metrics": ["exact_match"]})
+    assert analyze(load_experiment(str(by_loss)), importance=False).best["trial_id"] == "lowloss"

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[test,dashboard,tracking,cmaes]"
+	$(BIN)/pip install --quiet -e ".[test,dashboard,tracking,cmaes,lmeval]"
 	touch $(STAMP)
 
 smoke: install

@@ -659,11 +659,13 @@ def saved_spec(checked: Preflight, storage_path: str) -> dict[str, Any]:
     raw["data"]["path"] = spec.resolve_path(spec.data.path)
     if spec.data.eval_path:
         raw["data"]["eval_path"] = spec.resolve_path(spec.data.eval_path)
-    # The files task metrics name (forgetting texts, a python: metric's file) are relative to the spec
+    # The files task metrics name (forgetting texts, a python: metric's file, lm_eval tasks) are relative to the spec
     # file: resume and export read them from the saved spec, wherever they are run from.
     for metric, saved in zip(spec.eval.metrics, raw.get("eval", {}).get("metrics") or []):
         if metric.path:
             saved["path"] = spec.resolve_path(metric.path)
+        if metric.include_path:
+            saved["include_path"] = spec.resolve_path(metric.include_path)
         target, _, function = (metric.python or "").rpartition(":")
         if target.endswith(".py"):
             saved["python"] = f"{spec.resolve_path(target)}:{function}"

@@ -74,11 +74,13 @@ def trial_job(spec: SweepSpec, *, model_path: str | None = None, model_config: A
 def eval_job(spec: SweepSpec) -> EvalJob | None:
     """The task evaluation every trial runs (eval.metrics), with the files it names read here, so the
     job carries them to every worker (no shared disk): each forgetting set's texts (at most
-    eval.max_examples) and each python metric file's source. None without task metrics.
+    eval.max_examples), each python metric file's source, and each lm_eval metric's task YAML and
+    local data files (trainables/lm_eval_metric.py), whose tasks are loaded here once from a temporary
+    copy, as a worker will load them. None without task metrics.
 
     Raises:
-        SpecError: Naming the metric, the file and the fix, when a file cannot be read or the
-            function is not in it.
+        SpecError: Naming the metric, the file and the fix, when a file cannot be read, the
+            function is not in it, lm-eval is not installed, or an lm_eval task cannot be loaded.
     """
     from sweeps.spec import SpecError
 
@@ -87,6 +89,7 @@ def eval_job(spec: SweepSpec) -> EvalJob | None:
     problems: list[str] = []
     texts: dict[str, tuple[str, ...]] = {}
     sources: dict[str, tuple[str, str]] = {}
+    lm_eval_files: dict[str, dict[str, str]] = {}
     for i, metric in enumerate(spec.eval.metrics):
         where = f"eval.metrics[{i}] ({metric.metric_name})"
         if metric.type == "forgetting":
@@ -108,9 +111,32 @@ def eval_job(spec: SweepSpec) -> EvalJob | None:
                 load_python_metric(metric, sources)
             except Exception as exc:  # the user's module: anything it raises at import is its problem to fix
                 problems.append(f"{where}.python: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        if metric.type == "lm_eval":
+            problem = _lm_eval_problem(spec, metric, lm_eval_files)
+            if problem:
+                problems.append(f"{where}{problem}")
     if problems:
         raise SpecError("eval", problems)
-    return EvalJob(spec=spec.eval, rounds=spec.task_eval_rounds, forgetting_texts=texts, python_sources=sources)
+    return EvalJob(
+        spec=spec.eval, rounds=spec.task_eval_rounds, forgetting_texts=texts, python_sources=sources,
+        lm_eval_files=lm_eval_files,
+    )
+
+
+def _lm_eval_problem(spec: SweepSpec, metric: Any, carried: dict[str, dict[str, str]]) -> str | None:
+    """Read an lm_eval metric's files into `carried` and load its tasks from them; the problem
+    (".field: message") if lm-eval is missing or a file or task is unusable."""
+    from trainables import lm_eval_metric
+
+    if not lm_eval_metric.installed():
+        return f": lm-eval is not installed, and this metric runs its tasks; {lm_eval_metric.INSTALL_HINT}"
+    try:
+        files = lm_eval_metric.carry_files(spec.resolve_path(metric.include_path))
+        lm_eval_metric.check(metric, files, spec.eval.seed)
+    except lm_eval_metric.LmEvalProblem as exc:
+        return f".{exc.field}: {exc}"
+    carried[metric.metric_name] = files
+    return None
 
 
 def model_summary(spec: SweepSpec, model_path: str | None, model_config: Any) -> ModelSummary:

@@ -22,6 +22,10 @@ trial and round. A row's prompt is its tokens before the first loss token, its r
 * `forgetting`: mean token loss on a general held-out text set with the adapter minus without it
   (peft's `disable_adapter`, measured once per training attempt); also reported: `<name>_loss`,
   `<name>_base_loss`.
+* `lm_eval`: tasks of EleutherAI's lm-evaluation-harness that local task YAML files (`include_path`)
+  define over local data, the first `limit` documents of each, scored on the in-memory adapter model
+  (trainables/lm_eval_metric.py); the mean of `metric` over the tasks, and each task's as
+  `<name>_<task>`. Its files travel inside the trial's job. Higher is better unless `direction` says.
 
 Each evaluation also reports `task_eval_s` (seconds) and `task_eval_peak_mib` (peak memory while the
 task evaluation ran; its kind is the trial's memory_kind).
@@ -41,6 +45,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from trainables.lm_eval_metric import task_column
 from trainables.settings import PathText, Seed, Strict
 
 Direction = Literal["lower", "higher"]
@@ -52,6 +57,7 @@ METRIC_TYPES: dict[str, Direction | None] = {
     "math_verify": "higher",
     "forgetting": "lower",
     "python": None,
+    "lm_eval": "higher",  # the default; `direction:` may say lower (a perplexity-like task metric)
 }
 NORMALIZATIONS = ("strip", "lower", "remove_commas")
 # Reported by every task evaluation (declared in trainables/metrics.py too, with units).
@@ -64,12 +70,14 @@ DEFAULT_MAX_EXAMPLES = 64
 class MetricSpec(Strict):
     """One task metric of `eval.metrics`. A bare string is the builtin type of that name."""
 
-    type: Literal["exact_match", "rouge_l", "math_verify", "forgetting", "python"]
+    type: Literal["exact_match", "rouge_l", "math_verify", "forgetting", "python", "lm_eval"]
     name: Annotated[str, Field(pattern=METRIC_NAME, max_length=64)] | None = Field(
         default=None, description="What the metric is reported as (search.metric, trials-table columns). Omitted: its type."
     )
     direction: Direction | None = Field(
-        default=None, description="higher or lower is better; required for python:, fixed for the builtin types."
+        default=None,
+        description="higher or lower is better; required for python:, fixed for the builtin types, higher unless set "
+        "for lm_eval.",
     )
     extract: str | None = Field(
         default=None,
@@ -91,6 +99,36 @@ class MetricSpec(Strict):
         description="forgetting: a general held-out text set (.txt, one text a line, or .jsonl with a `text` field), "
         "relative to the spec file.",
     )
+    tasks: tuple[str, ...] = Field(
+        default=(), description="lm_eval: the lm-eval task names to run, defined by the YAML files in include_path."
+    )
+    include_path: PathText | None = Field(
+        default=None,
+        description="lm_eval: a folder of lm-eval task YAML files, relative to the spec file; data paths in them "
+        "are relative to the YAML file. Its files (and their local data) travel in each trial's job.",
+    )
+    limit: int | None = Field(
+        default=None,
+        description="lm_eval: examples per task per evaluation (the first `limit` documents of each task), required: "
+        "every evaluation pays for them.",
+    )
+    metric: str | None = Field(
+        default=None,
+        description="lm_eval: the lm-eval metric key reported, e.g. acc, acc_norm, exact_match, or metric,filter "
+        "(exact_match,strict-match). Omitted: acc.",
+    )
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("limit")
+    @classmethod
+    def _positive_limit(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("give a positive whole number of examples per task and evaluation, e.g. limit: 100")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -121,6 +159,10 @@ class MetricSpec(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> MetricSpec:
         fixed = METRIC_TYPES[self.type]
+        if self.type == "lm_eval":
+            self._lm_eval_consistent()
+        elif self.tasks or self.include_path is not None or self.limit is not None or self.metric is not None:
+            raise ValueError(f"`tasks`, `include_path`, `limit` and `metric` are for lm_eval only; {self.type} does not take them")
         if self.type == "python":
             if self.python is None:
                 raise ValueError("a python metric needs `python: path/to/file.py:function`")
@@ -128,21 +170,61 @@ class MetricSpec(Strict):
                 raise ValueError(f"python metric {self.python!r} needs `direction: higher` or `direction: lower`")
             if self.name is None:
                 raise ValueError(f"python metric {self.python!r} needs a `name` (what it is reported as)")
-        elif self.direction is not None and self.direction != fixed:
+        elif self.type != "lm_eval" and self.direction is not None and self.direction != fixed:
             raise ValueError(f"{self.type} is {fixed}-is-better; remove `direction: {self.direction}`")
         if self.type == "forgetting" and self.path is None:
             raise ValueError("forgetting needs `path:` a file of general held-out text (.txt lines or .jsonl with text)")
         if self.type != "forgetting" and self.path is not None:
-            raise ValueError(f"`path` is for forgetting only; {self.type} evaluates on the eval split")
+            where = "the tasks of include_path" if self.type == "lm_eval" else "the eval split"
+            raise ValueError(f"`path` is for forgetting only; {self.type} evaluates on {where}")
         if self.type != "exact_match" and self.mode != "auto":
-            raise ValueError(f"`mode` is for exact_match only; {self.type} always generates")
+            how = "scores as its task YAML says" if self.type == "lm_eval" else "always generates"
+            raise ValueError(f"`mode` is for exact_match only; {self.type} {how}")
         if self.mode == "teacher_forced" and (self.extract or self.normalize):
             raise ValueError("teacher_forced compares tokens, so it cannot extract or normalize; use mode: generate")
         if self.type in ("forgetting",) and (self.extract or self.normalize):
             raise ValueError("forgetting measures loss; extract and normalize do not apply")
+        if self.type == "lm_eval" and (self.extract or self.normalize):
+            raise ValueError("lm_eval tasks extract and normalize as their YAML says (filter_list); remove extract and normalize")
         if self.type != "python" and (self.python or self.key):
             raise ValueError("`python` and `key` are for python metrics only")
         return self
+
+    def _lm_eval_consistent(self) -> None:
+        if not self.tasks:
+            raise ValueError(
+                "lm_eval needs `tasks:` the lm-eval task names to run, e.g. [my_task], defined by the YAML files in include_path"
+            )
+        if self.include_path is None:
+            raise ValueError(
+                "lm_eval needs `include_path:` a folder of lm-eval task YAML files, relative to the spec file (trials do not "
+                "download lm-eval's builtin tasks or their data from the hub)"
+            )
+        if self.limit is None:
+            raise ValueError(
+                "lm_eval needs `limit:` how many examples of each task one evaluation scores (a positive whole number, "
+                "e.g. limit: 100); every evaluation pays for them"
+            )
+        if any(not t.strip() for t in self.tasks):
+            raise ValueError("lm_eval `tasks` holds an empty name; list lm-eval task names")
+        twice = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if twice:
+            raise ValueError(f"lm_eval task {twice[0]!r} is listed twice in `tasks`; list each task once")
+        columns = [task_column(t) for t in self.tasks]
+        for column in columns:
+            if columns.count(column) > 1:
+                both = [t for t, c in zip(self.tasks, columns) if c == column]
+                raise ValueError(
+                    f"lm_eval tasks {both} would both be reported as {self.metric_name}_{column}; run them as two lm_eval "
+                    "metrics with different names"
+                )
+        if self.metric is not None and not re.match(r"^[A-Za-z_][\w-]*(,[\w.-]+)?$", self.metric):
+            raise ValueError(f"`metric: {self.metric}` is not an lm-eval metric key; write e.g. acc, acc_norm or exact_match,strict-match")
+
+    @property
+    def lm_eval_metric(self) -> str:
+        """The lm-eval metric key of an lm_eval metric (default acc)."""
+        return self.metric or "acc"
 
     @property
     def metric_name(self) -> str:
@@ -160,11 +242,16 @@ class MetricSpec(Strict):
 
     @property
     def generates(self) -> bool:
-        return self.type != "forgetting" and not self.teacher_forced
+        """Whether the metric reads the trial's own generation of the eval rows (lm_eval runs its own requests)."""
+        return self.type not in ("forgetting", "lm_eval") and not self.teacher_forced
 
     def extra_names(self) -> tuple[str, ...]:
-        """Descriptive figures reported beside the metric."""
-        return (f"{self.metric_name}_loss", f"{self.metric_name}_base_loss") if self.type == "forgetting" else ()
+        """Descriptive figures reported beside the metric: forgetting's two losses, lm_eval's value per task."""
+        if self.type == "forgetting":
+            return (f"{self.metric_name}_loss", f"{self.metric_name}_base_loss")
+        if self.type == "lm_eval":
+            return tuple(f"{self.metric_name}_{task_column(t)}" for t in self.tasks)
+        return ()
 
 
 class EvalSpec(Strict):
@@ -224,6 +311,8 @@ class EvalJob(BaseModel):
         rounds: Evaluation rounds (1-based) after which the task metrics are measured.
         forgetting_texts: Per forgetting metric name, its general held-out texts (read by the driver).
         python_sources: Per python metric name whose target is a file, (file name, source text).
+        lm_eval_files: Per lm_eval metric name, its task and data files by their place in the folder the
+            worker writes them into (trainables/lm_eval_metric.py carry_files), as text.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -232,6 +321,7 @@ class EvalJob(BaseModel):
     rounds: tuple[int, ...]
     forgetting_texts: dict[str, tuple[str, ...]] = {}
     python_sources: dict[str, tuple[str, str]] = {}
+    lm_eval_files: dict[str, dict[str, str]] = {}
 
 
 def read_texts(path: str | Path, limit: int | None = None) -> tuple[str, ...]:
@@ -386,6 +476,13 @@ class TaskEvaluator:
         }
         self.base_losses: dict[str, float] = {}
         self._on_batch: Callable[[], None] | None = None
+        # lm_eval: files written and tasks loaded now, before training, so a bad task stops the attempt early.
+        self.lm_eval = None
+        lm_eval_metrics = [m for m in self.spec.metrics if m.type == "lm_eval"]
+        if lm_eval_metrics:
+            from trainables.lm_eval_metric import LmEvalRunner
+
+            self.lm_eval = LmEvalRunner(job.lm_eval_files, lm_eval_metrics, tokenizer, self.spec.batch_size, self.spec.seed)
 
     def evaluate(self, model: Any, probe: Any = None, on_batch: Callable[[], None] | None = None) -> dict[str, Any]:
         """Every metric of the spec for `model` (a peft model), with the seconds and peak memory it took.
@@ -393,9 +490,9 @@ class TaskEvaluator:
         Args:
             model: The peft model.
             probe: The trial's PeakMemoryProbe; its section gives the evaluation's own peak.
-            on_batch: Called after every batch (generation, teacher-forced or forgetting): the trial's
-                progress beat, so the stall watchdog (trainables/watchdog.py) sees a long task
-                evaluation as alive.
+            on_batch: Called after every batch (generation, teacher-forced, forgetting, or one lm-eval
+                model call, plus once per lm_eval task at its end): the trial's progress beat, so the
+                stall watchdog (trainables/watchdog.py) sees a long task evaluation as alive.
         """
         import torch
 
@@ -421,6 +518,9 @@ class TaskEvaluator:
             name = metric.metric_name
             if metric.type == "forgetting":
                 out.update(self._forgetting(model, metric))
+                continue
+            if metric.type == "lm_eval":
+                out.update(self.lm_eval.measure(model, metric, self._on_batch))  # type: ignore[union-attr]
                 continue
             if metric.teacher_forced:
                 out[name] = self._teacher_forced_exact_match(model)

@@ -86,6 +86,10 @@ class ExportOutcome:
     tolerance: float | None = None
     check_passed: bool | None = None
     pushed_url: str | None = None  # the Hub commit, with --push-to-hub
+    # eval.metrics measured again on the exported adapter, and what the sweep recorded at its checkpoint
+    # (NaN where that round had no task evaluation).
+    task_metrics: dict[str, float] = field(default_factory=dict)
+    task_recorded: dict[str, float] = field(default_factory=dict)
 
     @property
     def merge_difference(self) -> float | None:
@@ -209,6 +213,8 @@ def export_trial(
     log(f"[export] trial {row['trial_id']} ({row['status']}, best eval_loss {row[QUALITY]:.4f}{objective}) from {checkpoint}")
     files = copy_adapter(checkpoint, out)
     outcome = ExportOutcome(out_dir=str(out), trial_id=str(row["trial_id"]), checkpoint=checkpoint, files=files)
+    if exp.saved_spec.task_metrics:
+        remeasure_task_metrics(exp, out, outcome, log)
     if merge:
         merge_and_check(exp, row, out, outcome, log)
     info = export_info(exp, row, outcome)
@@ -220,6 +226,73 @@ def export_trial(
         log(f"[export] pushing {out} to the Hugging Face Hub as {push_to_hub}")
         outcome.pushed_url = push_folder(out, push_to_hub, private=private)
     return outcome
+
+
+# --- task metrics of the exported adapter -----------------------------------------------------------
+
+
+def recorded_results(exp: Experiment, trial_id: str, checkpoint: str) -> dict[str, Any]:
+    """The result the sweep reported together with this checkpoint ({} if none is found)."""
+    name = checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    for result in experiment_folder.read_results(exp.path, trial_id):
+        if result.get("checkpoint_dir_name") == name:
+            return result
+    return {}
+
+
+def remeasure_task_metrics(exp: Experiment, out: Path, outcome: ExportOutcome, log: Callable[[str], None]) -> None:
+    """Measure the sweep's eval.metrics again on the exported adapter (out/), as the trials did: the base
+    quantized as in the sweep, the same seeded subset of the eval split, trainables.task_metrics's
+    TaskEvaluator. Fills outcome.task_metrics and outcome.task_recorded.
+
+    Raises:
+        AnalysisInputError: If the files eval.metrics names are no longer readable.
+    """
+    import torch
+    from peft import PeftModel
+
+    from trainables.data import prepare_data
+    from trainables.memory_probe import free_memory
+    from trainables.qlora import quiet_libraries
+    from trainables.task_metrics import EvalFilesError, EvalSpec, TaskEvaluator, build_eval_job
+    from trainables.tiny_models import is_builtin, materialize
+
+    quiet_libraries()
+    settings = trial_settings(exp.spec)
+    try:
+        # Paths in a saved spec are absolute (sweeps/driver.py saved_spec); older ones resolve here.
+        job = build_eval_job(EvalSpec.model_validate(exp.spec.get("eval") or {}), (), lambda p: str(Path(p).expanduser().resolve()))
+    except EvalFilesError as exc:
+        raise AnalysisInputError(
+            "cannot re-measure the task metrics of the export: " + "; ".join(exc.problems)
+            + ". Put the files back where sweep_spec.yaml names them"
+        ) from None
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    setup = TrainingSetup.resolve(settings.model, settings.train, device)
+    base_path = materialize(settings.model.path) if is_builtin(settings.model.path) else settings.model.path
+    tokenizer = load_tokenizer(str(out), settings.model.model_copy(update={"revision": None}))
+    data = prepare_data(settings.data.path, settings.data, load_tokenizer(base_path, settings.model))
+    started = time.time()
+    base = setup.load_model(base_path, settings.model, for_training=False)
+    model = PeftModel.from_pretrained(base, str(out))
+    evaluator = TaskEvaluator(job, tokenizer, data.eval_tokens, settings.data.max_seq_length)
+    try:
+        measured = evaluator.evaluate(model)
+    finally:
+        del model, base
+        free_memory(device)
+    recorded = recorded_results(exp, outcome.trial_id, outcome.checkpoint)
+    names = [n for n in job.spec.reported_names() if n in measured and not n.startswith("task_eval")]
+    outcome.task_metrics = {n: float(measured[n]) for n in names}
+    outcome.task_recorded = {
+        n: float(recorded[n]) if isinstance(recorded.get(n), (int, float)) else math.nan for n in names
+    }
+    shown = ", ".join(
+        f"{n} {v:.4g} (sweep: {'not measured at that round' if math.isnan(outcome.task_recorded[n]) else f'{outcome.task_recorded[n]:.4g}'})"
+        for n, v in outcome.task_metrics.items()
+    )
+    log(f"[export] task metrics of the exported adapter, re-measured on the sweep's {len(evaluator.examples)} seeded "
+        f"eval rows: {shown} [{time.time() - started:.0f}s]")
 
 
 # --- merge and the loss check -------------------------------------------------------------------
@@ -362,6 +435,9 @@ def export_info(exp: Experiment, row: pd.Series, outcome: ExportOutcome) -> dict
         "merged_dir": outcome.merged_dir,
         "merge_dtype": outcome.merge_dtype,
         "losses": outcome.losses,
+        # Re-measured on the exported adapter; task_metrics_recorded: the sweep's at this checkpoint (None: not measured).
+        "task_metrics": outcome.task_metrics or None,
+        "task_metrics_recorded": {k: _plain(v) for k, v in outcome.task_recorded.items()} or None,
         "merge_tolerance_rel": outcome.tolerance,
         "merge_check_passed": outcome.check_passed,
         "exported_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -495,6 +571,20 @@ def render_readme(exp: Experiment, row: pd.Series, outcome: ExportOutcome, info:
             f"The sweep recorded eval_loss {row[QUALITY]:.4f} for this checkpoint. Run the export with `--merge` to also "
             "build a merged model and measure the 4-bit, 16-bit and merged losses on the eval split.",
         ]
+    if outcome.task_metrics:
+        lines += [
+            "",
+            "## Task metrics of this adapter",
+            "",
+            "Measured again on the exported adapter (the base quantized as trained), on the sweep's seeded subset of "
+            "the eval split, as every trial measured them (eval.metrics; docs/task-metrics.md):",
+            "",
+            "| metric | this adapter | the sweep, at this checkpoint |",
+            "|---|---:|---:|",
+        ]
+        for name, value in outcome.task_metrics.items():
+            seen = outcome.task_recorded.get(name, math.nan)
+            lines.append(f"| {name} | {value:.4g} | {'not measured at that round' if math.isnan(seen) else f'{seen:.4g}'} |")
     lines += ["", "## Sweep spec (as it ran)", "", "```yaml", yaml.safe_dump(spec, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ from core.run_plan import PLAN_FORMAT_VERSION, MemorySummary, ModelSummary, RunP
 from sweeps.spec import SweepSpec
 from trainables.job import TrialJob
 from trainables.settings import DataSpec
-from trainables.task_metrics import EvalJob, load_python_metric, read_texts
+from trainables.task_metrics import EvalFilesError, EvalJob, build_eval_job
 from trainables.tiny_models import is_builtin
 from trainables.training_setup import TrainingSetup
 from trainables.trial_memory import not_modelled
@@ -72,71 +72,21 @@ def trial_job(spec: SweepSpec, *, model_path: str | None = None, model_config: A
 
 
 def eval_job(spec: SweepSpec) -> EvalJob | None:
-    """The task evaluation every trial runs (eval.metrics), with the files it names read here, so the
-    job carries them to every worker (no shared disk): each forgetting set's texts (at most
-    eval.max_examples), each python metric file's source, and each lm_eval metric's task YAML and
-    local data files (trainables/lm_eval_metric.py), whose tasks are loaded here once from a temporary
-    copy, as a worker will load them. None without task metrics.
+    """The task evaluation every trial runs (trainables/task_metrics.py `build_eval_job`: the files
+    eval.metrics names, read here and carried in the job), its paths relative to the spec file.
+    None without task metrics.
 
     Raises:
-        SpecError: Naming the metric, the file and the fix, when a file cannot be read, the
-            function is not in it, lm-eval is not installed, or an lm_eval task cannot be loaded.
+        SpecError: Naming the metric, the file and the fix (see build_eval_job).
     """
     from sweeps.spec import SpecError
 
     if not spec.eval.metrics:
         return None
-    problems: list[str] = []
-    texts: dict[str, tuple[str, ...]] = {}
-    sources: dict[str, tuple[str, str]] = {}
-    lm_eval_files: dict[str, dict[str, str]] = {}
-    for i, metric in enumerate(spec.eval.metrics):
-        where = f"eval.metrics[{i}] ({metric.metric_name})"
-        if metric.type == "forgetting":
-            try:
-                texts[metric.metric_name] = read_texts(spec.resolve_path(metric.path), spec.eval.max_examples)
-            except ValueError as exc:
-                problems.append(f"{where}.path: {exc}")
-        if metric.type == "python":
-            target, _, _ = metric.python.rpartition(":")
-            if target.endswith(".py"):
-                file = spec.resolve_path(target)
-                try:
-                    with open(file, encoding="utf-8") as f:
-                        sources[metric.metric_name] = (file, f.read())
-                except (OSError, UnicodeDecodeError) as exc:
-                    problems.append(f"{where}.python: cannot read {file} ({exc}); the path is relative to the spec file")
-                    continue
-            try:
-                load_python_metric(metric, sources)
-            except Exception as exc:  # the user's module: anything it raises at import is its problem to fix
-                problems.append(f"{where}.python: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-        if metric.type == "lm_eval":
-            problem = _lm_eval_problem(spec, metric, lm_eval_files)
-            if problem:
-                problems.append(f"{where}{problem}")
-    if problems:
-        raise SpecError("eval", problems)
-    return EvalJob(
-        spec=spec.eval, rounds=spec.task_eval_rounds, forgetting_texts=texts, python_sources=sources,
-        lm_eval_files=lm_eval_files,
-    )
-
-
-def _lm_eval_problem(spec: SweepSpec, metric: Any, carried: dict[str, dict[str, str]]) -> str | None:
-    """Read an lm_eval metric's files into `carried` and load its tasks from them; the problem
-    (".field: message") if lm-eval is missing or a file or task is unusable."""
-    from trainables import lm_eval_metric
-
-    if not lm_eval_metric.installed():
-        return f": lm-eval is not installed, and this metric runs its tasks; {lm_eval_metric.INSTALL_HINT}"
     try:
-        files = lm_eval_metric.carry_files(spec.resolve_path(metric.include_path))
-        lm_eval_metric.check(metric, files, spec.eval.seed)
-    except lm_eval_metric.LmEvalProblem as exc:
-        return f".{exc.field}: {exc}"
-    carried[metric.metric_name] = files
-    return None
+        return build_eval_job(spec.eval, spec.task_eval_rounds, spec.resolve_path)
+    except EvalFilesError as exc:
+        raise SpecError("eval", exc.problems) from None
 
 
 def model_summary(spec: SweepSpec, model_path: str | None, model_config: Any) -> ModelSummary:

@@ -3,6 +3,7 @@ measured, and every metric type on a real tiny NF4 model really trained by the r
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,18 @@ def test_the_exact_match_example_sweeps_on_exact_match_and_the_report_ranks_by_i
         for row in rows:
             measured = not math.isnan(row["exact_match"])
             assert measured == (row["training_iteration"] in (2, 4)), row
+    # The best by exact match is what export takes; it measures exact match again on the exported adapter.
+    with private_ray_tmp() as ray_tmp:
+        exported = run_cli(["export", str(experiment), "--trial", "best", "--out", str(tmp_path / "adapter")], ray_tmp, cwd=REPO)
+    assert exported.returncode == 0, exported.output[-3000:]
+    info = json.loads((tmp_path / "adapter" / "export.json").read_text())
+    assert info["trial_id"] == ranked.iloc[0]["trial_id"]
+    assert 0 <= info["task_metrics"]["exact_match"] <= 1
+    recorded = info["task_metrics_recorded"]["exact_match"]
+    if recorded is not None:  # the kept checkpoint's round had a task evaluation: the same model, the same rows
+        assert abs(info["task_metrics"]["exact_match"] - recorded) <= 1 / 40 + 1e-9, info
+    assert "## Task metrics of this adapter" in (tmp_path / "adapter" / "README.md").read_text()
+    print(f"\n[export] re-measured exact_match {info['task_metrics']['exact_match']} (sweep: {recorded})")
     # Optuna maximized it.
     study = optuna.load_study(study_name="em", storage=f"sqlite:///{experiment / 'optuna.db'}")
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE

@@ -324,6 +324,80 @@ class EvalJob(BaseModel):
     lm_eval_files: dict[str, dict[str, str]] = {}
 
 
+class EvalFilesError(ValueError):
+    """The files eval.metrics names cannot be used; `problems` holds one line each (field, file, fix)."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def build_eval_job(spec: EvalSpec, rounds: tuple[int, ...], resolve: Callable[[str], str]) -> EvalJob:
+    """The task evaluation of `spec` with the files it names read now, so the job carries them to every
+    worker (no shared disk): each forgetting set's texts (at most eval.max_examples), each python metric
+    file's source, and each lm_eval metric's task YAML and local data files (trainables/lm_eval_metric.py),
+    whose tasks are loaded once from a temporary copy, as a worker will load them. The driver builds it
+    for a sweep (sweeps/plan.py); `export` for re-measuring an adapter (analysis/export.py).
+
+    Args:
+        spec: The eval section.
+        rounds: Evaluation rounds after which trials measure it.
+        resolve: Turns a path as written in the spec into one to open (relative to the spec file).
+
+    Raises:
+        EvalFilesError: Naming the metric, the file and the fix, when a file cannot be read, the
+            function is not in it, lm-eval is not installed, or an lm_eval task cannot be loaded.
+    """
+    problems: list[str] = []
+    texts: dict[str, tuple[str, ...]] = {}
+    sources: dict[str, tuple[str, str]] = {}
+    lm_eval_files: dict[str, dict[str, str]] = {}
+    for i, metric in enumerate(spec.metrics):
+        where = f"eval.metrics[{i}] ({metric.metric_name})"
+        if metric.type == "forgetting":
+            try:
+                texts[metric.metric_name] = read_texts(resolve(metric.path), spec.max_examples)
+            except ValueError as exc:
+                problems.append(f"{where}.path: {exc}")
+        if metric.type == "python":
+            target, _, _ = metric.python.rpartition(":")
+            if target.endswith(".py"):
+                file = resolve(target)
+                try:
+                    with open(file, encoding="utf-8") as f:
+                        sources[metric.metric_name] = (file, f.read())
+                except (OSError, UnicodeDecodeError) as exc:
+                    problems.append(f"{where}.python: cannot read {file} ({exc}); the path is relative to the spec file")
+                    continue
+            try:
+                load_python_metric(metric, sources)
+            except Exception as exc:  # the user's module: anything it raises at import is its problem to fix
+                problems.append(f"{where}.python: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        if metric.type == "lm_eval":
+            problem = _lm_eval_problem(metric, resolve, spec.seed, lm_eval_files)
+            if problem:
+                problems.append(f"{where}{problem}")
+    if problems:
+        raise EvalFilesError(problems)
+    return EvalJob(spec=spec, rounds=rounds, forgetting_texts=texts, python_sources=sources, lm_eval_files=lm_eval_files)
+
+
+def _lm_eval_problem(metric: MetricSpec, resolve: Callable[[str], str], seed: int, carried: dict[str, dict[str, str]]) -> str | None:
+    """Read an lm_eval metric's files into `carried` and load its tasks from them; the problem
+    (".field: message") if lm-eval is missing or a file or task is unusable."""
+    from trainables import lm_eval_metric
+
+    if not lm_eval_metric.installed():
+        return f": lm-eval is not installed, and this metric runs its tasks; {lm_eval_metric.INSTALL_HINT}"
+    try:
+        files = lm_eval_metric.carry_files(resolve(metric.include_path))
+        lm_eval_metric.check(metric, files, seed)
+    except lm_eval_metric.LmEvalProblem as exc:
+        return f".{exc.field}: {exc}"
+    carried[metric.metric_name] = files
+    return None
+
+
 def read_texts(path: str | Path, limit: int | None = None) -> tuple[str, ...]:
     """A forgetting set: one text a line (.txt), or the `text` field of each JSON line (.jsonl).
 

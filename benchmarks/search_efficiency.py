@@ -440,7 +440,7 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path, points
               "gp": "GP + ASHA", "cmaes": "CMA-ES + ASHA"}
     top = max(trajectory(r)[-1][0] for r in runs)
     xs = np.linspace(0, top, 400)
-    for m in (m for m in (*METHODS, *ISSUE_METHODS) if any(r["method"] == m for r in runs)):
+    for m in (m for m in dict.fromkeys((*METHODS, *ISSUE_METHODS)) if any(r["method"] == m for r in runs)):
         curves, ends = [], []
         for r in (r for r in runs if r["method"] == m):
             traj = trajectory(r)
@@ -467,6 +467,9 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], path: Path, points
     third = (summary.get("best_at_third_of_random") or {}).get("steps")
     if third:
         ax.axvline(third, color="grey", linestyle=":", linewidth=1, label=f"1/3 of full random search's compute ({third} steps)")
+    budget = summary.get("budget_steps")
+    if budget and budget < top:  # --space issue: every method is judged at random search's budget
+        ax.axvline(budget, color="black", linestyle=":", linewidth=1, label=f"the budget every method is judged at ({budget:,} steps)")
     ax.set_xlabel("cumulative training steps (trials in completion order; dots: where each run ended)")
     ax.set_ylabel("best eval loss found so far")
     ax.set_yscale("log")

@@ -397,6 +397,18 @@ def _secret_setup_hook(secrets: dict[str, str], keys: dict[Any, Any] | None = No
 # --- the Tuner --------------------------------------------------------------------------------
 
 
+def _quietly_experimental(build: Callable[[], Any]) -> Any:
+    """Build an Optuna object without its ExperimentalWarning (TPE's `group`, on by default, is marked
+    experimental): a default should not print a warning at every sweep."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return build()
+
+
 def make_sampler(spec: SweepSpec) -> Any:
     """The Optuna sampler search.sampler names (search.tpe: TPE's options); model-based samplers start
     after a few random trials scaled to the sweep size. Prior trials (search.warm_start) count toward
@@ -410,10 +422,10 @@ def make_sampler(spec: SweepSpec) -> Any:
     startup = min(10, max(3, search.num_samples // 3))
     tpe = search.tpe
     samplers: dict[str, Callable[[], Any]] = {
-        "tpe": lambda: optuna.samplers.TPESampler(
+        "tpe": lambda: _quietly_experimental(lambda: optuna.samplers.TPESampler(
             seed=search.seed, n_startup_trials=startup, multivariate=tpe.multivariate, group=tpe.group,
             constant_liar=tpe.constant_liar,
-        ),
+        )),
         "gp": lambda: optuna.samplers.GPSampler(seed=search.seed, n_startup_trials=startup, warn_independent_sampling=False),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(
             seed=search.seed, n_startup_trials=startup, warn_independent_sampling=False

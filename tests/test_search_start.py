@@ -67,7 +67,7 @@ def test_a_mapping_changes_the_recipe_and_false_turns_it_off() -> None:
         ({"baseline": {"r": [8, 16]}}, None, ["search.baseline", "one value"]),
         ({"sampler": "grid"}, {"learning_rate": {"loguniform": [1e-4, 1e-3]}}, ["grid", "learning_rate is a range"]),
         ({"sampler": "bayes"}, None, ["search.sampler", "tpe", "gp", "cmaes"]),
-        ({"tpe": {"group": True}}, None, ["search.tpe", "multivariate"]),
+        ({"tpe": {"multivariate": False, "group": True}}, None, ["search.tpe", "multivariate"]),
     ],
 )
 def test_bad_search_settings_name_the_field_and_the_fix(search: dict, space: dict | None, words: list[str]) -> None:

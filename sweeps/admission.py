@@ -6,8 +6,9 @@ admitted, how much of a GPU a trial gets and what each trial reports as predicte
 same prediction. This module adds what applies the plan during a sweep, on Ray's side.
 
 * **Admission.** When the GPU a sweep targets is known (`resources.gpu_memory_gib`, or read from
-  the cluster by `detect_gpu_size`), a configuration whose prediction, CUDA context included and
-  grown by `resources.memory_margin`, exceeds it is never launched: `AdmissionSearch` records it in
+  the cluster by `detect_gpu_size`), a configuration whose prediction (with task metrics, the larger
+  of its training step and its task evaluation), CUDA context included and grown by
+  `resources.memory_margin`, exceeds it is never launched: `AdmissionSearch` records it in
   `<experiment>/infeasible.jsonl` (the report lists it as status "infeasible", with the reason), tells
   the searcher the proposal is infeasible, and asks again.
 * **OOM-aware search.** A trial that ran out of memory reports trial_status "oom" (see

@@ -5,8 +5,10 @@ The corners of the search space (each memory knob of the registry, trainables/pa
 micro-batch, with dropout on and DoRA on if the space allows them; at data.max_seq_length) are
 predicted with `trainables.trial_memory.estimate_for_trial` and the training setup resolved for a
 CUDA GPU, and checked against a list of GPU sizes with the rule admission uses
-(`sweeps.memory_plan.MemoryPlan`). Only the model's config is read, with the loader preflight uses:
-no weights, no GPU, no Ray.
+(`sweeps.memory_plan.MemoryPlan`). With task metrics (eval.metrics) each corner's task evaluation is
+predicted too and the table gains its column; the lines under it name the evaluation's terms (KV
+cache, logits, ...) at the largest corner. Only the model's config is read, with the loader preflight
+uses: no weights, no GPU, no Ray.
 """
 
 from __future__ import annotations
@@ -17,17 +19,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from sweeps.driver import load_model_config
-from sweeps.memory_plan import MemoryPlan
+from sweeps.memory_plan import MemoryPlan, task_eval_fix
 from sweeps.spec import SpecError, SweepSpec
 from trainables import params
 from trainables.memory_estimator import MIB, MemoryEstimate
 from trainables.training_setup import TrainingSetup
-from trainables.trial_memory import MemoryKnobs, estimate_for_trial, not_modelled
+from trainables.trial_memory import MemoryKnobs, estimate_for_trial, not_modelled, task_eval_workload
 
 DEFAULT_GPU_SIZES_GIB: tuple[float, ...] = (8, 16, 24, 40, 48, 80)
 
-# Table columns: (header, parts of MemoryEstimate summed into it). Together they add up to
-# total_with_context_gib; the first seven to total_gib (torch.cuda.max_memory_reserved).
+# Table columns: (header, parts of MemoryEstimate summed into it): the training step's parts, which add
+# up to its reserved memory (torch.cuda.max_memory_reserved). With task metrics a column "task_eval"
+# follows (the evaluation's reserved memory) and "reserved" is the larger of the two.
 PART_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("4bit_w", ("linear_weights_bytes", "quant_constants_bytes")),
     ("other_w", ("other_weights_bytes",)),
@@ -76,7 +79,7 @@ def estimate_corners(
     out = []
     for knobs in corner_configurations(spec):
         try:
-            estimate = estimate_for_trial(model_config, plan.setup, knobs)
+            estimate = estimate_for_trial(model_config, plan.setup, knobs, plan.task_eval)
         except ValueError as exc:
             raise SpecError(
                 "estimate",
@@ -94,6 +97,7 @@ def render_table(spec: SweepSpec, corners: list[CornerEstimate], model_type: str
     sizes = list(corners[0].fits) if corners else []
     margin = spec.resources.memory_margin
     dora = any(c.knobs.use_dora for c in corners)  # a column only when the space turns DoRA on
+    evaluated = [c for c in corners if c.estimate.task_eval is not None]  # a column only with task metrics
     lines = [
         f"model: {spec.model.path} ({model_type}), {spec.model.quantization}"
         f"{' + double quant' if spec.model.double_quant and spec.model.quantization != 'none' else ''}, "
@@ -104,7 +108,10 @@ def render_table(spec: SweepSpec, corners: list[CornerEstimate], model_type: str
         f"states and the CUDA context; 'fits' compares +ctx x {1 + margin:g} (resources.memory_margin) with each GPU.",
         "",
     ]
-    headers = ["r", "targets", "batch", *(["dora"] if dora else []), *[h for h, _ in PART_COLUMNS], "reserved", "+ctx", "GiB", "fits"]
+    headers = [
+        "r", "targets", "batch", *(["dora"] if dora else []), *[h for h, _ in PART_COLUMNS],
+        *(["task_eval"] if evaluated else []), "reserved", "+ctx", "GiB", "fits",
+    ]
     rows = []
     for c in corners:
         parts = [sum(getattr(c.estimate, name) for name in names) / MIB for _, names in PART_COLUMNS]
@@ -116,6 +123,7 @@ def render_table(spec: SweepSpec, corners: list[CornerEstimate], model_type: str
                 str(c.knobs.batch_size),
                 *(["on" if c.knobs.use_dora else "off"] if dora else []),
                 *[f"{p:,.1f}" for p in parts],
+                *([_task_eval_mib(c.estimate)] if evaluated else []),
                 f"{c.estimate.reserved_bytes / MIB:,.1f}",
                 f"{(c.estimate.total_with_context_gib * 1024):,.1f}",
                 f"{c.estimate.total_with_context_gib:.2f}",
@@ -140,8 +148,51 @@ def render_table(spec: SweepSpec, corners: list[CornerEstimate], model_type: str
             f"resources.gpu_memory_gib = {target:g}: {ok}/{len(corners)} corners would be admitted"
             + ("; the others would be recorded as infeasible, never launched" if ok < len(corners) else "")
         )
+    if evaluated:
+        lines += task_eval_lines(spec, evaluated)
     lines += [f"not modelled: {line}" for line in not_modelled(spec.space)]
     return "\n".join(lines)
+
+
+def _task_eval_mib(estimate: MemoryEstimate) -> str:
+    """The task_eval column: the evaluation's predicted reserved memory, MiB."""
+    return f"{estimate.task_eval.reserved_bytes / MIB:,.1f}" if estimate.task_eval is not None else "-"
+
+
+def task_eval_lines(spec: SweepSpec, corners: list[CornerEstimate]) -> list[str]:
+    """What the task evaluation adds, phase by phase, at the corner where it needs the most."""
+    workload = task_eval_workload(spec.eval, spec.data.max_seq_length)
+    largest = max(corners, key=lambda c: c.estimate.task_eval.reserved_bytes)  # type: ignore[union-attr]
+    evaluation = largest.estimate.task_eval
+    if workload is None or evaluation is None:  # corners with a task evaluation come from a spec with metrics
+        return []
+    bounds = []
+    if workload.generate_rows:
+        new = "eval.max_new_tokens" if spec.eval.max_new_tokens else "no eval.max_new_tokens: data.max_seq_length"
+        bounds.append(
+            f"generation of {workload.generate_rows} rows a batch, prompts <= {workload.prompt_len} tokens "
+            f"(data.max_seq_length) + {workload.new_tokens} new tokens ({new})"
+        )
+    if workload.forward_rows:
+        bounds.append(f"teacher-forced forwards of {workload.forward_rows} rows x {workload.forward_len} tokens")
+    if workload.loss_rows:
+        bounds.append(f"forgetting forwards of {workload.loss_rows} rows x {workload.loss_len} tokens")
+    peaks = [c for c in corners if c.estimate.peak_phase == "task eval"]
+    lines = [
+        "",
+        f"task eval (eval.metrics; length bounds from the spec, the data is not read): {'; '.join(bounds)}.",
+        f"task eval at r={largest.knobs.r}, {largest.knobs.target_modules}, batch {largest.knobs.batch_size}: "
+        f"{evaluation.describe()}; held through it: weights, adapters and optimizer states "
+        f"{evaluation.held_bytes / MIB:,.1f} MiB (no gradients), dequantization workspace "
+        f"{evaluation.dequant_workspace_bytes / MIB:,.1f} MiB, allocator overhead "
+        f"{evaluation.allocator_overhead_bytes / MIB:,.1f} MiB.",
+    ]
+    lines += [f"  task eval: {phase.describe()}" for phase in evaluation.phases]
+    lines.append(
+        f"the task evaluation is the peak of {len(peaks)}/{len(corners)} corners"
+        + (f"; to shrink it, {task_eval_fix(evaluation.peak)}" if peaks else "")
+    )
+    return lines
 
 
 def run_estimate(spec: SweepSpec, gpu_sizes_gib: list[float], as_json: bool) -> str:

@@ -3,8 +3,10 @@
 Every figure comes from `trainables.trial_memory.estimate_for_trial`, with the training setup
 resolved for a CUDA GPU (`trainables.training_setup.TrainingSetup`), so what `estimate` prints,
 what admission refuses, the GPU share a packed trial asks for and the prediction each trial
-reports are the same number. This module needs no Ray: `qlora-sweep estimate` uses it as is;
-sweeps/admission.py adds the searcher that applies it during a sweep.
+reports are the same number. With task metrics (eval.metrics) that number is the larger of the
+training step and the task evaluation (`MemoryPlan.task_eval`), so a configuration whose
+evaluation would not fit is refused like one whose training would not. This module needs no Ray:
+`qlora-sweep estimate` uses it as is; sweeps/admission.py adds the searcher that applies it during a sweep.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from typing import Any
 
 from sweeps.spec import SpecError, SweepSpec
 from trainables import params
-from trainables.memory_estimator import MemoryEstimate
+from trainables.memory_estimator import EvalPhase, MemoryEstimate, TaskEvalWorkload
 from trainables.training_setup import TrainingSetup
-from trainables.trial_memory import MemoryKnobs, estimate_for_trial, targeted_layers
+from trainables.trial_memory import MemoryKnobs, estimate_for_trial, targeted_layers, task_eval_workload
 
 # GPU memory by Ray's accelerator_type (ray.util.accelerators), in GiB as torch.cuda reports a card's
 # total memory, rounded down. A type sold with several sizes maps to the smallest: a trial admitted
@@ -138,6 +140,14 @@ class MemoryPlan:
     def margin(self) -> float:
         return float(self.spec.resources.memory_margin)
 
+    @property
+    def task_eval(self) -> TaskEvalWorkload | None:
+        """What each trial's task evaluation runs, in the bounds the spec allows; None without task metrics.
+
+        Derived from the spec each time (not stored), so a plan pickled before it existed still works.
+        """
+        return task_eval_workload(self.spec.eval, self.spec.data.max_seq_length)
+
     def knobs(self, config: dict[str, Any]) -> MemoryKnobs:
         """The memory knobs of a trial config as Tune passes it (no batch_size: train.batch_size)."""
         return MemoryKnobs.from_config(config, self.spec.train.batch_size, self.spec.data.max_seq_length)
@@ -147,7 +157,7 @@ class MemoryPlan:
         if not self.predictable:
             return None
         try:
-            return estimate_for_trial(self.model_config, self.setup, knobs)
+            return estimate_for_trial(self.model_config, self.setup, knobs, self.task_eval)
         except ValueError:
             return None
 
@@ -163,11 +173,25 @@ class MemoryPlan:
         needed = self.needed_gib(estimate)
         if needed <= self.gpu.gib:
             return None, estimate
-        return (
-            f"predicted not to fit: {_gib(estimate.total_with_context_gib)} GiB with CUDA context "
-            f"(+{self.margin:.0%} margin = {_gib(needed)} GiB) > {self.gpu.gib:g} GiB GPU ({self.gpu.source})",
-            estimate,
+        over = (
+            f"{_gib(estimate.total_with_context_gib)} GiB with CUDA context "
+            f"(+{self.margin:.0%} margin = {_gib(needed)} GiB) > {self.gpu.gib:g} GiB GPU ({self.gpu.source})"
         )
+        if estimate.task_eval is None or estimate.peak_phase == "training":
+            return f"predicted not to fit: {over}", estimate
+        advice = self._task_eval_advice(estimate)
+        return f"predicted not to fit in its task evaluation (eval.metrics): {over}; {advice}", estimate
+
+    def _task_eval_advice(self, estimate: MemoryEstimate) -> str:
+        """Where the task evaluation peaks, what to lower, and whether training alone would fit."""
+        peak = estimate.task_eval.peak  # type: ignore[union-attr]
+        fix = task_eval_fix(peak)
+        training = estimate.training_with_context_gib
+        if training * (1 + self.margin) <= self.gpu.gib:  # type: ignore[union-attr]
+            alone = f"training alone needs {_gib(training)} GiB and fits"
+        else:
+            alone = f"training alone needs {_gib(training)} GiB and does not fit either"
+        return f"it peaks at {peak.describe()}; {fix} ({alone})"
 
     def gpu_fraction(self, knobs: MemoryKnobs) -> float:
         """The share of a GPU a packed trial asks for: its need over the GPU size, rounded up to 1%,
@@ -212,6 +236,19 @@ class MemoryPlan:
         return True
 
 
+def task_eval_fix(peak: EvalPhase) -> str:
+    """What shrinks a task evaluation that peaks at `peak`: the decode steps by the batch and the generated
+    length; the prefill and the forwards by the batch and the prompt / row bound, data.max_seq_length
+    (eval.max_new_tokens does not shorten them)."""
+    if peak.name.startswith("generation decode"):
+        return "lower eval.batch_size or eval.max_new_tokens"
+    if peak.name.startswith("generation prefill"):
+        return ("lower eval.batch_size, or data.max_seq_length, which bounds the prompts "
+                "(eval.max_new_tokens does not shorten the prefill)")
+    forward = peak.name.split(",")[0]
+    return f"lower eval.batch_size or data.max_seq_length (eval.max_new_tokens does not shorten a {forward})"
+
+
 def _gib(value: float) -> str:
     """GiB with enough digits to tell a prediction from a GPU size (tiny test models differ by MiB)."""
     return f"{value:.2f}" if value >= 10 else f"{value:.4g}"
@@ -235,7 +272,7 @@ def memory_plan(
     plan = MemoryPlan(spec=spec, model_config=model_config, gpu=gpu, setup=setup)
     smallest = smallest_knobs(spec)
     try:
-        estimate_for_trial(model_config, plan.setup, smallest[0])
+        estimate_for_trial(model_config, plan.setup, smallest[0], plan.task_eval)
     except ValueError as exc:
         plan.predictable = False
         if spec.resources.pack:
@@ -252,10 +289,15 @@ def memory_plan(
     if all(reason for reason, _ in verdicts):
         # All rejected, so every estimate exists; name the least demanding configuration.
         least = min(range(len(smallest)), key=lambda i: verdicts[i][1].reserved_bytes)
+        if verdicts[least][1].peak_phase == "task eval":
+            fix = ("Lower eval.batch_size, eval.max_new_tokens or data.max_seq_length (the task evaluation is what "
+                   "does not fit), or target a larger GPU (resources.gpu_memory_gib)")
+        else:
+            fix = ("Lower data.max_seq_length or the micro-batch (space.batch_size / train.batch_size), turn on "
+                   "train.gradient_checkpointing, or target a larger GPU (resources.gpu_memory_gib)")
         raise SpecError(
             "admission",
             [f"every configuration of the space is predicted not to fit: the smallest ({smallest[least].describe()}) is "
-             f"{verdicts[least][0]}. Lower data.max_seq_length or the micro-batch (space.batch_size / "
-             "train.batch_size), turn on train.gradient_checkpointing, or target a larger GPU (resources.gpu_memory_gib)"],
+             f"{verdicts[least][0]}. {fix}"],
         )
     return plan

@@ -20,6 +20,12 @@ and which knob moves it:
     allocator_overhead  caching-allocator fragmentation, a fraction of the parts above
     cuda_context        CUDA context and kernels; not seen by torch.cuda.max_memory_reserved
 
+A trial with task metrics (spec section `eval:`) also gets `MemoryEstimate.task_eval`: the task
+evaluation, run while training is paused, holds the weights, adapters and optimizer states (no
+gradients) plus, per phase, the KV cache and last-position logits of batched greedy generation, or
+the full logits of a teacher-forced / forgetting forward, and no-grad activations (`task_eval_phases`).
+The estimate's totals are then the larger of training and evaluation.
+
 `MemoryEstimate.total_gib` predicts torch.cuda.max_memory_reserved (what a trial reports as
 peak_memory_mib with memory_kind "cuda_reserved"); `total_with_context_gib` adds the CUDA context
 and the paged optimizer states, which is closer to what nvidia-smi shows.
@@ -35,7 +41,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 Quantization = Literal["nf4", "fp4", "none"]
@@ -174,12 +180,152 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
+class TaskEvalWorkload:
+    """What a trial's task evaluation (spec section `eval:`) runs, in the sizes its memory depends on.
+
+    trainables/trial_memory.py (`task_eval_workload`) builds it from the eval spec and the length
+    bounds the data allows; zero rows means the evaluation has no such phase.
+
+    Attributes:
+        generate_rows: Rows per batched greedy generation (metrics that read generated text).
+        prompt_len: Tokens of the longest prompt of a generation batch (the batch is left-padded to it).
+        new_tokens: Tokens generated per row (eval.max_new_tokens).
+        forward_rows: Rows per teacher-forced exact-match forward (prompt + reference, one pass).
+        forward_len: Tokens of the longest prompt + reference of such a batch.
+        loss_rows: Rows per forgetting forward (the cross-entropy of general held-out texts).
+        loss_len: Tokens of the longest such text (cut to data.max_seq_length).
+        forward_keeps_previous: Whether there is more than one teacher-forced batch: the evaluator's
+            loop names the last batch's logits until the next forward returns, so a second batch's
+            forward runs with them still allocated.
+        loss_keeps_previous: The same for the forgetting batches (the last batch's fp32 logits).
+    """
+
+    generate_rows: int = 0
+    prompt_len: int = 0
+    new_tokens: int = 0
+    forward_rows: int = 0
+    forward_len: int = 0
+    loss_rows: int = 0
+    loss_len: int = 0
+    forward_keeps_previous: bool = False
+    loss_keeps_previous: bool = False
+
+
+# What each part of a task-evaluation phase is called where a user reads it (EvalPhase.describe).
+EVAL_PART_LABELS: dict[str, str] = {
+    "kv_cache": "KV cache",
+    "logits": "logits",
+    "activations": "activations",
+    "attention": "attention workspace",
+}
+
+
+@dataclass(frozen=True)
+class EvalPhase:
+    """One moment of a task evaluation: the bytes it adds to what the paused trial holds, by part.
+
+    Attributes:
+        name: Where in the evaluation, e.g. "generation prefill, decoder blocks", "generation decode,
+            attention", "teacher-forced forward, output head" (`task_eval_phases` lists them all).
+        rows: Rows of the batch.
+        positions: Sequence positions at that moment (the prompt at prefill, prompt + new tokens at the
+            last decode step, the whole row for a forward).
+        parts: (part, bytes) in EVAL_PART_LABELS order; they add up to `bytes`.
+    """
+
+    name: str
+    rows: int
+    positions: int
+    parts: tuple[tuple[str, int], ...]
+
+    @property
+    def bytes(self) -> int:
+        return sum(n for _, n in self.parts)
+
+    def describe(self) -> str:
+        """"generation decode, output head (16 rows x 768 positions): KV cache 3,072.0 MiB, logits 23.5 MiB"."""
+        parts = ", ".join(f"{EVAL_PART_LABELS[name]} {n / MIB:,.1f} MiB" for name, n in self.parts if n)
+        return f"{self.name} ({self.rows} rows x {self.positions} positions): {parts}"
+
+
+@dataclass(frozen=True)
+class TaskEvalEstimate:
+    """Predicted peak of a trial's task evaluation, which runs while training is paused.
+
+    Training leaves allocated what it will need again: the weights, the LoRA adapters and the
+    optimizer states (`held_bytes`); the Trainer zeroes gradients with set_to_none after every
+    optimizer step, before it evaluates, so no gradients are held. Each phase adds its own tensors
+    (`phases`); bitsandbytes still dequantizes one weight per matmul. The peak is the largest phase.
+
+    Attributes:
+        held_bytes: Weights (4-bit, constants, the rest), LoRA weights, optimizer states on the allocator.
+        dequant_workspace_bytes: One dequantized copy of the largest 4-bit weight (as in training).
+        phases: Every moment modelled, see `EvalPhase`.
+        fragmentation: The caching-allocator overhead fraction the training estimate uses.
+    """
+
+    held_bytes: int
+    dequant_workspace_bytes: int
+    phases: tuple[EvalPhase, ...]
+    fragmentation: float
+
+    @property
+    def peak(self) -> EvalPhase:
+        """The phase with the most bytes."""
+        return max(self.phases, key=lambda phase: phase.bytes)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.held_bytes + self.dequant_workspace_bytes + self.peak.bytes
+
+    @property
+    def allocator_overhead_bytes(self) -> int:
+        return round(self.fragmentation * self.allocated_bytes)
+
+    @property
+    def reserved_bytes(self) -> int:
+        """The evaluation's predicted torch.cuda.max_memory_reserved."""
+        return self.allocated_bytes + self.allocator_overhead_bytes
+
+    def describe(self) -> str:
+        """The peak phase by part, for messages and the `estimate` table."""
+        return f"task eval peak {self.reserved_bytes / MIB:,.1f} MiB reserved at {self.peak.describe()}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Totals and every phase's parts in bytes and MiB, JSON-serializable."""
+        return {
+            "held_bytes": self.held_bytes,
+            "dequant_workspace_bytes": self.dequant_workspace_bytes,
+            "allocated_bytes": self.allocated_bytes,
+            "allocator_overhead_bytes": self.allocator_overhead_bytes,
+            "reserved_bytes": self.reserved_bytes,
+            "reserved_mib": round(self.reserved_bytes / MIB, 3),
+            "peak_phase": self.peak.name,
+            "phases": [
+                {
+                    "name": phase.name,
+                    "rows": phase.rows,
+                    "positions": phase.positions,
+                    "bytes": phase.bytes,
+                    **{f"{name}_bytes": n for name, n in phase.parts},
+                    **{f"{name}_mib": round(n / MIB, 3) for name, n in phase.parts},
+                }
+                for phase in self.phases
+            ],
+        }
+
+
+@dataclass(frozen=True)
 class MemoryEstimate:
     """Predicted peak GPU memory of one trial, part by part, in bytes.
 
-    The parts are disjoint and add up: `allocated_bytes` is the sum of the tensor parts,
-    `reserved_bytes` adds the allocator overhead and predicts torch.cuda.max_memory_reserved.
-    See the module docstring for what each part holds and docs/memory.md for the formulas.
+    The training parts are disjoint and add up: `training_allocated_bytes` is the sum of the tensor
+    parts, `training_reserved_bytes` adds the allocator overhead. A trial with task metrics also
+    predicts its task evaluation (`task_eval`, which runs while training is paused); then
+    `allocated_bytes` and `reserved_bytes` are the larger of the two phases, so everything that
+    reads the estimate (fits, admission, packing, `estimate`) sees the trial's real peak.
+    Without task metrics both equal the training figures. See the module docstring for what each
+    part holds and docs/memory.md for the formulas.
     """
 
     linear_weights_bytes: int
@@ -196,10 +342,11 @@ class MemoryEstimate:
     cuda_context_bytes: int
     lora_params: int
     quantized_params: int
+    task_eval: TaskEvalEstimate | None = None
 
     @property
-    def allocated_bytes(self) -> int:
-        """Tensors held through PyTorch's caching allocator at the peak (max_memory_allocated)."""
+    def training_allocated_bytes(self) -> int:
+        """Tensors held through PyTorch's caching allocator at the training step's peak."""
         return (
             self.linear_weights_bytes
             + self.quant_constants_bytes
@@ -213,9 +360,30 @@ class MemoryEstimate:
         )
 
     @property
+    def training_reserved_bytes(self) -> int:
+        """The training step's predicted torch.cuda.max_memory_reserved: allocations plus fragmentation."""
+        return self.training_allocated_bytes + self.allocator_overhead_bytes
+
+    @property
+    def peak_phase(self) -> str:
+        """"training", or "task eval" when the task evaluation needs more."""
+        if self.task_eval is not None and self.task_eval.reserved_bytes > self.training_reserved_bytes:
+            return "task eval"
+        return "training"
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Tensors held through PyTorch's caching allocator at the peak (max_memory_allocated)."""
+        if self.task_eval is None:
+            return self.training_allocated_bytes
+        return max(self.training_allocated_bytes, self.task_eval.allocated_bytes)
+
+    @property
     def reserved_bytes(self) -> int:
-        """The predicted torch.cuda.max_memory_reserved: allocations plus fragmentation."""
-        return self.allocated_bytes + self.allocator_overhead_bytes
+        """The predicted torch.cuda.max_memory_reserved: allocations plus fragmentation, at the peak phase."""
+        if self.task_eval is None:
+            return self.training_reserved_bytes
+        return max(self.training_reserved_bytes, self.task_eval.reserved_bytes)
 
     @property
     def total_gib(self) -> float:
@@ -224,18 +392,30 @@ class MemoryEstimate:
 
     @property
     def total_with_context_gib(self) -> float:
-        """Device memory the process occupies, GiB: reserved + paged optimizer states + CUDA context."""
+        """Device memory the process occupies, GiB: reserved + paged optimizer states + CUDA context.
+
+        Paged optimizer states stay allocated (in unified memory) while a task evaluation runs too.
+        """
         return (self.reserved_bytes + self.paged_optimizer_state_bytes + self.cuda_context_bytes) / GIB
 
+    @property
+    def training_with_context_gib(self) -> float:
+        """`total_with_context_gib` of the training step alone (equal to it without a task evaluation)."""
+        return (self.training_reserved_bytes + self.paged_optimizer_state_bytes + self.cuda_context_bytes) / GIB
+
     def as_dict(self) -> dict[str, Any]:
-        """Every part in bytes and MiB plus the totals, JSON-serializable."""
+        """Every part in bytes and MiB plus the totals (and the task evaluation's phases), JSON-serializable."""
         parts = asdict(self)
+        parts.pop("task_eval")
         out: dict[str, Any] = dict(parts)
         for name, value in parts.items():
             if name.endswith("_bytes"):
                 out[name.removesuffix("_bytes") + "_mib"] = round(value / MIB, 3)
         out["allocated_bytes"] = self.allocated_bytes
         out["reserved_bytes"] = self.reserved_bytes
+        out["training_reserved_bytes"] = self.training_reserved_bytes
+        out["peak_phase"] = self.peak_phase
+        out["task_eval"] = self.task_eval.as_dict() if self.task_eval is not None else None
         out["total_gib"] = round(self.total_gib, 4)
         out["total_with_context_gib"] = round(self.total_with_context_gib, 4)
         return out
@@ -583,6 +763,20 @@ class _Precision:
         """Bytes of the MLP's activations: bitsandbytes returns its output in its input's dtype."""
         return 4 if self.upcast else self.e
 
+    @property
+    def stream(self) -> int:
+        """Bytes of the residual stream and of what the projections return, keys and values included:
+        fp32 once upcast (the fp32 norms feed bitsandbytes, which answers in its input's dtype), else e."""
+        return 4 if self.upcast else self.e
+
+
+def _no_activation_model(shape: ModelShape) -> ValueError:
+    """The error for a model family whose activations (training or no-grad) are not modelled."""
+    return ValueError(
+        f"config: no activation model for model_type {shape.model_type!r}; supported: llama-style "
+        "decoders with q/k/v/o_proj and gate/up/down_proj (llama, mistral, qwen2, ...) and gpt2"
+    )
+
 
 def _block_stages(shape: ModelShape, p: _Precision) -> list[tuple[tuple[str, ...], int]]:
     """What one decoder block saves for backward, in forward order, whatever LoRA targets.
@@ -619,10 +813,7 @@ def _block_stages(shape: ModelShape, p: _Precision) -> list[tuple[tuple[str, ...
             (("mlp.c_fc",), 2 * em * inter + 2 * 4 * inter),
             (("mlp.c_proj",), mask),
         ]
-    raise ValueError(
-        f"config: no activation model for model_type {shape.model_type!r}; supported: llama-style "
-        "decoders with q/k/v/o_proj and gate/up/down_proj (llama, mistral, qwen2, ...) and gpt2"
-    )
+    raise _no_activation_model(shape)
 
 
 def _lora_bytes_per_token(targets: Sequence[LinearLayer], r: int, p: _Precision, lora_dropout: float) -> int:
@@ -828,6 +1019,286 @@ def logits_bytes(
     return tile + casts + per_token * tokens
 
 
+# --- the task evaluation ---------------------------------------------------------------------
+#
+# trainables/task_metrics.py `TaskEvaluator` runs inside the Trainer's on_evaluate callback, under
+# torch.no_grad, with training paused. Read from the installed libraries (transformers 5.24, peft
+# 0.21, accelerate 1.16, torch 2.13):
+#
+# * generation (`model.generate`, peft's generate calling the base model's): greedy, left-padded,
+#   use_cache=True. transformers passes logits_to_keep=1 to every forward (prefill included), so the
+#   head computes the last position only, and `_sample` copies it to fp32 for the argmax. It calls the
+#   base model directly, outside accelerate's autocast wrapper of the peft model's forward, so it runs
+#   without autocast: after prepare_model_for_kbit_training the residual stream, the projections'
+#   outputs and therefore the keys and values in the DynamicCache are fp32.
+# * forwards (teacher-forced exact match, forgetting) call the peft model, whose forward accelerate
+#   wrapped with autocast and an fp32 conversion of its outputs when the Trainer trains in 16 bits.
+#   The Trainer sets config.use_cache=False, so they build no cache, and they compute the logits of
+#   every position.
+# * SDPA gets a padding mask, so for several queries (prefill, forwards) transformers repeats each
+#   layer's keys and values to all heads (repeat_kv) before the kernel; a single decode query is
+#   packed instead (pack_gqa). The DynamicCache grows by torch.cat: one layer's keys (then values)
+#   exist twice for a moment at each step.
+# * TaskEvaluator's forward loops name the last batch's logits until the next forward returns.
+#
+# The phases were checked against torch.profiler's allocator events on CPU (docs/memory.md).
+
+
+def kv_cache_bytes(shape: ModelShape, *, rows: int, positions: int, kv_bytes: int) -> int:
+    """Bytes of the KV cache: keys and values of every layer for `rows` x `positions` tokens.
+
+    2 (K and V) x layers x num_key_value_heads x head_dim x kv_bytes per token.
+
+    Args:
+        shape: From `model_shape`.
+        rows: Rows generated together (the generation batch).
+        positions: Cached positions per row (prompt + tokens generated so far).
+        kv_bytes: Bytes per element: the dtype k_proj / v_proj return (`_Precision.stream`).
+    """
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * kv_bytes * rows * positions
+
+
+def _inference_moments(shape: ModelShape, targets: Sequence[LinearLayer], p: _Precision) -> tuple[int, int]:
+    """Bytes per token a no-grad forward holds inside one decoder block: (attention moment, MLP moment).
+
+    Nothing is saved for backward, so each tensor is freed once nothing refers to it any more; what
+    stays is what a Python frame still names. Always alive: the token embeddings (the model's forward
+    keeps `inputs_embeds`) and the block's input (the caller's reference); the position tables are
+    counted apart (`_position_table_bytes`). Then:
+
+    * attention: the normed input with q, k, v and RoPE's three q-sized temporaries, or at the kernel
+      q/k/v (and their autocast copies), keys and values repeated to all heads, the output and its
+      contiguous copy;
+    * MLP: the residual after attention and its normed copy (gpt2 also keeps the attention output)
+      with the MLP's temporaries: SiLU(gate) * up holds three I-wide tensors, and a LoRA on up_proj one
+      more (peft adds the adapter's output to a clone of the base output: base, adapter output and sum
+      are alive while SiLU(gate) waits); gpt2's tanh GELU holds its input and three temporaries.
+
+    Checked against torch.profiler's allocator events on CPU (docs/memory.md).
+    """
+    h, inter, a, kv, d = shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim
+    w, ea = p.stream, p.attention
+    adapted = {t.name.rsplit(".", 1)[-1] for t in targets}
+    held = 2 * w * h
+    if shape.family == "gated":
+        rope = w * d * (a + 2 * kv) + 3 * w * a * d
+        casts = ea * d * (a + 2 * kv) if ea != w else 0
+        repeated = 2 * ea * a * d if a > kv else 0
+        kernel = w * d * (a + 2 * kv) + casts + repeated + 2 * ea * a * d
+        mlp = w * inter * (4 if "up_proj" in adapted else 3)
+        return held + w * h + max(rope, kernel), held + 2 * w * h + mlp
+    if shape.family == "gpt2":
+        attention = 3 * w * h * (3 if "c_attn" in adapted else 1) + 2 * ea * h
+        return held + w * h + attention, held + 3 * w * h + 4 * w * inter
+    raise _no_activation_model(shape)
+
+
+def _position_table_bytes(shape: ModelShape, p: _Precision) -> int:
+    """Bytes per position of what a forward keeps per position id: RoPE's cos and sin, gpt2's position embeddings.
+
+    Per row when the rows have their own position ids (generation derives them from the left-padded
+    attention mask), once per position otherwise (the forwards pass none).
+    """
+    return p.stream * (shape.hidden if shape.family == "gpt2" else 2 * shape.head_dim)
+
+
+def _inference_activation_bytes(
+    shape: ModelShape, targets: Sequence[LinearLayer], p: _Precision, rows: int, queries: int, keys: int, per_row: bool
+) -> int:
+    """No-grad activations of a forward of rows x queries tokens attending to `keys` positions.
+
+    The larger of the attention moment, with the additive mask SDPA makes of the bool padding mask
+    (`keys` wide, in the attention dtype), and the MLP moment; plus the position tables.
+    """
+    attention, mlp = _inference_moments(shape, targets, p)
+    tokens = rows * queries
+    tables = _position_table_bytes(shape, p) * queries * (rows if per_row else 1)
+    return max(tokens * attention + p.attention * tokens * keys, tokens * mlp) + tables
+
+
+def _head_logits_bytes(shape: ModelShape, tokens: int, p: _Precision, head_bytes: int, loss: bool) -> int:
+    """Bytes of the full-sequence logits a task-evaluation forward holds at its output head.
+
+    Under accelerate's autocast the head's matmul runs in 16 bits (with a 16-bit copy of an fp32
+    head's weight) and the wrapper converts the 16-bit logits to fp32: both are alive for a moment.
+    Without autocast the logits come in the head's dtype. The forgetting loss then holds fp32 logits,
+    the contiguous copy of all but the last position and cross-entropy's log-softmax: 12 bytes each.
+    """
+    values = tokens * shape.vocab
+    if p.autocast:
+        weight_copy = shape.vocab * shape.hidden * p.e if head_bytes != p.e else 0
+        out = max(weight_copy + p.e * values, (p.e + 4) * values)
+    else:
+        out = head_bytes * values
+    return max(out, 12 * values) if loss else out
+
+
+def task_eval_phases(
+    shape: ModelShape,
+    targets: Sequence[LinearLayer],
+    workload: TaskEvalWorkload,
+    *,
+    compute_bytes: int,
+    autocast: bool = True,
+    lora_bytes: int = LORA_PARAM_BYTES,
+    upcast_non_quantized: bool = False,
+    device: str = "cuda",
+) -> tuple[EvalPhase, ...]:
+    """The moments of a task evaluation, each with the bytes it adds to what the paused trial holds.
+
+    Each phase is one moment; its parts are alive together and add up. Generation (b rows, prompt
+    P, N new tokens, T = P + N positions; kv = 2 x layers x kv_heads x head_dim x stream bytes per
+    token, `kv_cache_bytes`):
+
+    * prefill, decoder blocks: KV cache b x P + no-grad activations of b x P tokens
+      (`_inference_activation_bytes`) + the bool padding mask b x P x P;
+    * prefill, output head: KV cache b x P + the final norm's output + the last position's logits
+      (logits_to_keep=1: b x V in the head's dtype, and _sample's fp32 copy);
+    * decode, attention (last step): KV cache b x T + one layer's keys again while torch.cat grows
+      the cache (b x T x kv_heads x head_dim) + the last step's fp32 scores (b x V x 4);
+    * decode, output head (last step): KV cache b x T + logits b x V x (head + 4 + 4).
+
+    Forwards (teacher-forced exact match, forgetting; b rows of S tokens), each with the last batch's
+    logits when there is one (`TaskEvalWorkload.forward_keeps_previous`):
+
+    * decoder blocks: no-grad activations of b x S tokens + the padding mask b x S x S;
+    * output head: the full b x S x V logits (`_head_logits_bytes`) + the final hidden states.
+
+    Args:
+        shape: From `model_shape`.
+        targets: From `lora_target_layers`.
+        workload: What the evaluation runs (rows and lengths; zero rows: no such phase).
+        compute_bytes: 2 for bfloat16/float16, 4 for float32.
+        autocast: Whether training runs under 16-bit autocast: accelerate then wraps the peft model's
+            forward with it, which the forwards use and generation does not.
+        lora_bytes: Bytes per LoRA weight element.
+        upcast_non_quantized: Whether prepare_model_for_kbit_training upcast the model (fp32 stream,
+            fp32 keys and values, fp32 head).
+        device: "cuda" or "cpu".
+
+    Returns:
+        The phases, in the order the evaluation reaches them.
+
+    Raises:
+        ValueError: If the model's family has no activation model.
+    """
+    e = compute_bytes
+    cpu = device == "cpu"
+    gen = _Precision(e=e, autocast=False, lora=lora_bytes, upcast=upcast_non_quantized, cpu=cpu)
+    fwd = _Precision(e=e, autocast=autocast and e < 4, lora=lora_bytes, upcast=upcast_non_quantized, cpu=cpu)
+    head = 4 if upcast_non_quantized else e  # the output head is never quantized: the other weights' dtype
+    d, vocab = shape.head_dim, shape.vocab
+    phases: list[EvalPhase] = []
+    if workload.generate_rows:
+        b, prompt = workload.generate_rows, workload.prompt_len
+        total = prompt + workload.new_tokens
+        prefill_cache = kv_cache_bytes(shape, rows=b, positions=prompt, kv_bytes=gen.stream)
+        phases.append(
+            EvalPhase(
+                "generation prefill, decoder blocks",
+                b,
+                prompt,
+                (
+                    ("kv_cache", prefill_cache),
+                    ("activations", _inference_activation_bytes(shape, targets, gen, b, prompt, prompt, per_row=True)),
+                    ("attention", b * prompt * prompt),  # the bool padding mask
+                ),
+            )
+        )
+        phases.append(
+            EvalPhase(
+                "generation prefill, output head",
+                b,
+                prompt,
+                (
+                    ("kv_cache", prefill_cache),
+                    ("logits", b * vocab * (head + 4)),  # the last position only, and its fp32 copy
+                    ("activations", b * prompt * shape.hidden * gen.stream),  # the final norm's output
+                ),
+            )
+        )
+        decode_cache = kv_cache_bytes(shape, rows=b, positions=total, kv_bytes=gen.stream)
+        phases.append(
+            EvalPhase(
+                "generation decode, attention",
+                b,
+                total,
+                (
+                    ("kv_cache", decode_cache),
+                    ("logits", b * vocab * 4),  # the last step's fp32 scores, still named by _sample's loop
+                    ("activations", _inference_activation_bytes(shape, targets, gen, b, 1, total, per_row=True)),
+                    # One layer's keys (then values) twice while torch.cat grows the cache, and the mask; a
+                    # single query attends through pack_gqa, so the keys are not repeated to all heads.
+                    ("attention", b * total * shape.kv_heads * d * gen.stream + b * total),
+                ),
+            )
+        )
+        phases.append(
+            EvalPhase(
+                "generation decode, output head",
+                b,
+                total,
+                # This step's logits (last position), its fp32 copy, and the last step's scores.
+                (("kv_cache", decode_cache), ("logits", b * vocab * (head + 8))),
+            )
+        )
+    forwards = (
+        ("teacher-forced forward", workload.forward_rows, workload.forward_len, False, workload.forward_keeps_previous),
+        ("forgetting forward", workload.loss_rows, workload.loss_len, True, workload.loss_keeps_previous),
+    )
+    for name, b, length, loss, keeps_previous in forwards:
+        if not b:
+            continue
+        tokens = b * length
+        # The last batch's logits, as the evaluator holds them: fp32 after accelerate's conversion or the
+        # loss's .float(), else the head's dtype.
+        previous = tokens * vocab * (4 if fwd.autocast or loss else head) if keeps_previous else 0
+        # The final norm's output, and under autocast its 16-bit copy for the head's matmul.
+        hidden = tokens * shape.hidden * (fwd.stream + (fwd.e if fwd.autocast and fwd.stream != fwd.e else 0))
+        activations = _inference_activation_bytes(shape, targets, fwd, b, length, length, per_row=False)
+        phases.append(
+            EvalPhase(
+                f"{name}, decoder blocks",
+                b,
+                length,
+                (("logits", previous), ("activations", activations), ("attention", b * length * length)),
+            )
+        )
+        phases.append(
+            EvalPhase(
+                f"{name}, output head",
+                b,
+                length,
+                (("logits", previous + _head_logits_bytes(shape, tokens, fwd, head, loss)), ("activations", hidden)),
+            )
+        )
+    return tuple(phases)
+
+
+def _check_workload(workload: Any) -> list[str]:
+    if not isinstance(workload, TaskEvalWorkload):
+        return [f"task_eval: expected a TaskEvalWorkload or None, got {type(workload).__name__}"]
+    problems = []
+    for f in fields(workload):
+        value = getattr(workload, f.name)
+        if f.name.endswith("_keeps_previous"):
+            if not isinstance(value, bool):
+                problems.append(f"task_eval.{f.name}: {value!r} must be True or False")
+        elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            problems.append(f"task_eval.{f.name}: {value!r} must be a whole number >= 0")
+    if problems:
+        return problems
+    for rows, lengths in (
+        ("generate_rows", ("prompt_len", "new_tokens")),
+        ("forward_rows", ("forward_len",)),
+        ("loss_rows", ("loss_len",)),
+    ):
+        for length in lengths:
+            if getattr(workload, rows) and not getattr(workload, length):
+                problems.append(f"task_eval.{length}: must be positive when {rows} is {getattr(workload, rows)}")
+    return problems
+
+
 def _block_index(name: str) -> int | None:
     """The decoder block a module sits in ("model.layers.3.mlp.up_proj" -> 3), None outside blocks."""
     parts = name.split(".")
@@ -860,6 +1331,7 @@ def estimate_peak_memory(
     upcast_non_quantized: bool = False,
     fused_lm_head: bool = False,
     device: str = "cuda",
+    task_eval: TaskEvalWorkload | None = None,
     blocksize: int = DEFAULT_BLOCKSIZE,
     nested_blocksize: int = DEFAULT_NESTED_BLOCKSIZE,
     fragmentation: float = DEFAULT_FRAGMENTATION,
@@ -915,6 +1387,10 @@ def estimate_peak_memory(
             of a CPU step (a trial's measured tensor peak): CPU dropout keeps its masks in the
             input's dtype instead of bools, and TRL's fused head scores all b x (s - 1) shifted
             positions. Nothing else differs; the dtypes are the caller's (fp32 on CPU).
+        task_eval: The trial's task evaluation (eval.metrics), if it has one: its generation and
+            forwards are predicted too (`task_eval_phases`), with the weights, adapters and optimizer
+            states training leaves allocated, and the estimate's peak is the larger of training and
+            evaluation. None: training only (the figures do not change).
         blocksize: 4-bit absmax block (64 in bitsandbytes).
         nested_blocksize: Double-quantization second-level block (256 in bitsandbytes).
         fragmentation: Caching-allocator overhead as a fraction of allocated bytes.
@@ -943,6 +1419,8 @@ def estimate_peak_memory(
         problems.append(f"fragmentation: {fragmentation!r} must be a fraction >= 0, e.g. 0.10")
     if not isinstance(cuda_context_mib, int) or cuda_context_mib < 0:
         problems.append(f"cuda_context_mib: {cuda_context_mib!r} must be a whole number of MiB >= 0")
+    if task_eval is not None:
+        problems += _check_workload(task_eval)
     if quantization in ("nf4", "fp4"):
         problems += _check_blocksizes(blocksize, nested_blocksize)
     elif upcast_non_quantized:
@@ -1017,6 +1495,23 @@ def estimate_peak_memory(
         "logits_bytes": logits,
         "dequant_workspace_bytes": workspace,
     }
+    evaluation = None
+    phases = () if task_eval is None else task_eval_phases(
+        shape,
+        targets,
+        task_eval,
+        compute_bytes=e,
+        autocast=autocast,
+        lora_bytes=lora_bytes,
+        upcast_non_quantized=upcast_non_quantized,
+        device=device,
+    )
+    if phases:
+        # Training paused: its gradients are gone (zero_grad(set_to_none=True)), the rest stays.
+        held = linear_bytes + constants_bytes + parts["other_weights_bytes"] + adapter_bytes + optimizer_bytes
+        evaluation = TaskEvalEstimate(
+            held_bytes=held, dequant_workspace_bytes=workspace, phases=phases, fragmentation=fragmentation
+        )
     return MemoryEstimate(
         **parts,
         paged_optimizer_state_bytes=paged_bytes,
@@ -1024,6 +1519,7 @@ def estimate_peak_memory(
         cuda_context_bytes=cuda_context_mib * MIB,
         lora_params=lora_params,
         quantized_params=quantized_params if quantization != "none" else 0,
+        task_eval=evaluation,
     )
 
 

@@ -414,7 +414,7 @@ def run_trial(
             trial=trial,
             job=job,
             setup=setup,
-            predicted_memory_mib=_predicted_memory_mib(model_config, prediction_setup, trial, job.data.max_seq_length),
+            predicted_memory_mib=_predicted_memory_mib(model_config, prediction_setup, trial, job),
             attempt=attempt,
             grad_accum=grad_accum,
         )
@@ -466,13 +466,18 @@ def _gpu_share(device: str, gpu_fraction: float | None) -> dict[str, Any]:
     }
 
 
-def _predicted_memory_mib(model_config: Any, setup: TrainingSetup, trial: Any, seq_len: int) -> float | None:
-    """This attempt's predicted peak VRAM (trainables/trial_memory.py), None where the estimator cannot model it."""
+def _predicted_memory_mib(model_config: Any, setup: TrainingSetup, trial: Any, job: TrialJob) -> float | None:
+    """This attempt's predicted peak VRAM (trainables/trial_memory.py): its training step or its task
+    evaluation, whichever is larger, as admission predicted it; None where the estimator cannot model it."""
     from dataclasses import asdict
 
+    from trainables.trial_memory import task_eval_workload
+
+    seq_len = job.data.max_seq_length
+    workload = task_eval_workload(job.eval.spec if job.eval is not None else None, seq_len)
     try:
         knobs = MemoryKnobs.from_config(asdict(trial), trial.batch_size, seq_len)
-        return predicted_mib(estimate_for_trial(model_config, setup, knobs))
+        return predicted_mib(estimate_for_trial(model_config, setup, knobs, workload))
     except ValueError:
         return None  # an architecture the estimator does not model: no prediction, training goes on
 

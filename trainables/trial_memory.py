@@ -9,18 +9,27 @@ prediction each trial reports all use the same numbers, and none of them can dri
 The memory knobs are the registry's (trainables/params.py, `MEMORY_KNOBS`) plus the sequence length;
 `not_modelled` says in plain words what the prediction leaves out for a trial or a search space.
 Sequences are cut at data.max_seq_length and padded per batch: the prediction uses the cap.
+
+A sweep with task metrics (spec section `eval:`) also predicts each trial's task evaluation:
+`task_eval_workload` turns the eval section into the batch and lengths the estimator needs, with
+length bounds from the spec alone (see its docstring), and the prediction admission, packing and
+`estimate` use is the larger of the training step and the task evaluation. (The figure a trial reports
+as predicted_memory_mib, trainables/qlora.py, does not pass a workload yet: it is the training step's.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import field, fields, make_dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from trainables.memory_estimator import MIB, MemoryEstimate, estimate_peak_memory, lora_target_layers
+from trainables.memory_estimator import MIB, MemoryEstimate, TaskEvalWorkload, estimate_peak_memory, lora_target_layers
 from trainables.params import MEMORY_KNOBS, Choice, Fixed
 from trainables.targets import resolve_targets
 from trainables.training_setup import TrainingSetup
+
+if TYPE_CHECKING:
+    from trainables.task_metrics import EvalSpec
 
 # The value of a memory knob that costs nothing extra, where there is one: MemoryKnobs' default, so
 # that a knob added later (e.g. use_dora) need not be named by every caller.
@@ -76,21 +85,69 @@ MemoryKnobs = make_dataclass(
 MemoryKnobs.__module__ = __name__
 
 
-def estimate_for_trial(model_config: Any, setup: TrainingSetup, knobs: Any) -> MemoryEstimate:
+def estimate_for_trial(
+    model_config: Any, setup: TrainingSetup, knobs: Any, task_eval: TaskEvalWorkload | None = None
+) -> MemoryEstimate:
     """Predict the peak GPU memory of one trial trained with `setup`.
 
     Args:
         model_config: The base model's transformers config (or its config.json dict).
         setup: The training setup, resolved for "cuda" (what admission, packing and reports predict).
         knobs: The trial's MemoryKnobs.
+        task_eval: The trial's task evaluation (`task_eval_workload`), or None for training alone.
 
     Returns:
-        The estimate; `.reserved_bytes` predicts torch.cuda.max_memory_reserved.
+        The estimate; `.reserved_bytes` predicts torch.cuda.max_memory_reserved (with a task
+        evaluation, the larger of training and evaluation; `.task_eval` has the evaluation's phases).
 
     Raises:
         ValueError: If the architecture or the target modules cannot be modelled.
     """
-    return estimate_peak_memory(model_config, **setup.estimator_arguments(knobs, _model_type(model_config)))
+    arguments = setup.estimator_arguments(knobs, _model_type(model_config))
+    return estimate_peak_memory(model_config, **arguments, task_eval=task_eval)
+
+
+def task_eval_workload(eval_spec: EvalSpec | None, max_seq_length: int) -> TaskEvalWorkload | None:
+    """What a trial's task evaluation runs (trainables/task_metrics.py `TaskEvaluator`), in the sizes memory needs.
+
+    Nothing here reads the data, so the lengths are the bounds the spec guarantees:
+
+    * rows per batch: eval.batch_size, at most eval.max_examples (the subset is that large at most);
+      forgetting batches its texts by eval.batch_size too;
+    * a row, prompt plus reference (EOS included), has at most data.max_seq_length tokens (longer rows
+      are refused or cut, data.on_long_rows), so a generation prompt and a teacher-forced row are
+      bounded by max_seq_length;
+    * generation adds eval.max_new_tokens tokens, or, when it is not set, up to max_seq_length (the
+      trial then generates as many tokens as the subset's longest reference, which is shorter);
+    * forgetting texts are cut to max_seq_length;
+    * a forward loop with a second batch runs it while the first batch's logits are still named: for
+      teacher-forced exact match when eval.max_examples exceeds eval.batch_size, for forgetting always
+      (its set is read by the driver, not here).
+
+    Args:
+        eval_spec: The spec's eval section (None or no metrics: no task evaluation).
+        max_seq_length: data.max_seq_length.
+
+    Returns:
+        The workload, or None when the trial measures no task metric.
+    """
+    if eval_spec is None or not eval_spec.metrics:
+        return None
+    rows = min(eval_spec.batch_size, eval_spec.max_examples)
+    generates = any(m.generates for m in eval_spec.metrics)
+    teacher_forced = any(m.teacher_forced for m in eval_spec.metrics)
+    forgetting = any(m.type == "forgetting" for m in eval_spec.metrics)
+    return TaskEvalWorkload(
+        generate_rows=rows if generates else 0,
+        prompt_len=max_seq_length if generates else 0,
+        new_tokens=(eval_spec.max_new_tokens or max_seq_length) if generates else 0,
+        forward_rows=rows if teacher_forced else 0,
+        forward_len=max_seq_length if teacher_forced else 0,
+        loss_rows=eval_spec.batch_size if forgetting else 0,
+        loss_len=max_seq_length if forgetting else 0,
+        forward_keeps_previous=teacher_forced and eval_spec.max_examples > eval_spec.batch_size,
+        loss_keeps_previous=forgetting,  # how many texts the set has is not known here: assume more than a batch
+    )
 
 
 def predicted_mib(estimate: MemoryEstimate) -> float:

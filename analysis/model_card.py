@@ -58,32 +58,22 @@ def model_card(exp: Experiment, row: pd.Series, info: dict[str, Any], body: str)
     hub_base = not base.startswith("builtin:") and is_hub_id(base)
     hub_data = is_hub_id(data_path)
     quality = info.get("best_eval_loss")
-    results = []
-    for name, value in (info.get("task_metrics") or {}).items():  # re-measured on the exported adapter
-        if value is not None:
-            results.append(
-                EvalResult(
-                    task_type="text-generation",
-                    dataset_type=data_path if hub_data else "local",
-                    dataset_name=data_path if hub_data else Path(data_path).name,
-                    dataset_split="eval",
-                    metric_type=name,
-                    metric_name=name,
-                    metric_value=float(value),
-                )
-            )
-    if quality is not None:
-        results.append(
-            EvalResult(
-                task_type="text-generation",
-                dataset_type=data_path if hub_data else "local",
-                dataset_name=data_path if hub_data else Path(data_path).name,
-                dataset_split="eval",
-                metric_type="loss",
-                metric_name="eval_loss",
-                metric_value=float(quality),
-            )
+
+    def result(metric_type: str, name: str, value: Any) -> Any:
+        return EvalResult(
+            task_type="text-generation",
+            dataset_type=data_path if hub_data else "local",
+            dataset_name=data_path if hub_data else Path(data_path).name,
+            dataset_split="eval",
+            metric_type=metric_type,
+            metric_name=name,
+            metric_value=float(value),
         )
+
+    # Task metrics re-measured on the exported adapter, then the sweep's eval loss.
+    results = [result(name, name, value) for name, value in (info.get("task_metrics") or {}).items() if value is not None]
+    if quality is not None:
+        results.append(result("loss", "eval_loss", quality))
     data = ModelCardData(
         base_model=base if hub_base else None,
         datasets=[data_path] if hub_data else None,

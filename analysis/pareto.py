@@ -69,12 +69,20 @@ class Quality:
         return f"{float(value):.4f}" if self.metric == "eval_loss" else f"{float(value):.4g}"
 
     def gain(self, value: float, reference: float) -> float:
-        """How much better `value` is than `reference`, as a fraction of |reference| (negative: worse)."""
+        """How much better `value` is than `reference`, as a fraction of |reference| (negative: worse;
+        +-inf against a reference of 0, e.g. a baseline that got no answer right)."""
         reference = float(reference)
-        if not reference:
-            return 0.0
         delta = reference - float(value) if self.lower_is_better else float(value) - reference
+        if not reference:
+            return math.copysign(math.inf, delta) if delta else 0.0
         return delta / abs(reference)
+
+    def gain_text(self, value: float, reference: float) -> str:
+        """`gain` in words: "12.5% lower", or the difference where the reference is 0."""
+        gain = self.gain(value, reference)
+        if math.isfinite(gain):
+            return f"{abs(gain) * 100:.1f}% {'lower' if self.lower_is_better == (gain >= 0) else 'higher'}"
+        return f"{abs(float(value) - float(reference)):.4g} {'lower' if self.lower_is_better == (gain >= 0) else 'higher'} (from 0)"
 
     @classmethod
     def of(cls, spec: Any) -> Quality:

@@ -9,6 +9,7 @@ recomputes what is here, and neither renderer imports the other.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -324,13 +325,14 @@ def baseline_lines(analysis: Analysis) -> list[str]:
                   f"({abs(change):.1f}% {'more' if change > 0 else 'less'})")
     line = (f"vs baseline: best trial {best['trial_id']} {metric} {q.fmt(best[column])} vs the baseline's "
             f"{q.fmt(base[column])} (trial {base['trial_id']}, standard QLoRA recipe: {recipe}), "
-            f"{gain * 100:.1f}% {'lower' if q.lower_is_better else 'higher'} (better){memory}")
+            f"{q.gain_text(best[column], base[column])} (better){memory}")
     rec = analysis.recommended
     if rec is not None and rec["trial_id"] == base["trial_id"]:
         advice = (f"recommended: the baseline, trial {base['trial_id']}: the best beats it by {gain * 100:.1f}% "
                   f"{metric}, under the {BASELINE_MARGIN:.0%} that counts as a real gain")
     else:
-        advice = f"recommended: trial {best['trial_id']} (it beats the baseline by {gain * 100:.1f}% {metric})"
+        by = f"{gain * 100:.1f}%" if math.isfinite(gain) else f"{q.fmt(best[column])} against {q.fmt(base[column])}"
+        advice = f"recommended: trial {best['trial_id']} (it beats the baseline by {by} {metric})"
     return [line, advice]
 
 

@@ -101,6 +101,9 @@ def test_a_higher_is_better_objective_ranks_every_way_in_its_direction() -> None
     lost = tradeoff_table(frame, em).set_index("trial_id")["quality_lost_pct"]
     assert lost.to_dict() == pytest.approx({"far-cheapest": 37.5, "close-cheap": 0.625, "best": 0.0})
     assert em.gain(0.8, 0.5) == pytest.approx(0.6) and Quality().gain(0.5, 1.0) == pytest.approx(0.5)
+    # A baseline that got nothing right: any right answer is an unbounded relative gain, not none.
+    assert em.gain(0.9, 0.0) == float("inf") and em.gain(0.0, 0.0) == 0.0
+    assert em.gain_text(0.9, 0.0) == "0.9 higher (from 0)" and Quality().gain_text(0.5, 1.0) == "50.0% lower"
 
 
 @pytest.mark.parametrize("seed", range(6))

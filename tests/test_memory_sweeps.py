@@ -115,7 +115,10 @@ def test_oom_aware_sweep_never_trains_what_an_oom_dominates(tmp_path: Path, inje
 
     raw = make_spec_dict(
         space={"r": [4, 16], "target_modules": ["qv", "attention", "all-linear"], "batch_size": [2, 4, 8]},
-        search={"num_samples": 5, "max_concurrent": 1, "seed": 1},
+        # Seeded proposals that put an OOM before a completed trial on the one worker (check (d) below);
+        # plain TPE, as when this seed was chosen, not the default's multivariate options.
+        search={"num_samples": 5, "max_concurrent": 1, "seed": 1,
+                "tpe": {"multivariate": False, "group": False, "constant_liar": False}},
         train={"max_steps": 20, "eval_every": 10, "max_failures": 2, "callbacks": [OOM_ABOVE]},
     )
     base = parse_spec(raw)

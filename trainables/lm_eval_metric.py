@@ -40,12 +40,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-if TYPE_CHECKING:
-    from trainables.task_metrics import MetricSpec
+# An lm_eval entry of eval.metrics (trainables/task_metrics.py MetricSpec, which imports this module:
+# typed by name here so that the two do not import each other).
+MetricSpec = Any
 
 INSTALL_HINT = "pip install 'qlora-sweep[lmeval]'"
 # What the job may carry per lm_eval metric (task files + data): it is pickled to every trial.

@@ -18,6 +18,7 @@ from sweeps.estimate import estimate_corners, render_table
 from sweeps.memory_plan import GpuSize, MemoryPlan, memory_plan
 from sweeps.spec import SpecError, parse_spec
 from tests.conftest import TRIAL_CONFIG, make_spec_dict
+from tests.test_memory_estimator import BASE as ESTIMATOR_BASE
 from trainables.memory_estimator import (
     LLAMA3_8B_CONFIG,
     MIB,
@@ -37,17 +38,8 @@ from trainables.trial_memory import MemoryKnobs, estimate_for_trial, task_eval_w
 LLAMA_8B = LlamaConfig(**{k: v for k, v in LLAMA3_8B_CONFIG.items() if k != "model_type"})
 GENERATE = {"type": "exact_match", "name": "generated", "mode": "generate"}
 
-BASE = dict(
-    quantization="nf4",
-    double_quant=True,
-    compute_dtype="bfloat16",
-    r=16,
-    target_modules="all-linear",
-    batch_size=1,
-    seq_len=512,
-    gradient_checkpointing=True,
-    optimizer="paged_adamw_32bit",
-)
+# The estimator tests' recipe, at micro-batch 1 with the paged optimizer.
+BASE = {**ESTIMATOR_BASE, "batch_size": 1, "optimizer": "paged_adamw_32bit"}
 
 
 def phase(estimate, name: str):

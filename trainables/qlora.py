@@ -48,7 +48,12 @@ from trainables.tiny_models import is_builtin, materialize
 from trainables.training_setup import TrainingSetup, load_tokenizer
 from trainables.trial_memory import MemoryKnobs, estimate_for_trial, predicted_allocated_mib, predicted_mib
 from trainables.watchdog import TrialWatchdog
-from trainables.workarounds import keep_adapters_in_compute_dtype, remove_printer_callback, skip_model_card
+from trainables.workarounds import (
+    defer_sigterm_out_of_callbacks,
+    keep_adapters_in_compute_dtype,
+    remove_printer_callback,
+    skip_model_card,
+)
 
 # STATE_FILE: written into each checkpoint next to the Trainer's own state (its home: trainables/checkpoints.py).
 
@@ -259,6 +264,7 @@ def train_qlora(config: dict[str, Any], job: TrialJob, data: PreparedData | None
     import ray
     from ray import tune
 
+    defer_sigterm_out_of_callbacks()  # a stopped trial's worker exits quietly, even mid-teardown
     # Tune's node_ip cannot tell apart nodes that share an address (several raylets on one
     # machine, NAT); the Ray node id can.
     node_id = ray.get_runtime_context().get_node_id()

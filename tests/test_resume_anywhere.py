@@ -30,6 +30,7 @@ from core import integrity
 from sweeps.spec import SpecError, parse_spec
 from tests.cli_runs import QLORA_SWEEP, cli_env, private_ray_tmp, read_results, run_cli
 from tests.conftest import make_spec_dict, wait_for_no_ray_processes, write_spec
+from tests.fault_plugins import SLOW_STEP_ENV, SLOW_STEPS
 
 # --- train.checkpoint_every: parsing and the rule -------------------------------------------------------------
 
@@ -126,6 +127,10 @@ def _s3_results(s3: Any, bucket: str, prefix: str) -> dict[str, list[dict[str, A
 
 
 S3_STEPS = 20
+KILL_WINDOW_STEP_S = 0.5
+# The sweeps run outside the checkout; the spec's plug-in (tests/fault_plugins.py) is importable from it,
+# as a user's installed plug-in package would be on a new head node.
+PLUGINS = str(Path(__file__).resolve().parent.parent)
 
 
 def _terminated_in_bucket(s3: Any, bucket: str, prefix: str) -> int:
@@ -162,7 +167,10 @@ def test_a_sweep_on_s3_resumes_on_a_new_head_node_from_the_bucket_alone(tmp_path
             # 4 micro-batches per step: trial 2 is still in its first round when the kill lands. (Killed
             # between two checkpoints of one trial, Tune 2.60 can restore a state naming the checkpoint that
             # num_to_keep=1 just deleted: "Could not recover from checkpoint"; seen with 1 micro-batch.)
-            train={"max_steps": S3_STEPS, "eval_every": 10, "batch_size": 8, "grad_accum": 4},
+            # Before the kill every step also sleeps KILL_WINDOW_STEP_S, so trial 2 is still training
+            # while the poll below sees trial 1's end reach the bucket (without it, on a busy machine,
+            # trial 2 could end first); the resumed sweep runs without it.
+            train={"max_steps": S3_STEPS, "eval_every": 10, "batch_size": 8, "grad_accum": 4, "callbacks": [SLOW_STEPS]},
         ),
     )
     uri, prefix = f"s3://{BUCKET}/sweeps/s3resume", "sweeps/s3resume/"
@@ -173,7 +181,8 @@ def test_a_sweep_on_s3_resumes_on_a_new_head_node_from_the_bucket_alone(tmp_path
                 driver = subprocess.Popen(
                     [QLORA_SWEEP, "run", str(spec), "--storage", f"s3://{BUCKET}/sweeps", "--name", "s3resume",
                      "--address", "local"],
-                    env=cli_env(old_ray, QLORA_SWEEP_STUDIES=str(old_head)), stdout=out, stderr=subprocess.STDOUT,
+                    env=cli_env(old_ray, QLORA_SWEEP_STUDIES=str(old_head), PYTHONPATH=PLUGINS,
+                                **{SLOW_STEP_ENV: str(KILL_WINDOW_STEP_S)}), stdout=out, stderr=subprocess.STDOUT,
                     start_new_session=True, cwd=tmp_path,
                 )
                 try:
@@ -200,7 +209,7 @@ def test_a_sweep_on_s3_resumes_on_a_new_head_node_from_the_bucket_alone(tmp_path
 
         with private_ray_tmp() as new_ray:
             resumed = run_cli(["resume", uri, "--address", "local"], new_ray, cwd=tmp_path,
-                              QLORA_SWEEP_STUDIES=str(new_head))
+                              QLORA_SWEEP_STUDIES=str(new_head), PYTHONPATH=PLUGINS)
         recovered_s = time.time() - killed_at
         assert resumed.returncode == 0, resumed.output[-4000:]
         assert "restored it from" in resumed.output, resumed.output[-3000:]

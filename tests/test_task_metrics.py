@@ -290,3 +290,41 @@ def test_rouge_l_scores_a_reference_without_the_pattern_whole() -> None:
     scores = evaluator._score(metric, Generated(prompts=["p", "p"], generations=["### the cat sat", "### a dog"],
                                                  references=["the cat sat", "### a dog"]))
     assert scores == {metric.metric_name: 1.0}
+
+
+# An answer sympy would compute for ever (9^9^9^9): one generation like it used to hold the trial.
+NEVER_ENDING = "$9^{9^{9^{9}}}$"
+
+
+def test_a_math_answer_sympy_never_finishes_counts_as_not_verified_within_math_verifys_timeouts() -> None:
+    import subprocess
+    import sys
+    import time
+
+    from trainables.math_answers import MathVerifier
+
+    verifier = MathVerifier()
+    try:
+        started = time.monotonic()
+        assert verifier.hits([("1", NEVER_ENDING), ("$1/2$", "0.5"), ("3", "4")]) == [False, True, False]
+        took = time.monotonic() - started
+        assert took < verifier.deadline_s(3), took
+        assert verifier.hits([("2", "2")]) == [True]  # the same child goes on scoring
+    finally:
+        verifier.close()
+    # Control: what a trial thread can call (math-verify's signal timeouts off) is still at it 3x later.
+    in_a_thread = (
+        "import threading\nfrom math_verify import parse, verify\n"
+        f"t = threading.Thread(target=lambda: verify(parse('1', parsing_timeout=None), parse({NEVER_ENDING!r}, "
+        "parsing_timeout=None), timeout_seconds=None))\nt.start(); t.join()\n"
+    )
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run([sys.executable, "-c", in_a_thread], timeout=max(15.0, 3 * took), capture_output=True)
+
+
+def test_a_math_verify_process_that_dies_is_an_error_naming_the_metric(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainables import math_answers
+
+    monkeypatch.setattr(math_answers, "_CHILD", "import sys; sys.exit(3)")
+    with pytest.raises(math_answers.MathVerifyError, match="eval.metrics math_verify: the math-verify process exited with status 3 while starting"):
+        math_answers.MathVerifier().hits([("1", "1")])

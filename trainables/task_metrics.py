@@ -15,7 +15,8 @@ trial and round. A row's prompt is its tokens before the first loss token, its r
   decoding would produce; one forward pass. Otherwise it, and every other metric that reads text, uses
   batched greedy generation with left padding (one generation per evaluation, shared by the metrics).
 * `rouge_l`: the rouge-score package's ROUGE-L F-measure, averaged.
-* `math_verify`: the math-verify package's `verify(parse(reference), parse(generation))`, averaged.
+* `math_verify`: the math-verify package's `verify(parse(reference), parse(generation))`, averaged,
+  with its own timeouts, in a child process (trainables/math_answers.py).
 * `python`: `path/file.py:function` or `package.module:function`, called as
   `function(prompts=..., generations=..., references=...)`, returning a number or a dict of numbers. A
   file's source travels inside the trial's job (no shared disk).
@@ -550,6 +551,11 @@ class TaskEvaluator:
         }
         self.base_losses: dict[str, float] = {}
         self._on_batch: Callable[[], None] | None = None
+        self.math_verifier = None
+        if any(m.type == "math_verify" for m in self.spec.metrics):
+            from trainables.math_answers import MathVerifier
+
+            self.math_verifier = MathVerifier()
         # lm_eval: files written and tasks loaded now, before training, so a bad task stops the attempt early.
         self.lm_eval = None
         lm_eval_metrics = [m for m in self.spec.metrics if m.type == "lm_eval"]
@@ -617,16 +623,10 @@ class TaskEvaluator:
             pairs = [(self._answer(ref, metric) or ref, self._answer(gen, metric)) for gen, ref in zip(g.generations, g.references)]
             return {name: sum(scorer.score(ref, gen or "")["rougeL"].fmeasure for ref, gen in pairs) / len(pairs)}
         if metric.type == "math_verify":
-            from math_verify import parse, verify
-
-            hits = []
-            for gen, ref in zip(g.generations, g.references):
-                want, got = self._answer(ref, metric) or ref, self._answer(gen, metric)
-                # No signal-based timeouts: a trial runs outside the main thread.
-                hits.append(
-                    got is not None
-                    and bool(verify(parse(want, parsing_timeout=None), parse(got, parsing_timeout=None), timeout_seconds=None))
-                )
+            answers = [(self._answer(ref, metric) or ref, self._answer(gen, metric)) for gen, ref in zip(g.generations, g.references)]
+            # Scored in a child process, where math-verify's own timeouts work (trainables/math_answers.py).
+            verified = iter(self.math_verifier.hits([(want, got) for want, got in answers if got is not None]))
+            hits = [got is not None and next(verified) for _, got in answers]
             return {name: sum(hits) / len(hits)}
         value = self.functions[name](prompts=g.prompts, generations=g.generations, references=g.references)
         return {name: _python_value(metric, value)}

@@ -213,10 +213,9 @@ def export_trial(
     log(f"[export] trial {row['trial_id']} ({row['status']}, best eval_loss {row[QUALITY]:.4f}{objective}) from {checkpoint}")
     files = copy_adapter(checkpoint, out)
     outcome = ExportOutcome(out_dir=str(out), trial_id=str(row["trial_id"]), checkpoint=checkpoint, files=files)
-    if exp.saved_spec.task_metrics:
-        remeasure_task_metrics(exp, out, outcome, log)
-    if merge:
-        merge_and_check(exp, row, out, outcome, log)
+    task_job = task_metrics_job(exp) if exp.saved_spec.task_metrics else None
+    if task_job is not None or merge:
+        check_exported(exp, row, out, outcome, log, task_job=task_job, merge=merge)
     info = export_info(exp, row, outcome)
     # No password or key of a URL (the storage's, the study's) in either file (core/redact.py).
     (out / EXPORT_INFO).write_text(redact(json.dumps(info, indent=2, default=str)) + "\n")
@@ -240,47 +239,117 @@ def recorded_results(exp: Experiment, trial_id: str, checkpoint: str) -> dict[st
     return {}
 
 
-def remeasure_task_metrics(exp: Experiment, out: Path, outcome: ExportOutcome, log: Callable[[str], None]) -> None:
-    """Measure the sweep's eval.metrics again on the exported adapter (out/), as the trials did: the base
-    quantized as in the sweep, the same seeded subset of the eval split, trainables.task_metrics's
-    TaskEvaluator. Fills outcome.task_metrics and outcome.task_recorded.
+def task_metrics_job(exp: Experiment) -> Any:
+    """The sweep's eval job (trainables/task_metrics.py EvalJob), built before any model is loaded.
 
     Raises:
         AnalysisInputError: If the files eval.metrics names are no longer readable.
     """
-    import torch
-    from peft import PeftModel
+    from trainables.task_metrics import EvalFilesError, EvalSpec, build_eval_job
 
-    from trainables.data import prepare_data
-    from trainables.memory_probe import free_memory
-    from trainables.qlora import quiet_libraries
-    from trainables.task_metrics import EvalFilesError, EvalSpec, TaskEvaluator, build_eval_job
-    from trainables.tiny_models import is_builtin, materialize
-
-    quiet_libraries()
-    settings = trial_settings(exp.spec)
     try:
         # Paths in a saved spec are absolute (sweeps/driver.py saved_spec); older ones resolve here.
-        job = build_eval_job(EvalSpec.model_validate(exp.spec.get("eval") or {}), (), lambda p: str(Path(p).expanduser().resolve()))
+        return build_eval_job(EvalSpec.model_validate(exp.spec.get("eval") or {}), (), lambda p: str(Path(p).expanduser().resolve()))
     except EvalFilesError as exc:
         raise AnalysisInputError(
             "cannot re-measure the task metrics of the export: " + "; ".join(exc.problems)
             + ". Put the files back where sweep_spec.yaml names them"
         ) from None
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    setup = TrainingSetup.resolve(settings.model, settings.train, device)
-    base_path = materialize(settings.model.path) if is_builtin(settings.model.path) else settings.model.path
-    tokenizer = load_tokenizer(str(out), settings.model.model_copy(update={"revision": None}))
-    data = prepare_data(settings.data.path, settings.data, load_tokenizer(base_path, settings.model))
+
+
+@dataclass
+class _Reload:
+    """What the checks of an export share: the sweep's settings and training setup, the device, the base,
+    the exported tokenizer and the sweep's data split, each loaded once."""
+
+    settings: Any
+    setup: TrainingSetup
+    device: str
+    base_path: str
+    tokenizer: Any
+    data: Any
+
+    @classmethod
+    def of(cls, exp: Experiment, out: Path) -> _Reload:
+        import torch
+
+        from trainables.data import prepare_data
+        from trainables.qlora import quiet_libraries
+        from trainables.tiny_models import is_builtin, materialize
+
+        quiet_libraries()
+        settings = trial_settings(exp.spec)  # paths in a saved spec are absolute
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        base_path = materialize(settings.model.path) if is_builtin(settings.model.path) else settings.model.path
+        # The preflight tokenizer decided which rows were too long, so the split uses the base's tokenizer too.
+        data = prepare_data(settings.data.path, settings.data, load_tokenizer(base_path, settings.model))
+        return cls(
+            settings=settings,
+            setup=TrainingSetup.resolve(settings.model, settings.train, device),
+            device=device,
+            base_path=base_path,
+            tokenizer=load_tokenizer(str(out), cls.local(settings)),
+            data=data,
+        )
+
+    @staticmethod
+    def local(settings: Any) -> Any:
+        """The model settings for the export's and the merge's own folders (no hub revision)."""
+        return settings.model.model_copy(update={"revision": None})
+
+    def free(self) -> None:
+        from trainables.memory_probe import free_memory
+
+        free_memory(self.device)
+
+
+def check_exported(
+    exp: Experiment,
+    row: pd.Series,
+    out: Path,
+    outcome: ExportOutcome,
+    log: Callable[[str], None],
+    *,
+    task_job: Any,
+    merge: bool,
+) -> None:
+    """Re-measure the export (out/): its task metrics when `task_job` is given, and with `merge` merge it and
+    check the losses. The base quantized as the sweep trained it is loaded once for both."""
+    from peft import PeftModel
+
+    reload = _Reload.of(exp, out)
+    if merge:
+        log(f"[export] eval split re-created: {reload.data.eval_rows} rows (data.seed {reload.settings.data.seed}); "
+            f"device {reload.device}")
+    losses: dict[str, float] = {}
     started = time.time()
-    base = setup.load_model(base_path, settings.model, for_training=False)
-    model = PeftModel.from_pretrained(base, str(out))
-    evaluator = TaskEvaluator(job, tokenizer, data.eval_tokens, settings.data.max_seq_length)
-    try:
-        measured = evaluator.evaluate(model)
-    finally:
-        del model, base
-        free_memory(device)
+    if task_job is not None or (merge and reload.setup.quantized):
+        base = reload.setup.load_model(reload.base_path, reload.settings.model, for_training=False)
+        model = PeftModel.from_pretrained(base, str(out))
+        try:
+            if task_job is not None:
+                remeasure_task_metrics(exp, reload, model, task_job, outcome, log)
+            if merge and reload.setup.quantized:
+                # The model the sweep trained and measured, with the CPU eval path the sweep used.
+                losses["adapter_4bit"] = reload_loss(reload, model, row)
+        finally:
+            del model, base
+            reload.free()
+    if merge:
+        merge_and_check(exp, row, out, reload, losses, outcome, log, started)
+
+
+def remeasure_task_metrics(
+    exp: Experiment, reload: _Reload, model: Any, job: Any, outcome: ExportOutcome, log: Callable[[str], None]
+) -> None:
+    """Measure the sweep's eval.metrics again on the exported adapter (`model`, on the base quantized as in
+    the sweep), as the trials did: the same seeded subset of the eval split, trainables.task_metrics's
+    TaskEvaluator. Fills outcome.task_metrics and outcome.task_recorded."""
+    from trainables.task_metrics import TaskEvaluator
+
+    started = time.time()
+    evaluator = TaskEvaluator(job, reload.tokenizer, reload.data.eval_tokens, reload.settings.data.max_seq_length)
+    measured = evaluator.evaluate(model)
     recorded = recorded_results(exp, outcome.trial_id, outcome.checkpoint)
     names = [n for n in job.spec.reported_names() if n in measured and not n.startswith("task_eval")]
     outcome.task_metrics = {n: float(measured[n]) for n in names}
@@ -293,9 +362,6 @@ def remeasure_task_metrics(exp: Experiment, out: Path, outcome: ExportOutcome, l
     )
     log(f"[export] task metrics of the exported adapter, re-measured on the sweep's {len(evaluator.examples)} seeded "
         f"eval rows: {shown} [{time.time() - started:.0f}s]")
-
-
-# --- merge and the loss check -------------------------------------------------------------------
 
 
 def recorded_loss(exp: Experiment, trial_id: str, checkpoint: str) -> float | None:
@@ -340,61 +406,49 @@ def evaluate_loss(
         return float(trainer.evaluate()["eval_loss"])
 
 
-def merge_and_check(exp: Experiment, row: pd.Series, out: Path, outcome: ExportOutcome, log: Callable[[str], None]) -> None:
+def reload_loss(reload: _Reload, model: Any, row: pd.Series) -> float:
+    """`model`'s eval loss on the sweep's eval split, with the sweep's settings and this trial's eval batch size."""
+    train = reload.settings.train
+    batch_size = int(train.eval_batch_size or (row.get("batch_size") if pd.notna(row.get("batch_size")) else train.batch_size))
+    return evaluate_loss(model, reload.tokenizer, reload.data.eval_tokens, reload.setup, reload.settings.data, batch_size)
+
+
+def merge_and_check(
+    exp: Experiment,
+    row: pd.Series,
+    out: Path,
+    reload: _Reload,
+    losses: dict[str, float],
+    outcome: ExportOutcome,
+    log: Callable[[str], None],
+    started: float,
+) -> None:
     """Merge the adapter into the unquantized base, save it to out/merged, and compare the losses.
 
-    Fills outcome.losses (adapter_4bit, adapter_16bit, merged, recorded), merged_dir, merge_dtype,
-    tolerance and check_passed.
+    `losses` holds adapter_4bit already when the sweep quantized the base. Fills outcome.losses
+    (adapter_4bit, adapter_16bit, merged, recorded), merged_dir, merge_dtype, tolerance and check_passed.
     """
-    import torch
     from peft import PeftModel
 
-    from trainables.data import prepare_data
-    from trainables.memory_probe import free_memory
-    from trainables.qlora import quiet_libraries
-    from trainables.tiny_models import is_builtin, materialize
-
-    quiet_libraries()
-    settings = trial_settings(exp.spec)  # paths in a saved spec are absolute
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    setup = TrainingSetup.resolve(settings.model, settings.train, device)
-    dtype_name = setup.compute_dtype
-    model_path = settings.model.path
-    base_path = materialize(model_path) if is_builtin(model_path) else model_path
-    local = settings.model.model_copy(update={"revision": None})  # the export's and merge's own folders
-    tokenizer = load_tokenizer(str(out), local)
-    # The preflight tokenizer decided which rows were too long, so the split uses the base's tokenizer too.
-    data = prepare_data(settings.data.path, settings.data, load_tokenizer(base_path, settings.model))
-    train = settings.train
-    batch_size = int(train.eval_batch_size or (row.get("batch_size") if pd.notna(row.get("batch_size")) else train.batch_size))
-    log(f"[export] eval split re-created: {data.eval_rows} rows (data.seed {settings.data.seed}); device {device}")
-
-    losses: dict[str, float] = {}
-    started = time.time()
-    if setup.quantized:
-        # The base quantized as the sweep trained it, with the CPU eval path the sweep used.
-        quantized = setup.load_model(base_path, settings.model, for_training=False)
-        model = PeftModel.from_pretrained(quantized, str(out))
-        losses["adapter_4bit"] = evaluate_loss(model, tokenizer, data.eval_tokens, setup, settings.data, batch_size)
-        del model, quantized
-        free_memory(device)
-    base = setup.load_model(base_path, settings.model, for_training=False, quantize=False)
+    setup, local = reload.setup, _Reload.local(reload.settings)
+    base = setup.load_model(reload.base_path, reload.settings.model, for_training=False, quantize=False)
     model = PeftModel.from_pretrained(base, str(out))
-    losses["adapter_16bit"] = evaluate_loss(model, tokenizer, data.eval_tokens, setup, settings.data, batch_size)
+    losses["adapter_16bit"] = reload_loss(reload, model, row)
     merged = model.merge_and_unload()
     merged_dir = out / "merged"
     merged.save_pretrained(str(merged_dir))
-    tokenizer.save_pretrained(str(merged_dir))
+    reload.tokenizer.save_pretrained(str(merged_dir))
     del model, merged, base
-    free_memory(device)
+    reload.free()
     reloaded = setup.load_model(str(merged_dir), local, for_training=False, quantize=False)
-    losses["merged"] = evaluate_loss(reloaded, tokenizer, data.eval_tokens, setup, settings.data, batch_size)
+    losses["merged"] = reload_loss(reload, reloaded, row)
     del reloaded
-    free_memory(device)
+    reload.free()
     recorded = recorded_loss(exp, outcome.trial_id, outcome.checkpoint)
     if recorded is not None:
         losses["recorded"] = recorded
 
+    dtype_name = setup.compute_dtype
     tolerance = MERGE_RTOL.get(dtype_name, 1e-2)
     difference = abs(losses["merged"] - losses["adapter_16bit"])
     outcome.losses = losses

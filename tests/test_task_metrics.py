@@ -261,12 +261,15 @@ def test_the_exact_match_example_sweeps_on_exact_match_and_the_report_ranks_by_i
         for row in rows:
             measured = not math.isnan(row["exact_match"])
             assert measured == (row["training_iteration"] in (2, 4)), row
-    # The best by exact match is what export takes; it measures exact match again on the exported adapter.
+    # The best by exact match is what export takes; it measures exact match again on the exported adapter,
+    # and with --merge checks the merge too, on the same loaded 4-bit model and eval split.
     with private_ray_tmp() as ray_tmp:
-        exported = run_cli(["export", str(experiment), "--trial", "best", "--out", str(tmp_path / "adapter")], ray_tmp, cwd=REPO)
+        exported = run_cli(["export", str(experiment), "--trial", "best", "--merge", "--out", str(tmp_path / "adapter")],
+                           ray_tmp, cwd=REPO)
     assert exported.returncode == 0, exported.output[-3000:]
     info = json.loads((tmp_path / "adapter" / "export.json").read_text())
     assert info["trial_id"] == ranked.iloc[0]["trial_id"]
+    assert info["merge_check_passed"] is True and {"adapter_4bit", "adapter_16bit", "merged"} <= set(info["losses"]), info
     assert 0 <= info["task_metrics"]["exact_match"] <= 1
     recorded = info["task_metrics_recorded"]["exact_match"]
     if recorded is not None:  # the kept checkpoint's round had a task evaluation: the same model, the same rows

@@ -498,6 +498,8 @@ def build_tuner(
         shown = ", ".join(f"{k} {v}" for k, v in baseline.config.items() if k in (*STANDARD_RECIPE, "lora_alpha"))
         moved = f"; moved to fit the space: {'; '.join(baseline.moved)}" if baseline.moved else ""
         log(f"[qlora-sweep] baseline (trial 0, trained to the full budget): {shown}{moved}")
+    snapshots = study_snapshots(spec, storage.join(storage_path, experiment_name))
+    searcher.snapshots = snapshots[0] if snapshots else None
     if plan is not None:
         # Rejects proposals predicted not to fit, or as large as one that ran out of memory, before launch.
         searcher = AdmissionSearch(searcher, plan, storage.join(storage_path, experiment_name))
@@ -537,8 +539,9 @@ def build_tuner(
             ),
             callbacks=[
                 progress,
-                # A study kept outside the experiment (cloud storage) is published into it at every trial end.
-                *study_snapshots(spec, storage.join(storage_path, experiment_name)),
+                # A study kept outside the experiment (cloud storage) is published into it at every trial
+                # end (and, by the searcher, at every proposal).
+                *snapshots,
                 *tracking_callbacks(spec, experiment_name, storage.join(storage_path, experiment_name), print),
             ],
             verbose=0,  # SweepProgress prints a compact live view instead of Tune's tables

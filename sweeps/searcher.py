@@ -261,6 +261,9 @@ class OptunaStudySearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.skip_repeats = skip_repeats
         self.repeats_skipped = 0
+        # A study kept outside the experiment (StudySnapshots) is published at every proposal too, so
+        # the experiment's snapshot holds every Optuna trial this searcher's saved state names.
+        self.snapshots: StudySnapshots | None = None
 
     def suggest(self, trial_id: str) -> dict | None:
         params = super().suggest(trial_id)
@@ -276,7 +279,33 @@ class OptunaStudySearch(OptunaSearch):
             if params is not None and ot_trial.user_attrs.get(BASELINE_ATTR):
                 # The enqueued baseline (sweeps/baseline.py): its config says so, for ASHA and the trials table.
                 params = {**params, BASELINE_KEY: True}
+        if params is not None and getattr(self, "snapshots", None) is not None:
+            self.snapshots.publish()  # before Tune saves a state that names this trial
         return params
+
+    def _rebind_lost(self, trial_id: str) -> bool:
+        """After a resume from a study snapshot older than this searcher's state, the Optuna trial of
+        `trial_id` may be missing from the study. Ask a new one with the same parameters and tags in its
+        place, so the resumed trial's results reach the study. False if its parameters are unknown."""
+        old = self._ot_trials[trial_id]
+        frozen = getattr(old, "_cached_frozen_trial", None)
+        if frozen is None or not frozen.params:
+            return False
+        self._ot_study.enqueue_trial(dict(frozen.params), user_attrs=dict(frozen.user_attrs), skip_if_exists=False)
+        new = self._ot_study.ask(fixed_distributions=dict(frozen.distributions))
+        self._ot_trials[trial_id] = new
+        print(f"[qlora-sweep] Optuna trial {frozen.number} of Tune trial {trial_id} is not in the restored study "
+              f"(its snapshot predates it); recorded again as Optuna trial {new.number}", flush=True)
+        return True
+
+    def _recorded(self, trial_id: str, record: Callable[[], None]) -> None:
+        """Run `record` (a report or tell of `trial_id`), rebinding an Optuna trial the study lost once."""
+        try:
+            record()
+        except KeyError:  # optuna's RDB storage: "Record does not exist."
+            if not self._rebind_lost(trial_id):
+                raise
+            record()
 
     def seed_study(self, baseline: Baseline | None, priors: list[Any]) -> None:
         """Start a new study from what is known: earlier experiments' trials (search.warm_start) as
@@ -309,7 +338,7 @@ class OptunaStudySearch(OptunaSearch):
         if trial_id not in self._ot_trials:
             return
         try:
-            super().on_trial_result(trial_id, result)
+            self._recorded(trial_id, lambda: super(OptunaStudySearch, self).on_trial_result(trial_id, result))
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # settled before this resumed trial reported again; the study keeps the first outcome
 
@@ -329,9 +358,10 @@ class OptunaStudySearch(OptunaSearch):
             # TPE ranks a pruned trial whose last intermediate value is NaN below every other trial,
             # and so learns to avoid its region (a FAIL would be ignored).
             if trial_id not in self._completed_trials:
-                self._ot_trials[trial_id].set_user_attr("trial_status", str(result.get("trial_status") or TrialStatus.DIVERGED))
+                status = str(result.get("trial_status") or TrialStatus.DIVERGED)
+                self._recorded(trial_id, lambda: self._ot_trials[trial_id].set_user_attr("trial_status", status))
             result = None
-        super().on_trial_complete(trial_id, result=result, error=error)
+        self._recorded(trial_id, lambda: super(OptunaStudySearch, self).on_trial_complete(trial_id, result=result, error=error))
 
     def set_constraint(self, trial_id: str, name: str, value: float) -> None:
         """Record a constraint on a Tune trial's Optuna trial before it is told (value > 0: infeasible).

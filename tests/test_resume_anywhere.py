@@ -351,3 +351,82 @@ def _tripwire(marker: Path, original: bytes) -> bytes:
             return (eval, (code,))
 
     return pickle.dumps(Tripwire())
+
+
+def _proposed_and_saved(tmp_path: Path, snapshots: bool) -> tuple[Any, Path, Path, dict, Path]:
+    """A searcher on a sqlite study whose snapshot is taken before trial "t1" is proposed; its state saved after."""
+    from sweeps.driver import make_sampler
+    from sweeps.searcher import StudySnapshots, make_searcher, search_space, snapshot_study
+
+    db = tmp_path / "studies" / "s.db"
+    spec = parse_spec(make_spec_dict(name="s", search={"num_samples": 2, "optuna_storage": f"sqlite:///{db}"}))
+    searcher = make_searcher(spec, search_space(spec), make_sampler(spec), "min")
+    experiment = tmp_path / "experiment"
+    experiment.mkdir()
+    snapshot = experiment / "optuna.db"
+    snapshot_study(db, str(snapshot))  # the last trial end's snapshot: no trial yet
+    if snapshots:
+        searcher.snapshots = StudySnapshots(f"sqlite:///{db}", str(experiment))
+    params = searcher.suggest("t1")
+    state = tmp_path / "searcher.pkl"
+    searcher.save(str(state))  # Tune's experiment state, saved after the proposal
+    return spec, db, snapshot, params, state
+
+
+def _resumed_from_snapshot(tmp_path: Path, spec: Any, db: Path, snapshot: Path, state: Path) -> Any:
+    """The head node is lost: its study goes; the snapshot becomes the study; the saved searcher is restored."""
+    from sweeps.driver import make_sampler
+    from sweeps.searcher import make_searcher, search_space
+
+    db.unlink()
+    shutil.copy(snapshot, db)
+    restored = make_searcher(spec, search_space(spec), make_sampler(spec), "min")
+    restored.restore(str(state))
+    return restored
+
+
+def test_the_study_snapshot_holds_every_trial_the_saved_searcher_names(tmp_path: Path) -> None:
+    """Published at every proposal, the snapshot a new head node resumes from names trial t1; the resumed
+    trial's results reach the study. Control: published only at trial ends (before the fix), it does not."""
+    import optuna
+
+    for snapshots, trials_in_snapshot in ((True, 1), (False, 0)):
+        case = tmp_path / str(snapshots)
+        spec, db, snapshot, params, state = _proposed_and_saved(case, snapshots)
+        seen = optuna.load_study(study_name=spec.search.optuna_study_name, storage=f"sqlite:///{snapshot}").trials
+        assert len(seen) == trials_in_snapshot, seen
+    # With the snapshot taken at the proposal, the resumed trial reports to the Optuna trial it had.
+    spec, db, snapshot, params, state = _proposed_and_saved(tmp_path / "resumed", True)
+    restored = _resumed_from_snapshot(tmp_path / "resumed", spec, db, snapshot, state)
+    restored.on_trial_result("t1", {"eval_loss": 1.5, "training_iteration": 1})
+    restored.on_trial_complete("t1", {"eval_loss": 1.25, "training_iteration": 2})
+    (trial,) = optuna.load_study(study_name=spec.search.optuna_study_name, storage=f"sqlite:///{db}").trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 1.25
+    assert trial.number == 0 and trial.user_attrs["ray_trial_id"] == "t1"
+
+
+def test_a_resumed_trial_missing_from_an_older_study_snapshot_is_recorded_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The snapshot predates the proposal (an upload failed): the resumed trial's report used to end the
+    sweep with optuna's KeyError "Record does not exist" (seen in CI). Now a new Optuna trial with the same
+    parameters and tags takes its place. Control: without the rebinding, the KeyError."""
+    import optuna
+
+    from sweeps.searcher import OptunaStudySearch
+
+    spec, db, snapshot, params, state = _proposed_and_saved(tmp_path / "fixed", False)
+    restored = _resumed_from_snapshot(tmp_path / "fixed", spec, db, snapshot, state)
+    restored.on_trial_result("t1", {"eval_loss": 1.5, "training_iteration": 1})
+    restored.on_trial_complete("t1", {"eval_loss": 1.25, "training_iteration": 2})
+    (trial,) = optuna.load_study(study_name=spec.search.optuna_study_name, storage=f"sqlite:///{db}").trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 1.25
+    assert trial.user_attrs["ray_trial_id"] == "t1" and trial.intermediate_values == {1: 1.5, 2: 1.25}
+    assert trial.params == {k: v for k, v in params.items() if k in trial.params} and trial.params
+    assert "is not in the restored study" in capsys.readouterr().out
+
+    monkeypatch.setattr(OptunaStudySearch, "_rebind_lost", lambda self, trial_id: False)
+    spec, db, snapshot, params, state = _proposed_and_saved(tmp_path / "control", False)
+    restored = _resumed_from_snapshot(tmp_path / "control", spec, db, snapshot, state)
+    with pytest.raises(KeyError, match="Record does not exist"):
+        restored.on_trial_result("t1", {"eval_loss": 1.5, "training_iteration": 1})

@@ -385,6 +385,19 @@ def _resumed_from_snapshot(tmp_path: Path, spec: Any, db: Path, snapshot: Path, 
     return restored
 
 
+def _resume_and_finish_t1(case: Path, snapshots: bool) -> tuple[Any, dict]:
+    """Propose t1, resume from the snapshot, report two rounds of t1: (its one Optuna trial, its params)."""
+    import optuna
+
+    spec, db, snapshot, params, state = _proposed_and_saved(case, snapshots)
+    restored = _resumed_from_snapshot(case, spec, db, snapshot, state)
+    restored.on_trial_result("t1", {"eval_loss": 1.5, "training_iteration": 1})
+    restored.on_trial_complete("t1", {"eval_loss": 1.25, "training_iteration": 2})
+    (trial,) = optuna.load_study(study_name=spec.search.optuna_study_name, storage=f"sqlite:///{db}").trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 1.25
+    return trial, params
+
+
 def test_the_study_snapshot_holds_every_trial_the_saved_searcher_names(tmp_path: Path) -> None:
     """Published at every proposal, the snapshot a new head node resumes from names trial t1; the resumed
     trial's results reach the study. Control: published only at trial ends (before the fix), it does not."""
@@ -396,12 +409,7 @@ def test_the_study_snapshot_holds_every_trial_the_saved_searcher_names(tmp_path:
         seen = optuna.load_study(study_name=spec.search.optuna_study_name, storage=f"sqlite:///{snapshot}").trials
         assert len(seen) == trials_in_snapshot, seen
     # With the snapshot taken at the proposal, the resumed trial reports to the Optuna trial it had.
-    spec, db, snapshot, params, state = _proposed_and_saved(tmp_path / "resumed", True)
-    restored = _resumed_from_snapshot(tmp_path / "resumed", spec, db, snapshot, state)
-    restored.on_trial_result("t1", {"eval_loss": 1.5, "training_iteration": 1})
-    restored.on_trial_complete("t1", {"eval_loss": 1.25, "training_iteration": 2})
-    (trial,) = optuna.load_study(study_name=spec.search.optuna_study_name, storage=f"sqlite:///{db}").trials
-    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 1.25
+    trial, _ = _resume_and_finish_t1(tmp_path / "resumed", True)
     assert trial.number == 0 and trial.user_attrs["ray_trial_id"] == "t1"
 
 
@@ -411,16 +419,9 @@ def test_a_resumed_trial_missing_from_an_older_study_snapshot_is_recorded_again(
     """The snapshot predates the proposal (an upload failed): the resumed trial's report used to end the
     sweep with optuna's KeyError "Record does not exist" (seen in CI). Now a new Optuna trial with the same
     parameters and tags takes its place. Control: without the rebinding, the KeyError."""
-    import optuna
-
     from sweeps.searcher import OptunaStudySearch
 
-    spec, db, snapshot, params, state = _proposed_and_saved(tmp_path / "fixed", False)
-    restored = _resumed_from_snapshot(tmp_path / "fixed", spec, db, snapshot, state)
-    restored.on_trial_result("t1", {"eval_loss": 1.5, "training_iteration": 1})
-    restored.on_trial_complete("t1", {"eval_loss": 1.25, "training_iteration": 2})
-    (trial,) = optuna.load_study(study_name=spec.search.optuna_study_name, storage=f"sqlite:///{db}").trials
-    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 1.25
+    trial, params = _resume_and_finish_t1(tmp_path / "fixed", False)
     assert trial.user_attrs["ray_trial_id"] == "t1" and trial.intermediate_values == {1: 1.5, 2: 1.25}
     assert trial.params == {k: v for k, v in params.items() if k in trial.params} and trial.params
     assert "is not in the restored study" in capsys.readouterr().out

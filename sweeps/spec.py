@@ -429,9 +429,11 @@ class SweepSpec(_Strict):
         reserved = [n for m in self.eval.metrics for n in (m.metric_name, *m.extra_names()) if n in COLUMNS]
         if reserved:
             raise ValueError(f"eval.metrics: {reserved[0]!r} is a name the trial already reports; give the metric another `name:`")
-        if self.eval.metrics and self.data.format == "text":
+        answering = [m for m in self.eval.metrics if m.reads_eval_rows]
+        if answering and self.data.format == "text":
             raise ValueError(
-                "eval.metrics: data.format text has no prompt to answer; task metrics need format instruction or chat"
+                f"eval.metrics: {answering[0].metric_name!r} answers the eval rows' prompts, and data.format text has "
+                "none; use data.format instruction or chat, or with text data only forgetting and lm_eval"
             )
         return self
 

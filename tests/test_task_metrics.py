@@ -44,6 +44,9 @@ def test_a_task_metric_gives_search_asha_and_optuna_its_direction() -> None:
         ({"eval": {"metrics": ["exact_match", "exact_match"]}}, "metric name 'exact_match' is used twice"),
         ({"eval": {"metrics": [{"type": "exact_match", "name": "eval_loss"}]}}, "'eval_loss' is a name the trial already reports"),
         ({"eval": {"metrics": [{"type": "forgetting"}]}}, "forgetting needs `path:`"),
+        ({"eval": {"metrics": [{"type": "forgetting", "path": "g.txt"}, {"type": "rouge_l", "name": "overlap"}]},
+          "data": {"format": "text"}},
+         "eval.metrics: 'overlap' answers the eval rows' prompts, and data.format text has none.*only forgetting and lm_eval"),
         ({"eval": {"metrics": [{"type": "rouge_l", "mode": "teacher_forced"}]}}, "`mode` is for exact_match only"),
         ({"eval": {"metrics": [{"type": "exact_match", "bogus": 1}]}}, r"eval.metrics\[0\].bogus: unknown key 'bogus'"),
         ({"eval": {"metrics": ["exact_match"], "when": "sometimes"}}, "eval.when: got 'sometimes'; allowed values"),
@@ -162,12 +165,14 @@ def same_text(prompts, generations, references):
 '''
 
 
-def run_with_metrics(tmp_path: Path, data: Path, metrics: list, *, steps: int, lr: float) -> list[dict[str, Any]]:
+def run_with_metrics(
+    tmp_path: Path, data: Path, metrics: list, *, steps: int, lr: float, data_format: str = "instruction"
+) -> list[dict[str, Any]]:
     """One real trial (tiny NF4 Llama, LoRA on all linear layers) measuring `metrics` after every round."""
     from trainables.qlora import run_trial
 
     raw = make_spec_dict(
-        data={"path": str(data), "eval_size": 40, "max_seq_length": 64},
+        data={"path": str(data), "format": data_format, "eval_size": 40, "max_seq_length": 64},
         train={"max_steps": steps, "eval_every": 10, "checkpoint": False},
         eval={"metrics": metrics, "max_examples": 24, "when": "every_round"},
     )
@@ -208,6 +213,21 @@ def test_teacher_forced_exact_match_agrees_with_generated_and_every_metric_type_
     # The base model's loss on the general set is measured once per attempt (adapter disabled).
     assert len({r["forgetting_base_loss"] for r in reports}) == 1
     assert reports[-1]["forgetting_loss"] != reports[-1]["forgetting_base_loss"]
+
+
+@pytest.mark.integration
+def test_continued_pretraining_on_text_data_measures_forgetting(tmp_path: Path) -> None:
+    """data.format text has no prompts to answer, but forgetting reads its own general set: a real
+    trial on plain sentences reports it every round (the spec once refused every task metric here)."""
+    rows = [json.loads(line) for line in (REPO / "sweeps" / "data" / "smoke_instructions.jsonl").read_text().splitlines()[:300]]
+    text = tmp_path / "sentences.jsonl"
+    text.write_text("".join(json.dumps({"text": f"{r['instruction']} {r['input']} : {r['output']} ."}) + "\n" for r in rows))
+    metrics = [{"type": "forgetting", "path": str(GENERAL), "name": "drift"}]
+    reports = run_with_metrics(tmp_path, text, metrics, steps=20, lr=1e-2, data_format="text")
+    for r in reports:
+        assert math.isfinite(r["drift"]) and r["drift"] == pytest.approx(r["drift_loss"] - r["drift_base_loss"])
+    assert len({r["drift_base_loss"] for r in reports}) == 1
+    assert reports[-1]["drift_loss"] != reports[-1]["drift_base_loss"]  # the adapter moved the general-set loss
 
 
 @pytest.mark.integration

@@ -242,9 +242,14 @@ class MetricSpec(Strict):
         )
 
     @property
+    def reads_eval_rows(self) -> bool:
+        """Whether the metric answers the eval split's prompts (forgetting reads its own set, lm_eval its tasks)."""
+        return self.type not in ("forgetting", "lm_eval")
+
+    @property
     def generates(self) -> bool:
         """Whether the metric reads the trial's own generation of the eval rows (lm_eval runs its own requests)."""
-        return self.type not in ("forgetting", "lm_eval") and not self.teacher_forced
+        return self.reads_eval_rows and not self.teacher_forced
 
     def extra_names(self) -> tuple[str, ...]:
         """Descriptive figures reported beside the metric: forgetting's two losses, lm_eval's value per task."""
@@ -534,18 +539,20 @@ class TaskEvaluator:
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
         self.examples: list[Example] = []
-        for i in sample_indices(len(eval_tokens), self.spec.max_examples, self.spec.seed):
+        # Only metrics that answer the eval rows need them: forgetting and lm_eval also suit data.format text.
+        answering = [m.metric_name for m in self.spec.metrics if m.reads_eval_rows]
+        for i in sample_indices(len(eval_tokens), self.spec.max_examples, self.spec.seed) if answering else ():
             ids, mask = eval_tokens.row(i)
             first = mask.index(True)
             if first == 0 or not all(mask[first:]):
                 continue  # no prompt, or the loss is not one span at the end (multi-turn chat): not a task row
             self.examples.append(Example(prompt=ids[:first], reference=ids[first:]))
-        if not self.examples:
+        if answering and not self.examples:
             raise ValueError(
-                "eval.metrics: no eval row has a prompt followed by its reference (data.format text has no prompt); "
-                "use data.format instruction or chat"
+                f"eval.metrics: no eval row has a prompt followed by its reference for {answering[0]!r} "
+                "(data.format text has no prompt); use data.format instruction or chat"
             )
-        self.max_new_tokens = self.spec.max_new_tokens or max(len(e.reference) for e in self.examples)
+        self.max_new_tokens = self.spec.max_new_tokens or max((len(e.reference) for e in self.examples), default=0)
         self.functions = {
             m.metric_name: load_python_metric(m, job.python_sources) for m in self.spec.metrics if m.type == "python"
         }

@@ -95,6 +95,13 @@ def load_experiment(path: str) -> Experiment:
     for dirname in folder.trial_dirnames(path):
         trial_id = dirname.removeprefix(folder.TRIAL_PREFIX)
         row, curve = _load_trial(path, trial_id, saved, tune_states, notes)
+        if tune_states and trial_id not in tune_states and row["steps"] is None and not row["error"]:
+            notes.append(
+                f"{dirname} has no results and Tune's saved state does not name it: a trial started just before "
+                "the driver stopped (resume does not continue it; the search proposes afresh), or one starting "
+                "now; not counted"
+            )
+            continue
         rows.append(row)
         curves.extend(curve)
         seen.add(trial_id)

@@ -167,6 +167,22 @@ def test_every_trial_is_loaded_with_its_status_and_the_declared_dtypes(tmp_path:
     assert len(exp.curves[exp.curves["trial_id"] == "best"]) == 2
 
 
+def test_a_trial_folder_the_saved_tune_state_never_named_and_without_results_is_not_counted(tmp_path: Path) -> None:
+    """A driver killed just after Tune made a trial's folder, before its state upload named it: resume
+    does not continue that trial (the search proposes afresh), so it is no pending trial of the sweep.
+    A folder Tune's state does not name but that has results is still counted."""
+    path = write_experiment(tmp_path, [trial("done", evals=[(1.2, True), (1.1, True)]), trial("unsaved", evals=[(1.4, True)])])
+    state_file = next(path.glob("experiment_state-*.json"))
+    state = json.loads(state_file.read_text())
+    state["trial_data"] = [t for t in state["trial_data"] if json.loads(t[0])["trial_id"] == "done"]
+    state_file.write_text(json.dumps(state))
+    (path / "trial_orphan").mkdir()
+    (path / "trial_orphan" / "params.json").write_text(json.dumps({"r": 8, "target_modules": "qv", **CONFIG}))
+    exp = load_experiment(str(path))
+    assert exp.trials.set_index("trial_id")["status"].to_dict() == {"done": "completed", "unsaved": "running"}
+    assert any("trial_orphan has no results and Tune's saved state does not name it" in note for note in exp.notes)
+
+
 def test_analysis_picks_best_cheapest_and_best_per_budget_and_lists_the_rest(tmp_path: Path) -> None:
     analysis = analyze(load_experiment(str(write_experiment(tmp_path, cluster_trials()))), [4, 8, 10, 16])
     assert analysis.memory_kind == "cuda_reserved" and analysis.budgets_apply

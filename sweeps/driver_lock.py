@@ -45,7 +45,9 @@ class ExperimentInUse(QloraSweepError):
 def lock_paths(experiment_dir: str) -> tuple[Path, Path]:
     """(the lock file, the holder's note) of an experiment folder or URI."""
     if storage.is_uri(experiment_dir):
-        key = hashlib.sha256(experiment_dir.encode()).hexdigest()[:24]
+        # One key per location however it is spelled: with or without keys in it, or a trailing slash.
+        base, sep, query = storage.without_credentials(experiment_dir).partition("?")
+        key = hashlib.sha256((base.rstrip("/") + sep + query).encode()).hexdigest()[:24]
         folder = cache_root() / "locks"
         return folder / f"{key}.lock", folder / f"{key}.json"
     folder = Path(experiment_dir)

@@ -240,6 +240,24 @@ def test_a_second_driver_is_refused_naming_the_folder_and_the_holder_and_a_kille
     print(f"\n[lock] second driver refused (exit 2) in {refused_s:.1f} s, holder pid {holder.pid} named")
 
 
+def test_a_bucket_experiment_has_one_lock_however_its_uri_is_spelled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock of an s3:// experiment is a local file named after its URI: a trailing slash or keys
+    inside the URI must not name another lock (a second driver would then get in)."""
+    from core import storage
+    from sweeps.driver_lock import DriverLock, ExperimentInUse, lock_paths
+
+    monkeypatch.setattr(storage, "_CREDENTIALS", {})  # the keys handed over below stay in this test
+    uri = "s3://bucket/sweeps/exp?endpoint_override=127.0.0.1:9&scheme=http"
+    spellings = ["s3://bucket/sweeps/exp/?endpoint_override=127.0.0.1:9&scheme=http",
+                 "s3://KEY:SECRET@bucket/sweeps/exp?endpoint_override=127.0.0.1:9&scheme=http"]
+    assert {lock_paths(s) for s in spellings} == {lock_paths(uri)}
+    assert lock_paths("s3://bucket/sweeps/other?endpoint_override=127.0.0.1:9&scheme=http") != lock_paths(uri)
+    with DriverLock(uri):
+        for spelling in spellings:
+            with pytest.raises(ExperimentInUse, match="is in use by another qlora-sweep driver"):
+                DriverLock(spelling).__enter__()
+
+
 # --- a corrupt latest checkpoint ----------------------------------------------------------------
 
 FALLBACK_STEPS = 30

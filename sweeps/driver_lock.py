@@ -120,15 +120,22 @@ class DriverLock:
             self.info_file.unlink(missing_ok=True)
         except OSError:
             pass
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
         # A sweep that stopped before writing anything (e.g. its study was refused) leaves no folder
-        # holding only the lock behind.
+        # holding only the lock behind. The lock file goes while still locked: unlinked after the
+        # release, it could be the file a next driver had just locked, and a third would lock a new one.
+        empty = False
         if self._created is not None and not storage.is_uri(self.experiment_dir):
             try:
                 if [p.name for p in self._created.iterdir()] == [LOCK_FILE]:
                     self.lock_file.unlink()
-                    self._created.rmdir()
+                    empty = True
             except OSError:
                 pass
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if empty:
+            try:
+                self._created.rmdir()  # type: ignore[union-attr]
+            except OSError:
+                pass  # a next driver already locked a new file in it

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -256,6 +257,34 @@ def test_a_bucket_experiment_has_one_lock_however_its_uri_is_spelled(monkeypatch
         for spelling in spellings:
             with pytest.raises(ExperimentInUse, match="is in use by another qlora-sweep driver"):
                 DriverLock(spelling).__enter__()
+
+
+def test_a_driver_starting_as_the_last_one_leaves_an_empty_folder_still_keeps_out_a_third(tmp_path: Path) -> None:
+    """The first driver of a folder that ends having written nothing removes the folder and its lock
+    file. A second driver locking that file in the instant after the release must still keep out a
+    third (were the file unlinked after the release, the third would lock a new file beside it)."""
+    from filelock import FileLock
+
+    from sweeps.driver_lock import DriverLock, ExperimentInUse
+
+    experiment = tmp_path / "results" / "exp"
+    first = DriverLock(str(experiment)).__enter__()
+    second = FileLock(str(first.lock_file), timeout=0)
+    release = first._lock.release
+
+    def release_then_the_next_driver_locks(*args: Any, **kwargs: Any) -> None:
+        release(*args, **kwargs)
+        experiment.mkdir(parents=True, exist_ok=True)
+        second.acquire()  # the next driver, in the instant after the first one's release
+
+    first._lock.release = release_then_the_next_driver_locks
+    first.__exit__(None, None, None)
+    try:
+        assert second.is_locked
+        with pytest.raises(ExperimentInUse):
+            DriverLock(str(experiment)).__enter__()
+    finally:
+        second.release()
 
 
 # --- a corrupt latest checkpoint ----------------------------------------------------------------

@@ -132,6 +132,30 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session", autouse=True)
+def home_left_as_found() -> Iterator[None]:
+    """The suite creates nothing in the invoking user's home folder (the e2e test checks its files
+    byte by byte while it runs; this checks the top level over the whole run)."""
+    home = Path.home()
+    before = set(os.listdir(home)) if home.is_dir() else set()
+    yield
+    added = sorted(set(os.listdir(home)) - before) if home.is_dir() else []
+    if added:
+        pytest.fail(
+            f"the test run created {added} in the home folder {home}: give the program that writes it a home "
+            "of its own (tests.conftest.own_home) or point its cache variable into HOME_CACHES",
+            pytrace=False,
+        )
+
+
+def own_home(root: Path, env: dict[str, str]) -> dict[str, str]:
+    """`env` with HOME set to a new folder under `root`, for a server that keeps files in ~ (gunicorn,
+    under mlflow server and optuna-dashboard, puts its control socket in ~/.gunicorn)."""
+    home = root / "home"
+    home.mkdir(exist_ok=True)
+    return {**env, "HOME": str(home)}
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 for a server the test starts."""
     with socket.socket() as s:

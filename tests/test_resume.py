@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from tests.cli_runs import read_results
-from tests.conftest import free_port, make_spec_dict, ray_pids, wait_for_no_ray_processes, write_spec
+from tests.conftest import free_port, make_spec_dict, own_home, ray_pids, wait_for_no_ray_processes, write_spec
 
 BIN = Path(sys.executable).parent
 QLORA_SWEEP = str(BIN / "qlora-sweep")
@@ -241,7 +241,7 @@ def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                     start_new_session=True,
-                    env=ENV,
+                    env=own_home(root, ENV),  # it serves with gunicorn when installed (by mlflow)
                 )
                 # Wait for it to serve the study now, so that reading it at the kill below is quick
                 # (a slow first answer there let the running trial finish before the kill landed).

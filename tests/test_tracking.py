@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.cli_runs import CliRun, private_ray_tmp, processes_of, read_results, run_cli
-from tests.conftest import REPO, free_port, make_spec_dict, write_spec
+from tests.conftest import REPO, free_port, make_spec_dict, own_home, write_spec
 
 mlflow = pytest.importorskip("mlflow")
 pytest.importorskip("wandb")
@@ -41,9 +41,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     """`mlflow server` on a free loopback port, one worker, its own process group; stopped afterwards."""
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    # A home of its own: gunicorn puts its control socket in ~/.gunicorn, never the invoking user's.
-    (root / "home").mkdir()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "HOME": str(root / "home")}
+    env = own_home(root, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",

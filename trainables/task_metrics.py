@@ -538,15 +538,16 @@ class TaskEvaluator:
         self.spec = job.spec
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
-        self.examples: list[Example] = []
         # Only metrics that answer the eval rows need them: forgetting and lm_eval also suit data.format text.
         answering = [m.metric_name for m in self.spec.metrics if m.reads_eval_rows]
-        for i in sample_indices(len(eval_tokens), self.spec.max_examples, self.spec.seed) if answering else ():
-            ids, mask = eval_tokens.row(i)
-            first = mask.index(True)
-            if first == 0 or not all(mask[first:]):
-                continue  # no prompt, or the loss is not one span at the end (multi-turn chat): not a task row
-            self.examples.append(Example(prompt=ids[:first], reference=ids[first:]))
+        self.examples: list[Example] = []
+        if answering:
+            for i in sample_indices(len(eval_tokens), self.spec.max_examples, self.spec.seed):
+                ids, mask = eval_tokens.row(i)
+                first = mask.index(True)
+                if first == 0 or not all(mask[first:]):
+                    continue  # no prompt, or the loss is not one span at the end (multi-turn chat): not a task row
+                self.examples.append(Example(prompt=ids[:first], reference=ids[first:]))
         if answering and not self.examples:
             raise ValueError(
                 f"eval.metrics: no eval row has a prompt followed by its reference for {answering[0]!r} "
